@@ -1,0 +1,37 @@
+"""The ``meridian`` command: a thin dispatcher. Each subcommand's package is
+imported only when that subcommand runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _node(argv: list[str]) -> int:
+    from node import config
+    from node.app import run
+
+    p = argparse.ArgumentParser(prog="meridian node", description="run one registry node")
+    config.add_arguments(p)
+    run(config.from_args(p.parse_args(argv)))
+    return 0
+
+
+COMMANDS = {
+    "node": (_node, "run one registry node (standalone, or one region of a cluster)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: meridian <command> [options]\n\ncommands:")
+        for name, (_, help_) in COMMANDS.items():
+            print(f"  {name:<12} {help_}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    fn, _ = COMMANDS[argv[0]]
+    return fn(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,486 @@
+"""The registry-wide namespace: key layout, watch-fed cache and operations.
+
+Written once over the ``KVStore`` contract (cluster/kv.py), so a standalone
+node (embedded sqlite) and a cluster (etcd) behave the same.
+
+Key tree (every registry key is scoped by the registry's name; repository
+path components never start with ``_``, so the ``_x`` markers cannot clash
+with a nested repository name):
+
+    /meridian/regions/<region>                          region info (JSON, leased)
+    /meridian/reg/<registry>/config                     registry settings (JSON)
+    /meridian/reg/<registry>/repo/<repo>/_t/<tag>       tag -> manifest digest
+    /meridian/reg/<registry>/repo/<repo>/_m/<digest>    manifest record (JSON)
+    /meridian/reg/<registry>/repo/<repo>/_b/<digest>    blob link (JSON {"size"})
+    /meridian/reg/<registry>/place/<digest>/<region>    bytes of <digest> held in
+                                                        <region> (JSON {"size"})
+
+Reads are served from ``Cache``, an in-memory mirror loaded with one range
+read and kept current by a watch; a node's own writes are applied to it as
+soon as their transaction commits (read-your-writes), and watch events older
+than what the cache already holds for a key are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+from cluster.kv import (
+    Compare,
+    Delete,
+    Entry,
+    Event,
+    KVStore,
+    KVUnavailable,
+    Op,
+    Put,
+    WatchCompacted,
+)
+
+log = logging.getLogger("meridian.namespace")
+
+ROOT = "/meridian/"
+REGIONS = ROOT + "regions/"
+REG = ROOT + "reg/"
+
+
+class Conflict(Exception):
+    """A compare-and-swap lost: someone else changed the key first."""
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRecord:
+    digest: str
+    media_type: str
+    size: int
+    blobs: tuple[str, ...] = ()  # config + layers (and blobs of artifacts)
+    manifests: tuple[str, ...] = ()  # children of an index
+    subject: str | None = None
+    artifact_type: str | None = None
+    annotations: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ManifestRecord:
+        d = json.loads(raw)
+        d["blobs"] = tuple(d.get("blobs", ()))
+        d["manifests"] = tuple(d.get("manifests", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True, slots=True)
+class RegionInfo:
+    name: str
+    http: str  # base URL of the region's v2 API
+    grpc: str = ""  # host:port of its replication service
+    started: float = 0.0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+
+def tag_key(reg: str, repo: str, tag: str) -> str:
+    return f"{REG}{reg}/repo/{repo}/_t/{tag}"
+
+
+def manifest_key(reg: str, repo: str, digest: str) -> str:
+    return f"{REG}{reg}/repo/{repo}/_m/{digest}"
+
+
+def blob_key(reg: str, repo: str, digest: str) -> str:
+    return f"{REG}{reg}/repo/{repo}/_b/{digest}"
+
+
+def place_key(reg: str, digest: str, region: str) -> str:
+    return f"{REG}{reg}/place/{digest}/{region}"
+
+
+def config_key(reg: str) -> str:
+    return f"{REG}{reg}/config"
+
+
+def region_key(region: str) -> str:
+    return REGIONS + region
+
+
+@dataclass
+class RepoState:
+    tags: dict[str, str] = field(default_factory=dict)
+    manifests: dict[str, ManifestRecord] = field(default_factory=dict)
+    blobs: dict[str, int] = field(default_factory=dict)
+    # subject digest -> referrer manifest digests
+    referrers: dict[str, set[str]] = field(default_factory=dict)
+    _sorted_tags: list[str] | None = None
+
+    def sorted_tags(self) -> list[str]:
+        if self._sorted_tags is None:
+            self._sorted_tags = sorted(self.tags)
+        return self._sorted_tags
+
+    def empty(self) -> bool:
+        return not (self.tags or self.manifests or self.blobs)
+
+
+@dataclass
+class RegistryState:
+    repos: dict[str, RepoState] = field(default_factory=dict)
+    # digest -> region -> size
+    placements: dict[str, dict[str, int]] = field(default_factory=dict)
+    # blob digest -> repos linking it (for mount without ``from``)
+    blob_repos: dict[str, set[str]] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    _sorted_repos: list[str] | None = None
+
+    def sorted_repos(self) -> list[str]:
+        if self._sorted_repos is None:
+            self._sorted_repos = sorted(r for r, s in self.repos.items() if s.manifests)
+        return self._sorted_repos
+
+
+class Cache:
+    """In-memory mirror of everything under ``/meridian/``."""
+
+    def __init__(self) -> None:
+        self.registries: dict[str, RegistryState] = {}
+        self.regions: dict[str, RegionInfo] = {}
+        self.revs: dict[str, int] = {}  # key -> mod revision (live keys)
+        self.tombstones: dict[str, int] = {}  # deleted key -> revision of the delete
+        self.revision = 0  # highest revision applied from the store
+        self.listeners: list[Callable[[str, bytes | None], None]] = []
+
+    def clear(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def registry(self, reg: str) -> RegistryState:
+        st = self.registries.get(reg)
+        if st is None:
+            st = self.registries[reg] = RegistryState()
+        return st
+
+    def apply(self, key: str, value: bytes | None, rev: int) -> None:
+        known = max(self.revs.get(key, 0), self.tombstones.get(key, 0))
+        if rev <= known:
+            return
+        if value is None:
+            self.revs.pop(key, None)
+            self.tombstones[key] = rev
+        else:
+            self.revs[key] = rev
+            self.tombstones.pop(key, None)
+        try:
+            self._apply(key, value)
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring malformed namespace key %s", key)
+        for fn in self.listeners:
+            fn(key, value)
+
+    def advance(self, revision: int) -> None:
+        if revision > self.revision:
+            self.revision = revision
+            # A tombstone is only needed until the watch has passed it.
+            if len(self.tombstones) > 4096:
+                self.tombstones = {k: r for k, r in self.tombstones.items() if r > revision}
+
+    def _apply(self, key: str, value: bytes | None) -> None:
+        if key.startswith(REGIONS):
+            name = key[len(REGIONS) :]
+            if value is None:
+                self.regions.pop(name, None)
+            else:
+                d = json.loads(value)
+                self.regions[name] = RegionInfo(**d)
+            return
+        if not key.startswith(REG):
+            return
+        reg, _, rest = key[len(REG) :].partition("/")
+        st = self.registry(reg)
+        if rest == "config":
+            st.config = json.loads(value) if value is not None else {}
+            return
+        if rest.startswith("place/"):
+            digest, _, region = rest[len("place/") :].partition("/")
+            places = st.placements.setdefault(digest, {})
+            if value is None:
+                places.pop(region, None)
+                if not places:
+                    del st.placements[digest]
+            else:
+                places[region] = json.loads(value)["size"]
+            return
+        if not rest.startswith("repo/"):
+            return
+        head, _, leaf = rest[len("repo/") :].rpartition("/")
+        repo, _, kind = head.rpartition("/")
+        rs = st.repos.get(repo)
+        if rs is None:
+            if value is None:
+                return
+            rs = st.repos[repo] = RepoState()
+            st._sorted_repos = None
+        had_manifests = bool(rs.manifests)
+        if kind == "_t":
+            if value is None:
+                rs.tags.pop(leaf, None)
+            else:
+                rs.tags[leaf] = value.decode()
+            rs._sorted_tags = None
+        elif kind == "_m":
+            old = rs.manifests.pop(leaf, None)
+            if old is not None and old.subject:
+                refs = rs.referrers.get(old.subject)
+                if refs is not None:
+                    refs.discard(leaf)
+                    if not refs:
+                        del rs.referrers[old.subject]
+            if value is not None:
+                rec = ManifestRecord.from_json(value)
+                rs.manifests[leaf] = rec
+                if rec.subject:
+                    rs.referrers.setdefault(rec.subject, set()).add(leaf)
+        elif kind == "_b":
+            if value is None:
+                rs.blobs.pop(leaf, None)
+                repos = st.blob_repos.get(leaf)
+                if repos is not None:
+                    repos.discard(repo)
+                    if not repos:
+                        del st.blob_repos[leaf]
+            else:
+                rs.blobs[leaf] = json.loads(value)["size"]
+                st.blob_repos.setdefault(leaf, set()).add(repo)
+        if bool(rs.manifests) != had_manifests:
+            st._sorted_repos = None
+        if rs.empty():
+            del st.repos[repo]
+            st._sorted_repos = None
+
+
+class Namespace:
+    """Registry operations over a KV store, reads from the watch-fed cache."""
+
+    def __init__(self, kv: KVStore, region: str) -> None:
+        self.kv = kv
+        self.region = region
+        self.cache = Cache()
+        self._watch_task: asyncio.Task[None] | None = None
+        self.synced = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.kv.start()
+        await self._reload()
+        self._watch_task = asyncio.create_task(self._watch_loop(), name="namespace-watch")
+
+    async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            try:
+                await self._watch_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.kv.close()
+
+    async def _reload(self) -> None:
+        entries, rev = await self.kv.range(ROOT)
+        fresh = Cache()
+        fresh.listeners = self.cache.listeners
+        for e in entries:
+            fresh.apply(e.key, e.value, e.mod_revision)
+        fresh.advance(rev)
+        self.cache = fresh
+        self.synced.set()
+
+    async def _watch_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async for batch in self.kv.watch(ROOT, self.cache.revision + 1):
+                    self._apply_events(batch)
+                    backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except WatchCompacted:
+                log.warning("namespace watch compacted; reloading")
+            except Exception as e:  # KVUnavailable and transport errors
+                log.warning("namespace watch interrupted: %s", e)
+                self.synced.clear()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+            try:
+                await self._reload()
+            except Exception as e:
+                log.warning("namespace reload failed: %s", e)
+
+    def _apply_events(self, batch: list[Event]) -> None:
+        for ev in batch:
+            self.cache.apply(ev.key, ev.value, ev.mod_revision)
+        if batch:
+            self.cache.advance(batch[-1].mod_revision)
+
+    async def _commit(self, compares: list[Compare], ops: list[Op]) -> int:
+        res = await self.kv.txn(compares, ops)
+        if not res.succeeded:
+            raise Conflict()
+        for op in ops:
+            if isinstance(op, Put):
+                self.cache.apply(op.key, op.value, res.revision)
+            else:
+                self.cache.apply(op.key, None, res.revision)
+        return res.revision
+
+    def _rev(self, key: str) -> int:
+        return self.cache.revs.get(key, 0)
+
+    # -- reads (cache) -----------------------------------------------------
+
+    def repo(self, reg: str, repo: str) -> RepoState | None:
+        st = self.cache.registries.get(reg)
+        return st.repos.get(repo) if st else None
+
+    def repo_exists(self, reg: str, repo: str) -> bool:
+        return self.repo(reg, repo) is not None
+
+    def tag(self, reg: str, repo: str, tag: str) -> str | None:
+        rs = self.repo(reg, repo)
+        return rs.tags.get(tag) if rs else None
+
+    def manifest(self, reg: str, repo: str, digest: str) -> ManifestRecord | None:
+        rs = self.repo(reg, repo)
+        return rs.manifests.get(digest) if rs else None
+
+    def blob_size(self, reg: str, repo: str, digest: str) -> int | None:
+        """Size of ``digest`` if linked into ``repo`` (as a blob or manifest)."""
+        rs = self.repo(reg, repo)
+        if rs is None:
+            return None
+        size = rs.blobs.get(digest)
+        if size is None and digest in rs.manifests:
+            size = rs.manifests[digest].size
+        return size
+
+    def repos_with_blob(self, reg: str, digest: str) -> set[str]:
+        st = self.cache.registries.get(reg)
+        return set(st.blob_repos.get(digest, ())) if st else set()
+
+    def tags(self, reg: str, repo: str) -> list[str]:
+        rs = self.repo(reg, repo)
+        return rs.sorted_tags() if rs else []
+
+    def repos(self, reg: str) -> list[str]:
+        st = self.cache.registries.get(reg)
+        return st.sorted_repos() if st else []
+
+    def referrers(self, reg: str, repo: str, digest: str) -> list[ManifestRecord]:
+        rs = self.repo(reg, repo)
+        if rs is None:
+            return []
+        return [rs.manifests[d] for d in sorted(rs.referrers.get(digest, ())) if d in rs.manifests]
+
+    def placements(self, reg: str, digest: str) -> dict[str, int]:
+        st = self.cache.registries.get(reg)
+        return dict(st.placements.get(digest, {})) if st else {}
+
+    def regions(self) -> dict[str, RegionInfo]:
+        return dict(self.cache.regions)
+
+    # -- writes (transactions) ---------------------------------------------
+
+    async def link_blob(self, reg: str, repo: str, digest: str, size: int) -> None:
+        ops: list[Op] = []
+        rs = self.repo(reg, repo)
+        if rs is None or rs.blobs.get(digest) != size:
+            ops.append(Put(blob_key(reg, repo, digest), _size(size)))
+        if self.region not in self.placements(reg, digest):
+            ops.append(Put(place_key(reg, digest, self.region), _size(size)))
+        if ops:
+            await self._commit([], ops)
+
+    async def record_placement(self, reg: str, digest: str, size: int) -> None:
+        if self.region in self.placements(reg, digest):
+            return
+        await self._commit([], [Put(place_key(reg, digest, self.region), _size(size))])
+
+    async def unlink_blob(self, reg: str, repo: str, digest: str) -> bool:
+        key = blob_key(reg, repo, digest)
+        rev = self._rev(key)
+        if not rev:
+            return False
+        await self._commit([Compare(key, rev)], [Delete(key)])
+        return True
+
+    async def put_manifest(
+        self, reg: str, repo: str, rec: ManifestRecord, tags: Iterable[str]
+    ) -> None:
+        """Record a manifest, its placement here and its tags in one
+        transaction. Each tag moves by compare-and-swap against the revision
+        this node saw; losing the race raises ``Conflict``."""
+        compares: list[Compare] = []
+        ops: list[Op] = [
+            Put(manifest_key(reg, repo, rec.digest), rec.to_json()),
+        ]
+        if self.region not in self.placements(reg, rec.digest):
+            ops.append(Put(place_key(reg, rec.digest, self.region), _size(rec.size)))
+        for t in dict.fromkeys(tags):
+            key = tag_key(reg, repo, t)
+            if self.tag(reg, repo, t) == rec.digest:
+                continue
+            compares.append(Compare(key, self._rev(key)))
+            ops.append(Put(key, rec.digest.encode()))
+        await self._commit(compares, ops)
+
+    async def delete_tag(self, reg: str, repo: str, tag: str) -> bool:
+        key = tag_key(reg, repo, tag)
+        rev = self._rev(key)
+        if not rev:
+            return False
+        await self._commit([Compare(key, rev)], [Delete(key)])
+        return True
+
+    async def delete_manifest(self, reg: str, repo: str, digest: str) -> bool:
+        """Delete a manifest and every tag of this repository that points at
+        it, atomically."""
+        rs = self.repo(reg, repo)
+        if rs is None or digest not in rs.manifests:
+            return False
+        compares: list[Compare] = []
+        ops: list[Op] = [Delete(manifest_key(reg, repo, digest))]
+        for t, d in list(rs.tags.items()):
+            if d == digest:
+                key = tag_key(reg, repo, t)
+                compares.append(Compare(key, self._rev(key)))
+                ops.append(Delete(key))
+        await self._commit(compares, ops)
+        return True
+
+    async def set_registry_config(self, reg: str, config: dict) -> None:
+        await self._commit([], [Put(config_key(reg), json.dumps(config).encode())])
+
+    async def register_region(self, info: RegionInfo, lease: int | None) -> None:
+        await self._commit([], [Put(region_key(info.name), info.to_json(), lease=lease)])
+
+    async def refresh(self, key_prefix: str) -> list[Entry]:
+        """A fresh read straight from the store (bypassing the cache)."""
+        entries, _ = await self.kv.range(key_prefix)
+        return entries
+
+
+def _size(size: int) -> bytes:
+    return json.dumps({"size": size}).encode()
+
+
+__all__ = [
+    "Cache",
+    "Conflict",
+    "KVUnavailable",
+    "ManifestRecord",
+    "Namespace",
+    "RegionInfo",
+]

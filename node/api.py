@@ -1,0 +1,518 @@
+"""The OCI Distribution v1.1 API of one node.
+
+One catch-all route feeds ``Registry.dispatch``, which splits the path from
+the right (repository names may nest and contain any of the verbs' words),
+validates the name before anything else, and calls the handler.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from urllib.parse import quote, urlencode
+
+from aiohttp import web
+
+from cluster.kv import KVUnavailable
+from cluster.namespace import Conflict, ManifestRecord, Namespace
+from node import manifests as mf
+from node.blobstore import FilesystemBlobStore
+from node.digests import check_name, check_tag, compute, is_digest, parse_digest
+from node.errors import (
+    RegistryError,
+    blob_unknown,
+    manifest_unknown,
+    name_unknown,
+    unavailable,
+)
+from node.uploads import Upload, UploadManager
+
+_PATH = re.compile(
+    r"^(?P<name>.+)/(?:"
+    r"(?P<tags>tags/list)"
+    r"|manifests/(?P<ref>[^/]+)"
+    r"|blobs/uploads/?(?P<upload>[^/]*)"
+    r"|blobs/(?P<digest>[^/]+)"
+    r"|referrers/(?P<subject>[^/]+)"
+    r")$"
+)
+_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+MAX_PAGE = 10000
+API_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+class ManifestCache:
+    """Recently served manifest bodies by digest, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self.items: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, digest: str) -> bytes | None:
+        body = self.items.get(digest)
+        if body is not None:
+            self.items.move_to_end(digest)
+        return body
+
+    def put(self, digest: str, body: bytes) -> None:
+        if digest in self.items or len(body) > self.max_bytes // 8:
+            return
+        self.items[digest] = body
+        self.used += len(body)
+        while self.used > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.used -= len(old)
+
+
+def _page_args(request: web.Request) -> tuple[int | None, str | None]:
+    n_raw = request.query.get("n")
+    n: int | None = None
+    if n_raw is not None:
+        try:
+            n = int(n_raw)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise RegistryError("PAGINATION_NUMBER_INVALID", detail={"n": n_raw})
+        n = min(n, MAX_PAGE)
+    return n, request.query.get("last")
+
+
+def _paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
+    if last:
+        import bisect
+
+        start = bisect.bisect_right(items, last)
+    else:
+        start = 0
+    if n is None:
+        return items[start:], False
+    page = items[start : start + n]
+    return page, start + n < len(items)
+
+
+class Registry:
+    def __init__(
+        self,
+        ns: Namespace,
+        store: FilesystemBlobStore,
+        uploads: UploadManager,
+        *,
+        default_registry: str = "default",
+        domain: str = "",
+    ) -> None:
+        self.ns = ns
+        self.store = store
+        self.uploads = uploads
+        self.default_registry = default_registry
+        self.domain = domain.lower().lstrip(".")
+        self.manifest_cache = ManifestCache()
+
+    # -- routing -----------------------------------------------------------
+
+    def registry_for(self, request: web.Request) -> str:
+        if self.domain:
+            host = (request.host or "").rsplit(":", 1)[0].lower()
+            suffix = "." + self.domain
+            if host.endswith(suffix) and host != suffix[1:]:
+                return host[: -len(suffix)]
+        return self.default_registry
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        path = request.match_info["path"]
+        method = request.method
+        if path == "":
+            if method in ("GET", "HEAD"):
+                return web.json_response({}, headers=API_HEADER)
+            raise RegistryError("UNSUPPORTED", status=405)
+        if path == "_catalog":
+            if method != "GET":
+                raise RegistryError("UNSUPPORTED", status=405)
+            return self.catalog(request)
+        m = _PATH.match(path)
+        if not m:
+            raise web.HTTPNotFound(
+                body=RegistryError("NAME_INVALID", "no such endpoint", {"path": path}).body(),
+                content_type="application/json",
+            )
+        name = check_name(m.group("name"))
+        reg = self.registry_for(request)
+        if m.group("tags"):
+            if method != "GET":
+                raise RegistryError("UNSUPPORTED", status=405)
+            return self.tags_list(request, reg, name)
+        if (ref := m.group("ref")) is not None:
+            if method in ("GET", "HEAD"):
+                return await self.get_manifest(request, reg, name, ref)
+            if method == "PUT":
+                return await self.put_manifest(request, reg, name, ref)
+            if method == "DELETE":
+                return await self.delete_manifest(reg, name, ref)
+            raise RegistryError("UNSUPPORTED", status=405)
+        if (upload := m.group("upload")) is not None:
+            if upload == "":
+                if method == "POST":
+                    return await self.start_upload(request, reg, name)
+                raise RegistryError("UNSUPPORTED", status=405)
+            up = self.uploads.get(upload, reg, name)
+            if method == "GET":
+                return self._upload_status(up, 204)
+            if method == "PATCH":
+                return await self.patch_upload(request, up)
+            if method == "PUT":
+                return await self.finish_upload(request, up)
+            if method == "DELETE":
+                self.uploads.cancel(up)
+                return web.Response(status=204)
+            raise RegistryError("UNSUPPORTED", status=405)
+        if (digest := m.group("digest")) is not None:
+            if method in ("GET", "HEAD"):
+                return await self.get_blob(request, reg, name, digest)
+            if method == "DELETE":
+                return await self.delete_blob(reg, name, digest)
+            raise RegistryError("UNSUPPORTED", status=405)
+        subject = m.group("subject")
+        if method != "GET":
+            raise RegistryError("UNSUPPORTED", status=405)
+        return self.referrers(request, reg, name, subject)
+
+    # -- listing -----------------------------------------------------------
+
+    def catalog(self, request: web.Request) -> web.Response:
+        n, last = _page_args(request)
+        repos, more = _paginate(self.ns.repos(self.registry_for(request)), n, last)
+        headers = {}
+        if more and repos:
+            q = urlencode({"n": n, "last": repos[-1]})
+            headers["Link"] = f'</v2/_catalog?{q}>; rel="next"'
+        return web.json_response({"repositories": repos}, headers=headers)
+
+    def tags_list(self, request: web.Request, reg: str, name: str) -> web.Response:
+        if not self.ns.repo_exists(reg, name):
+            raise name_unknown(name)
+        n, last = _page_args(request)
+        tags, more = _paginate(self.ns.tags(reg, name), n, last)
+        headers = {}
+        if more and tags:
+            q = urlencode({"n": n, "last": tags[-1]})
+            headers["Link"] = f'</v2/{name}/tags/list?{q}>; rel="next"'
+        return web.json_response({"name": name, "tags": tags}, headers=headers)
+
+    def referrers(self, request: web.Request, reg: str, name: str, subject: str) -> web.Response:
+        parse_digest(subject)
+        records = self.ns.referrers(reg, name, subject)
+        headers = {}
+        want = request.query.getall("artifactType", [])
+        if want:
+            records = [r for r in records if r.artifact_type in want]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        body = {
+            "schemaVersion": 2,
+            "mediaType": mf.OCI_INDEX,
+            "manifests": [mf.referrer_descriptor(r) for r in records],
+        }
+        return web.json_response(body, content_type=mf.OCI_INDEX, headers=headers)
+
+    # -- manifests ---------------------------------------------------------
+
+    def _resolve(self, reg: str, name: str, ref: str) -> ManifestRecord:
+        if ":" in ref:
+            parse_digest(ref)
+            digest = ref
+        else:
+            check_tag(ref)
+            found = self.ns.tag(reg, name, ref)
+            if found is None:
+                if not self.ns.repo_exists(reg, name):
+                    raise name_unknown(name)
+                raise manifest_unknown(ref)
+            digest = found
+        rec = self.ns.manifest(reg, name, digest)
+        if rec is None:
+            if not self.ns.repo_exists(reg, name):
+                raise name_unknown(name)
+            raise manifest_unknown(ref)
+        return rec
+
+    async def _manifest_body(self, rec: ManifestRecord) -> bytes:
+        body = self.manifest_cache.get(rec.digest)
+        if body is None:
+            try:
+                body = await self.store.read_all(rec.digest)
+            except FileNotFoundError:
+                raise RegistryError(
+                    "MANIFEST_UNKNOWN",
+                    "manifest bytes are not in this region yet",
+                    detail={"digest": rec.digest},
+                ) from None
+            self.manifest_cache.put(rec.digest, body)
+        return body
+
+    async def get_manifest(
+        self, request: web.Request, reg: str, name: str, ref: str
+    ) -> web.Response:
+        rec = self._resolve(reg, name, ref)
+        accept = [
+            a.split(";")[0].strip()
+            for h in request.headers.getall("Accept", [])
+            for a in h.split(",")
+            if a.strip()
+        ]
+        if not mf.acceptable(rec.media_type, accept):
+            raise RegistryError(
+                "MANIFEST_UNKNOWN",
+                f"manifest is {rec.media_type}, which the Accept header does not allow",
+                detail={"mediaType": rec.media_type, "accept": accept},
+            )
+        headers = {
+            "Content-Type": rec.media_type,
+            "Docker-Content-Digest": rec.digest,
+            "ETag": f'"{rec.digest}"',
+        }
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(rec.size)
+            return web.Response(status=200, headers=headers)
+        body = await self._manifest_body(rec)
+        return web.Response(body=body, headers=headers)
+
+    async def _read_limited(self, request: web.Request, limit: int) -> bytes:
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise RegistryError(
+                "SIZE_INVALID",
+                f"body larger than the {limit}-byte limit",
+                detail={"limit": limit, "size": declared},
+                status=413,
+            )
+        buf = bytearray()
+        async for chunk in request.content.iter_any():
+            buf += chunk
+            if len(buf) > limit:
+                raise RegistryError(
+                    "SIZE_INVALID",
+                    f"body larger than the {limit}-byte limit",
+                    detail={"limit": limit},
+                    status=413,
+                )
+        return bytes(buf)
+
+    async def put_manifest(
+        self, request: web.Request, reg: str, name: str, ref: str
+    ) -> web.Response:
+        body = await self._read_limited(request, mf.MAX_MANIFEST_SIZE)
+        if not body:
+            raise mf.manifest_invalid("empty body")
+        tags: list[str] = []
+        if ":" in ref:
+            alg, _ = parse_digest(ref)
+            digest = compute(body, alg)
+            if digest != ref:
+                raise RegistryError("DIGEST_INVALID", detail={"expected": ref, "actual": digest})
+            tags = [check_tag(t) for t in request.query.getall("tag", [])]
+        else:
+            tags = [check_tag(ref)]
+            digest = compute(body, "sha256")
+        parsed = mf.parse(body, request.headers.get("Content-Type"), digest)
+        missing_blobs = [
+            d for d in parsed.required_blobs if self.ns.blob_size(reg, name, d) is None
+        ]
+        missing_manifests = [
+            d for d in parsed.required_manifests if self.ns.manifest(reg, name, d) is None
+        ]
+        if missing_blobs or missing_manifests:
+            raise RegistryError(
+                "MANIFEST_BLOB_UNKNOWN",
+                detail={"blobs": missing_blobs, "manifests": missing_manifests},
+            )
+        await self.store.put_bytes(digest, body)
+        try:
+            await self.ns.put_manifest(reg, name, parsed.record, tags)
+        except Conflict:
+            raise RegistryError(
+                "CONFLICT",
+                "the tag was moved by a concurrent push; retry to overwrite it",
+                detail={"tags": tags},
+            ) from None
+        self.manifest_cache.put(digest, body)
+        headers = {
+            "Location": f"/v2/{name}/manifests/{digest}",
+            "Docker-Content-Digest": digest,
+        }
+        if parsed.record.subject:
+            headers["OCI-Subject"] = parsed.record.subject
+        if ":" in ref and tags:
+            headers["OCI-Tag"] = ", ".join(tags)
+        return web.Response(status=201, headers=headers)
+
+    async def delete_manifest(self, reg: str, name: str, ref: str) -> web.Response:
+        if ":" in ref:
+            parse_digest(ref)
+            if not await self.ns.delete_manifest(reg, name, ref):
+                if not self.ns.repo_exists(reg, name):
+                    raise name_unknown(name)
+                raise manifest_unknown(ref)
+        else:
+            check_tag(ref)
+            if not await self.ns.delete_tag(reg, name, ref):
+                if not self.ns.repo_exists(reg, name):
+                    raise name_unknown(name)
+                raise manifest_unknown(ref)
+        return web.Response(status=202)
+
+    # -- blobs -------------------------------------------------------------
+
+    async def get_blob(
+        self, request: web.Request, reg: str, name: str, digest: str
+    ) -> web.StreamResponse:
+        parse_digest(digest)
+        size = self.ns.blob_size(reg, name, digest)
+        if size is None:
+            raise blob_unknown(digest)
+        headers = {
+            "Docker-Content-Digest": digest,
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+            "ETag": f'"{digest}"',
+            "Cache-Control": "max-age=31536000",
+        }
+        if request.method == "HEAD" and "Range" not in request.headers:
+            headers["Content-Length"] = str(size)
+            return web.Response(status=200, headers=headers)
+        path = self.store.local_path(digest)
+        if path is None or self.store.stat_sync(digest) is None:
+            raise RegistryError(
+                "BLOB_UNKNOWN", "blob bytes are not in this region yet", detail={"digest": digest}
+            )
+        return web.FileResponse(path, headers=headers)
+
+    async def delete_blob(self, reg: str, name: str, digest: str) -> web.Response:
+        parse_digest(digest)
+        if not await self.ns.unlink_blob(reg, name, digest):
+            raise blob_unknown(digest)
+        return web.Response(status=202, headers={"Docker-Content-Digest": digest})
+
+    # -- uploads -----------------------------------------------------------
+
+    def _upload_status(self, up: Upload, status: int) -> web.Response:
+        end = up.size - 1 if up.size > 0 else 0
+        return web.Response(
+            status=status,
+            headers={
+                "Location": f"/v2/{up.repo}/blobs/uploads/{up.id}",
+                "Range": f"0-{end}",
+                "Docker-Upload-UUID": up.id,
+                "Content-Length": "0",
+            },
+        )
+
+    def _created(self, name: str, digest: str) -> web.Response:
+        return web.Response(
+            status=201,
+            headers={
+                "Location": f"/v2/{name}/blobs/{quote(digest)}",
+                "Docker-Content-Digest": digest,
+                "Content-Length": "0",
+            },
+        )
+
+    async def _mount(self, reg: str, name: str, digest: str, source: str | None) -> bool:
+        if source is not None:
+            try:
+                check_name(source)
+            except RegistryError:
+                return False
+            size = self.ns.blob_size(reg, source, digest)
+        else:
+            size = None
+            for repo in sorted(self.ns.repos_with_blob(reg, digest)):
+                size = self.ns.blob_size(reg, repo, digest)
+                if size is not None:
+                    break
+        if size is None or await self.store.stat(digest) is None:
+            return False
+        await self.ns.link_blob(reg, name, digest, size)
+        return True
+
+    async def start_upload(self, request: web.Request, reg: str, name: str) -> web.Response:
+        mount = request.query.get("mount")
+        if mount is not None and is_digest(mount):
+            if await self._mount(reg, name, mount, request.query.get("from")):
+                return self._created(name, mount)
+        digest = request.query.get("digest")
+        if digest is not None:
+            parse_digest(digest)
+            up = self.uploads.create(reg, name)
+            try:
+                await self._append(request, up)
+                size = await self.uploads.finish(up, digest)
+            except BaseException:
+                self.uploads.cancel(up)
+                raise
+            await self.ns.link_blob(reg, name, digest, size)
+            return self._created(name, digest)
+        up = self.uploads.create(reg, name)
+        return self._upload_status(up, 202)
+
+    async def _append(self, request: web.Request, up: Upload) -> int:
+        limit = request.content_length
+        if request.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            limit = None
+        appended = await self.uploads.append(up, request.content.iter_any(), limit)
+        if limit is not None and appended != limit:
+            raise RegistryError("SIZE_INVALID", detail={"declared": limit, "received": appended})
+        return appended
+
+    def _check_range(self, request: web.Request, up: Upload) -> None:
+        cr = request.headers.get("Content-Range")
+        if cr is None:
+            return
+        m = _CONTENT_RANGE.match(cr.strip())
+        if not m:
+            raise RegistryError(
+                "RANGE_INVALID", "malformed Content-Range", detail={"Content-Range": cr}
+            )
+        start, end = int(m.group(1)), int(m.group(2))
+        if start != up.size or end < start:
+            raise RegistryError(
+                "RANGE_INVALID",
+                f"chunk must start at offset {up.size}",
+                detail={"Content-Range": cr, "offset": up.size},
+                headers={
+                    "Range": f"0-{max(up.size - 1, 0)}",
+                    "Location": f"/v2/{up.repo}/blobs/uploads/{up.id}",
+                    "Docker-Upload-UUID": up.id,
+                },
+            )
+        length = request.content_length
+        if length is not None and length != end - start + 1:
+            raise RegistryError(
+                "RANGE_INVALID",
+                "Content-Length does not match Content-Range",
+                detail={"Content-Range": cr, "Content-Length": length},
+            )
+
+    async def patch_upload(self, request: web.Request, up: Upload) -> web.Response:
+        async with up.lock:
+            self._check_range(request, up)
+            await self._append(request, up)
+            return self._upload_status(up, 202)
+
+    async def finish_upload(self, request: web.Request, up: Upload) -> web.Response:
+        digest = request.query.get("digest")
+        if not digest:
+            raise RegistryError("DIGEST_INVALID", "digest query parameter is required")
+        parse_digest(digest)
+        async with up.lock:
+            self._check_range(request, up)
+            if request.can_read_body:
+                await self._append(request, up)
+            size = await self.uploads.finish(up, digest)
+        await self.ns.link_blob(up.registry, up.repo, digest, size)
+        return self._created(up.repo, digest)
+
+
+def map_store_errors(exc: Exception) -> RegistryError | None:
+    if isinstance(exc, KVUnavailable):
+        return unavailable("the registry namespace is unreachable; retry shortly")
+    return None

@@ -1,0 +1,204 @@
+"""Assembly and lifecycle of one node: HTTP app, middleware, metrics, serve."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+from cluster.kv import KVStore, KVUnavailable
+from cluster.namespace import Namespace
+from node.api import API_HEADER, Registry, map_store_errors
+from node.blobstore import FilesystemBlobStore
+from node.config import NodeConfig
+from node.errors import RegistryError
+from node.uploads import UploadManager
+
+log = logging.getLogger("meridian.node")
+
+REQUESTS = Counter("meridian_http_requests_total", "HTTP requests served", ["method", "status"])
+LATENCY = Histogram(
+    "meridian_http_request_duration_seconds",
+    "HTTP request latency",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
+)
+
+REGISTRY_KEY = web.AppKey("registry", Registry)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k in ("request_id", "method", "path", "status", "ms"):
+            if hasattr(record, k):
+                out[k] = getattr(record, k)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _error_response(err: RegistryError, request_id: str) -> web.Response:
+    headers = {**API_HEADER, **err.headers, "X-Request-Id": request_id}
+    return web.Response(
+        status=err.status, body=err.body(), content_type="application/json", headers=headers
+    )
+
+
+def make_middleware(access_log: bool):  # noqa: ANN201 - aiohttp middleware type
+    @web.middleware
+    async def middleware(request: web.Request, handler):  # noqa: ANN001, ANN202
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+        start = time.perf_counter()
+        try:
+            resp = await handler(request)
+            resp.headers.update(API_HEADER)
+        except RegistryError as e:
+            resp = _error_response(e, request_id)
+        except web.HTTPException as e:
+            e.headers.update(API_HEADER)
+            raise
+        except (ConnectionResetError, asyncio.IncompleteReadError) as e:
+            resp = _error_response(
+                RegistryError("BLOB_UPLOAD_INVALID", "request body ended early", str(e)),
+                request_id,
+            )
+        except Exception as e:
+            mapped = map_store_errors(e)
+            if mapped is None:
+                log.exception(
+                    "unhandled error",
+                    extra={
+                        "request_id": request_id,
+                        "method": request.method,
+                        "path": request.path,
+                    },
+                )
+                mapped = RegistryError("UNAVAILABLE", "internal error", status=500)
+            resp = _error_response(mapped, request_id)
+        elapsed = time.perf_counter() - start
+        REQUESTS.labels(request.method, str(resp.status)).inc()
+        LATENCY.labels(request.method).observe(elapsed)
+        if access_log:
+            log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": request.method,
+                    "path": request.path_qs,
+                    "status": resp.status,
+                    "ms": round(elapsed * 1000, 2),
+                },
+            )
+        return resp
+
+    return middleware
+
+
+async def metrics(_: web.Request) -> web.Response:
+    resp = web.Response(body=generate_latest())
+    resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return resp
+
+
+async def healthz(request: web.Request) -> web.Response:
+    reg = request.app[REGISTRY_KEY]
+    return web.json_response(
+        {"status": "ok", "region": reg.ns.region, "namespace_synced": reg.ns.synced.is_set()}
+    )
+
+
+def make_kv(cfg: NodeConfig) -> KVStore:
+    if cfg.etcd:
+        from cluster.etcd import EtcdKV
+
+        return EtcdKV([e.strip() for e in cfg.etcd.split(",") if e.strip()])
+    from cluster.embedded import EmbeddedKV
+
+    return EmbeddedKV(os.path.join(cfg.data, "namespace.sqlite"))
+
+
+def build_app(cfg: NodeConfig, ns: Namespace) -> web.Application:
+    store = FilesystemBlobStore(cfg.data)
+    uploads = UploadManager(cfg.data, store, cfg.max_blob_size)
+    registry = Registry(ns, store, uploads, default_registry=cfg.registry, domain=cfg.domain)
+    # Manifests are read with their own 4 MiB limit; blob bodies are streamed.
+    app = web.Application(middlewares=[make_middleware(cfg.access_log)], client_max_size=0)
+    app[REGISTRY_KEY] = registry
+    app.router.add_route("*", "/v2/{path:.*}", registry.dispatch)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+
+    async def purge_uploads(app: web.Application):  # noqa: ANN202
+        async def loop() -> None:
+            while True:
+                await asyncio.to_thread(uploads.purge_older_than, cfg.upload_ttl)
+                await asyncio.sleep(min(3600, max(cfg.upload_ttl / 4, 1)))
+
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+
+    app.cleanup_ctx.append(purge_uploads)
+    return app
+
+
+async def serve(cfg: NodeConfig) -> None:
+    os.makedirs(cfg.data, exist_ok=True)
+    ns = Namespace(make_kv(cfg), cfg.region)
+    while True:
+        try:
+            await ns.start()
+            break
+        except KVUnavailable as e:
+            log.warning("namespace store unreachable, retrying: %s", e)
+            await asyncio.sleep(1)
+    app = build_app(cfg, ns)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, backlog=1024)
+    await site.start()
+    log.info(
+        "node listening",
+        extra={"path": f"http://{cfg.listen}"},
+    )
+    print(f"meridian node region={cfg.region} listening on http://{cfg.listen}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    await ns.close()
+
+
+def run(cfg: NodeConfig) -> None:
+    setup_logging(cfg.log_level)
+    if cfg.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(cfg))
+    else:
+        asyncio.run(serve(cfg))

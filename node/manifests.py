@@ -1,0 +1,197 @@
+"""Parsing and checking of pushed manifests (OCI image-spec, Docker schema2).
+
+``parse`` turns the pushed bytes and Content-Type into a ``ManifestRecord``
+plus the references that must exist before the push is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.namespace import ManifestRecord
+from node.digests import parse_digest
+from node.errors import RegistryError, manifest_invalid
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+IMAGE_TYPES = {OCI_MANIFEST, DOCKER_MANIFEST}
+INDEX_TYPES = {OCI_INDEX, DOCKER_LIST}
+SUPPORTED = IMAGE_TYPES | INDEX_TYPES
+SCHEMA1 = {
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+}
+OCI_EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
+MAX_MANIFEST_SIZE = 4 << 20
+
+# Layers a registry need not hold: pulled from their ``urls`` instead.
+NON_DISTRIBUTABLE = {
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    record: ManifestRecord
+    required_blobs: tuple[str, ...]
+    required_manifests: tuple[str, ...]
+
+
+def _descriptor(d: Any, where: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise manifest_invalid(f"{where} is not a descriptor object")
+    mt = d.get("mediaType")
+    digest = d.get("digest")
+    size = d.get("size")
+    if not isinstance(mt, str) or not mt:
+        raise manifest_invalid(f"{where}.mediaType missing")
+    if not isinstance(digest, str):
+        raise manifest_invalid(f"{where}.digest missing")
+    parse_digest(digest, code="MANIFEST_INVALID")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise manifest_invalid(f"{where}.size must be a non-negative integer")
+    urls = d.get("urls")
+    if urls is not None and not (isinstance(urls, list) and all(isinstance(u, str) for u in urls)):
+        raise manifest_invalid(f"{where}.urls must be a list of strings")
+    return d
+
+
+def _annotations(doc: dict[str, Any]) -> dict[str, str]:
+    ann = doc.get("annotations")
+    if ann is None:
+        return {}
+    if not isinstance(ann, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in ann.items()
+    ):
+        raise manifest_invalid("annotations must map strings to strings")
+    return ann
+
+
+def parse(body: bytes, content_type: str | None, digest: str) -> Parsed:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise manifest_invalid(f"not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise manifest_invalid("manifest must be a JSON object")
+    ct = (content_type or "").split(";")[0].strip()
+    body_mt = doc.get("mediaType")
+    if body_mt is not None and not isinstance(body_mt, str):
+        raise manifest_invalid("mediaType must be a string")
+    if ct in SCHEMA1 or body_mt in SCHEMA1 or doc.get("schemaVersion") == 1:
+        raise RegistryError(
+            "MANIFEST_INVALID", "Docker schema1 manifests are not supported", status=400
+        )
+    if ct in SUPPORTED:
+        media_type = ct
+        if body_mt and body_mt != ct:
+            raise manifest_invalid(f"mediaType {body_mt!r} does not match Content-Type {ct!r}")
+    elif body_mt in SUPPORTED:
+        media_type = body_mt
+    elif not ct or ct in ("application/json", "application/octet-stream"):
+        # No usable type given: OCI allows an unset mediaType, infer it.
+        if "manifests" in doc:
+            media_type = OCI_INDEX
+        elif "config" in doc:
+            media_type = OCI_MANIFEST
+        else:
+            raise manifest_invalid("cannot tell the manifest's media type")
+    else:
+        raise RegistryError(
+            "MANIFEST_INVALID",
+            f"unsupported manifest media type {ct!r}",
+            detail={"mediaType": ct},
+        )
+    if doc.get("schemaVersion") != 2:
+        raise manifest_invalid("schemaVersion must be 2")
+
+    subject = None
+    if "subject" in doc:
+        subject = _descriptor(doc["subject"], "subject")["digest"]
+    artifact_type = doc.get("artifactType")
+    if artifact_type is not None and not isinstance(artifact_type, str):
+        raise manifest_invalid("artifactType must be a string")
+    annotations = _annotations(doc)
+    blobs: list[str] = []
+    required_blobs: list[str] = []
+    children: list[str] = []
+
+    if media_type in IMAGE_TYPES:
+        if "manifests" in doc:
+            raise manifest_invalid("an image manifest has no 'manifests'")
+        config = _descriptor(doc.get("config"), "config")
+        layers = doc.get("layers", [])
+        if not isinstance(layers, list):
+            raise manifest_invalid("layers must be a list")
+        if media_type == DOCKER_MANIFEST and not layers:
+            raise manifest_invalid("a Docker image manifest needs at least one layer")
+        blobs.append(config["digest"])
+        required_blobs.append(config["digest"])
+        for i, layer in enumerate(layers):
+            layer = _descriptor(layer, f"layers[{i}]")
+            blobs.append(layer["digest"])
+            if layer.get("urls") and (
+                layer["mediaType"] in NON_DISTRIBUTABLE or "nondistributable" in layer["mediaType"]
+            ):
+                continue  # fetched from its urls, not from the registry
+            required_blobs.append(layer["digest"])
+        if artifact_type is None and media_type == OCI_MANIFEST:
+            # Referrers report an artifact's type as its config media type.
+            artifact_type = config["mediaType"]
+    else:
+        if "config" in doc or "layers" in doc:
+            raise manifest_invalid("an index has no 'config' or 'layers'")
+        manifests = doc.get("manifests")
+        if not isinstance(manifests, list):
+            raise manifest_invalid("manifests must be a list")
+        for i, m in enumerate(manifests):
+            m = _descriptor(m, f"manifests[{i}]")
+            children.append(m["digest"])
+        if media_type == OCI_INDEX:
+            for i, b in enumerate(doc.get("blobs", []) or []):
+                b = _descriptor(b, f"blobs[{i}]")
+                blobs.append(b["digest"])
+                required_blobs.append(b["digest"])
+
+    record = ManifestRecord(
+        digest=digest,
+        media_type=media_type,
+        size=len(body),
+        blobs=tuple(dict.fromkeys(blobs)),
+        manifests=tuple(dict.fromkeys(children)),
+        subject=subject,
+        artifact_type=artifact_type,
+        annotations=annotations,
+        created=time.time(),
+    )
+    return Parsed(record, tuple(dict.fromkeys(required_blobs)), tuple(dict.fromkeys(children)))
+
+
+def referrer_descriptor(rec: ManifestRecord) -> dict[str, Any]:
+    d: dict[str, Any] = {"mediaType": rec.media_type, "digest": rec.digest, "size": rec.size}
+    if rec.artifact_type:
+        d["artifactType"] = rec.artifact_type
+    if rec.annotations:
+        d["annotations"] = rec.annotations
+    return d
+
+
+def acceptable(media_type: str, accept: list[str]) -> bool:
+    """Whether a client sending ``accept`` can take ``media_type``. No Accept
+    header means anything (OCI clients); Docker's legacy clients that list
+    only schema2 types do not get an OCI index they cannot parse."""
+    if not accept:
+        return True
+    for a in accept:
+        if a in ("*/*", media_type, "application/*", "application/json"):
+            return True
+    return False

@@ -1,0 +1,173 @@
+"""Blob upload sessions of one node.
+
+A session lives in ``<data>/uploads/<id>/`` (``data`` holds the bytes
+received so far, ``info.json`` whose repository it belongs to), so it survives
+a restart: the offset is the file's size, and a client resumes with GET (for
+``Range``) then PATCH from that offset. Bytes are hashed while they stream in;
+the running hash lives in memory and is rebuilt from the file only when the
+process restarted (or the final digest uses another algorithm).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from node.blobstore import DigestMismatch, FilesystemBlobStore, file_digest
+from node.digests import parse_digest
+from node.errors import RegistryError, upload_unknown
+
+WRITE_BATCH = 4 << 20
+
+
+@dataclass
+class Upload:
+    id: str
+    registry: str
+    repo: str
+    dir: str
+    started: float
+    size: int = 0
+    hasher: hashlib._Hash | None = None
+    hashed: int = 0  # bytes fed to ``hasher``; equals size when it is current
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def data_path(self) -> str:
+        return os.path.join(self.dir, "data")
+
+    def _write(self, data: bytes) -> None:
+        fd = os.open(self.data_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        finally:
+            os.close(fd)
+        if self.hasher is not None and self.hashed == self.size:
+            self.hasher.update(data)
+            self.hashed += len(data)
+        self.size += len(data)
+
+
+class UploadManager:
+    def __init__(self, root: str, store: FilesystemBlobStore, max_blob_size: int = 0) -> None:
+        self.root = os.path.join(os.path.abspath(root), "uploads")
+        self.store = store
+        self.max_blob_size = max_blob_size
+        self._live: dict[str, Upload] = {}
+        os.makedirs(self.root, exist_ok=True)
+
+    def create(self, registry: str, repo: str) -> Upload:
+        upload_id = str(uuid.uuid4())
+        d = os.path.join(self.root, upload_id)
+        os.makedirs(d)
+        info = {"registry": registry, "repo": repo, "started": time.time()}
+        with open(os.path.join(d, "info.json"), "w") as f:
+            json.dump(info, f)
+        open(os.path.join(d, "data"), "wb").close()
+        up = Upload(upload_id, registry, repo, d, info["started"], hasher=hashlib.sha256())
+        self._live[upload_id] = up
+        return up
+
+    def get(self, upload_id: str, registry: str, repo: str) -> Upload:
+        up = self._live.get(upload_id)
+        if up is None:
+            up = self._load(upload_id)
+        if up is None or up.registry != registry or up.repo != repo:
+            raise upload_unknown(upload_id)
+        return up
+
+    def _load(self, upload_id: str) -> Upload | None:
+        try:
+            uuid.UUID(upload_id)
+        except ValueError:
+            return None  # never let a client-chosen id become a path
+        d = os.path.join(self.root, upload_id)
+        try:
+            with open(os.path.join(d, "info.json")) as f:
+                info = json.load(f)
+            size = os.stat(os.path.join(d, "data")).st_size
+        except (OSError, ValueError):
+            return None
+        up = Upload(upload_id, info["registry"], info["repo"], d, info["started"], size=size)
+        self._live[upload_id] = up
+        return up
+
+    async def append(self, up: Upload, chunks: AsyncIterator[bytes], limit: int | None) -> int:
+        """Stream ``chunks`` onto the end of the upload, writing and hashing
+        batches on a worker thread while the next batch is read. Returns the
+        number of bytes appended. Bytes written before a disconnect stay (the
+        client can resume from the new offset)."""
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future[None] | None = None
+        buf = bytearray()
+        total = 0
+        try:
+            async for chunk in chunks:
+                total += len(chunk)
+                if limit is not None and total > limit:
+                    raise RegistryError("SIZE_INVALID", "body longer than declared length")
+                if self.max_blob_size and up.size + total > self.max_blob_size:
+                    raise RegistryError(
+                        "SIZE_INVALID", "blob larger than this registry accepts", status=413
+                    )
+                buf += chunk
+                if len(buf) >= WRITE_BATCH:
+                    if pending is not None:
+                        await pending
+                    pending = loop.run_in_executor(None, up._write, bytes(buf))
+                    buf.clear()
+        finally:
+            if pending is not None:
+                await pending
+            if buf:
+                await loop.run_in_executor(None, up._write, bytes(buf))
+        return total
+
+    async def finish(self, up: Upload, digest: str) -> int:
+        """Verify the whole upload against ``digest`` and move it into the
+        blob store. Returns the blob size. On mismatch the session is kept,
+        so the client may retry or cancel."""
+        alg, _ = parse_digest(digest)
+        loop = asyncio.get_running_loop()
+        if alg == "sha256" and up.hasher is not None and up.hashed == up.size:
+            actual = "sha256:" + up.hasher.copy().hexdigest()
+        else:
+            actual = await loop.run_in_executor(None, file_digest, up.data_path, alg)
+        if actual != digest:
+            raise RegistryError("DIGEST_INVALID", detail={"expected": digest, "actual": actual})
+        try:
+            await self.store.commit_file(up.data_path, digest, verified=True)
+        except DigestMismatch as e:  # pragma: no cover - verified above
+            raise RegistryError("DIGEST_INVALID", detail=str(e)) from e
+        size = up.size
+        self.cancel(up)
+        return size
+
+    def cancel(self, up: Upload) -> None:
+        self._live.pop(up.id, None)
+        shutil.rmtree(up.dir, ignore_errors=True)
+
+    def purge_older_than(self, seconds: float) -> int:
+        """Remove abandoned sessions; returns how many."""
+        cutoff = time.time() - seconds
+        n = 0
+        for name in os.listdir(self.root):
+            d = os.path.join(self.root, name)
+            try:
+                if os.stat(os.path.join(d, "data")).st_mtime < cutoff:
+                    self._live.pop(name, None)
+                    shutil.rmtree(d, ignore_errors=True)
+                    n += 1
+            except OSError:
+                continue
+        return n

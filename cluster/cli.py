@@ -17,8 +17,15 @@ def _node(argv: list[str]) -> int:
     return 0
 
 
+def _regions(argv: list[str]) -> int:
+    from cluster.admin import regions_main
+
+    return regions_main(argv)
+
+
 COMMANDS = {
     "node": (_node, "run one registry node (standalone, or one region of a cluster)"),
+    "regions": (_regions, "list the cluster's regions, their endpoints and liveness"),
 }
 
 

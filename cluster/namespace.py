@@ -7,7 +7,9 @@ Key tree (every registry key is scoped by the registry's name; repository
 path components never start with ``_``, so the ``_x`` markers cannot clash
 with a nested repository name):
 
-    /meridian/regions/<region>                          region info (JSON, leased)
+    /meridian/regions/<region>                          region info (JSON)
+    /meridian/alive/<region>                            liveness (leased: gone
+                                                        when the region stops)
     /meridian/reg/<registry>/config                     registry settings (JSON)
     /meridian/reg/<registry>/repo/<repo>/_t/<tag>       tag -> manifest digest
     /meridian/reg/<registry>/repo/<repo>/_m/<digest>    manifest record (JSON)
@@ -45,6 +47,7 @@ log = logging.getLogger("meridian.namespace")
 
 ROOT = "/meridian/"
 REGIONS = ROOT + "regions/"
+ALIVE = ROOT + "alive/"
 REG = ROOT + "reg/"
 
 
@@ -110,6 +113,10 @@ def region_key(region: str) -> str:
     return REGIONS + region
 
 
+def alive_key(region: str) -> str:
+    return ALIVE + region
+
+
 @dataclass
 class RepoState:
     tags: dict[str, str] = field(default_factory=dict)
@@ -150,6 +157,7 @@ class Cache:
     def __init__(self) -> None:
         self.registries: dict[str, RegistryState] = {}
         self.regions: dict[str, RegionInfo] = {}
+        self.alive: set[str] = set()
         self.revs: dict[str, int] = {}  # key -> mod revision (live keys)
         self.tombstones: dict[str, int] = {}  # deleted key -> revision of the delete
         self.revision = 0  # highest revision applied from the store
@@ -189,6 +197,13 @@ class Cache:
                 self.tombstones = {k: r for k, r in self.tombstones.items() if r > revision}
 
     def _apply(self, key: str, value: bytes | None) -> None:
+        if key.startswith(ALIVE):
+            name = key[len(ALIVE) :]
+            if value is None:
+                self.alive.discard(name)
+            else:
+                self.alive.add(name)
+            return
         if key.startswith(REGIONS):
             name = key[len(REGIONS) :]
             if value is None:
@@ -391,6 +406,9 @@ class Namespace:
     def regions(self) -> dict[str, RegionInfo]:
         return dict(self.cache.regions)
 
+    def alive_regions(self) -> set[str]:
+        return set(self.cache.alive)
+
     # -- writes (transactions) ---------------------------------------------
 
     async def link_blob(self, reg: str, repo: str, digest: str, size: int) -> None:
@@ -463,8 +481,15 @@ class Namespace:
     async def set_registry_config(self, reg: str, config: dict) -> None:
         await self._commit([], [Put(config_key(reg), json.dumps(config).encode())])
 
-    async def register_region(self, info: RegionInfo, lease: int | None) -> None:
-        await self._commit([], [Put(region_key(info.name), info.to_json(), lease=lease)])
+    async def register_region(self, info: RegionInfo, lease: int) -> None:
+        """Publish this region's endpoints and mark it alive under ``lease``."""
+        await self._commit(
+            [],
+            [
+                Put(region_key(info.name), info.to_json()),
+                Put(alive_key(info.name), b"1", lease=lease),
+            ],
+        )
 
     async def refresh(self, key_prefix: str) -> list[Entry]:
         """A fresh read straight from the store (bypassing the cache)."""

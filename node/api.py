@@ -25,6 +25,7 @@ from node.errors import (
     name_unknown,
     unavailable,
 )
+from node.sendfile import BlobFileResponse
 from node.uploads import Upload, UploadManager
 
 _PATH = re.compile(
@@ -384,7 +385,7 @@ class Registry:
             raise RegistryError(
                 "BLOB_UNKNOWN", "blob bytes are not in this region yet", detail={"digest": digest}
             )
-        return web.FileResponse(path, headers=headers)
+        return BlobFileResponse(path, headers=headers)
 
     async def delete_blob(self, reg: str, name: str, digest: str) -> web.Response:
         parse_digest(digest)

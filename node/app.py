@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -15,7 +16,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from cluster.kv import KVStore, KVUnavailable
-from cluster.namespace import Namespace
+from cluster.membership import keep_registered
+from cluster.namespace import Namespace, RegionInfo
 from node.api import API_HEADER, Registry, map_store_errors
 from node.blobstore import FilesystemBlobStore
 from node.config import NodeConfig
@@ -130,6 +132,16 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
+async def regions(request: web.Request) -> web.Response:
+    ns = request.app[REGISTRY_KEY].ns
+    alive = ns.alive_regions()
+    out = [
+        {**dataclasses.asdict(info), "alive": name in alive}
+        for name, info in sorted(ns.regions().items())
+    ]
+    return web.json_response({"regions": out})
+
+
 def make_kv(cfg: NodeConfig) -> KVStore:
     if cfg.etcd:
         from cluster.etcd import EtcdKV
@@ -150,6 +162,7 @@ def build_app(cfg: NodeConfig, ns: Namespace) -> web.Application:
     app.router.add_route("*", "/v2/{path:.*}", registry.dispatch)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/meridian/v1/regions", regions)
 
     async def purge_uploads(app: web.Application):  # noqa: ANN202
         async def loop() -> None:
@@ -185,11 +198,14 @@ async def serve(cfg: NodeConfig) -> None:
         extra={"path": f"http://{cfg.listen}"},
     )
     print(f"meridian node region={cfg.region} listening on http://{cfg.listen}", flush=True)
+    info = RegionInfo(name=cfg.region, http=cfg.base_url, grpc=cfg.grpc_listen)
+    membership = asyncio.create_task(keep_registered(ns, info), name="membership")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    membership.cancel()
     await runner.cleanup()
     await ns.close()
 

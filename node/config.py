@@ -17,7 +17,7 @@ class NodeConfig:
     advertise: str = ""  # base URL other regions and the router use for HTTP
     registry: str = "default"  # registry served when the host names none
     domain: str = ""  # <registry>.<domain> selects a registry by Host
-    loop: str = "asyncio"
+    loop: str = "uvloop"  # measured: faster small requests; blobs keep sendfile
     access_log: bool = False
     log_level: str = "info"
     max_blob_size: int = 0  # 0 = unlimited

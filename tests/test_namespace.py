@@ -1,0 +1,165 @@
+"""The registry namespace (cluster/namespace.py) on both stores: one suite,
+run on the embedded sqlite store and on a real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from cluster.embedded import EmbeddedKV
+from cluster.etcd import EtcdKV
+from cluster.kv import KVStore
+from cluster.namespace import Conflict, ManifestRecord, Namespace
+from tests.etcd_server import EtcdServer
+
+pytestmark = pytest.mark.timeout(90)
+
+D1 = "sha256:" + "1" * 64
+D2 = "sha256:" + "2" * 64
+L1 = "sha256:" + "a" * 64
+REG = "default"
+
+
+def rec(digest: str, subject: str | None = None, artifact_type: str | None = None):
+    return ManifestRecord(
+        digest=digest,
+        media_type="application/vnd.oci.image.manifest.v1+json",
+        size=100,
+        blobs=(L1,),
+        subject=subject,
+        artifact_type=artifact_type,
+    )
+
+
+@pytest.fixture(params=["embedded", "etcd"])
+async def make_kv(request, tmp_path: Path) -> AsyncIterator[Callable[[], KVStore]]:
+    """A factory of clients of one store (several clients = several nodes)."""
+    if request.param == "embedded":
+        shared = EmbeddedKV(str(tmp_path / "ns.sqlite"))
+        yield lambda: _Shared(shared)
+        await shared.close()
+    else:
+        server = EtcdServer(str(tmp_path / "etcd"))
+        await server.astart()
+        try:
+            yield lambda: EtcdKV(server.endpoints, timeout=5.0)
+        finally:
+            await asyncio.to_thread(server.cleanup)
+
+
+class _Shared:
+    """One embedded store seen by several Namespaces in one process: start
+    once, close once (by the fixture)."""
+
+    def __init__(self, kv: EmbeddedKV) -> None:
+        self._kv = kv
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._kv, name)
+
+    async def start(self) -> None:
+        if not getattr(self._kv, "_meridian_started", False):
+            await self._kv.start()
+            self._kv._meridian_started = True  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def namespaces(make_kv) -> AsyncIterator[Callable[..., Namespace]]:
+    made: list[Namespace] = []
+
+    async def new(region: str = "eastus", watch: bool = True) -> Namespace:
+        ns = Namespace(make_kv(), region)
+        if watch:
+            await ns.start()
+        else:  # a node whose watch is stalled: its cache only knows the load
+            await ns.kv.start()
+            await ns._reload()
+        made.append(ns)
+        return ns
+
+    yield new
+    for ns in made:
+        await ns.close()
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+async def test_manifest_tags_and_listing(namespaces) -> None:
+    ns = await namespaces()
+    await ns.link_blob(REG, "team/app", L1, 10)
+    await ns.put_manifest(REG, "team/app", rec(D1), ["v2", "v1", "latest"])
+    assert ns.tag(REG, "team/app", "v1") == D1
+    assert ns.tags(REG, "team/app") == ["latest", "v1", "v2"]
+    assert ns.repos(REG) == ["team/app"]
+    assert ns.manifest(REG, "team/app", D1) == rec(D1)
+    assert ns.blob_size(REG, "team/app", L1) == 10
+    assert ns.placements(REG, D1) == {"eastus": 100}
+    assert ns.repos_with_blob(REG, L1) == {"team/app"}
+    # other registries are separate namespaces
+    assert ns.repos("other") == []
+    assert ns.tag("other", "team/app", "v1") is None
+
+
+async def test_writes_reach_other_nodes_and_survive_reload(namespaces) -> None:
+    a = await namespaces("eastus")
+    b = await namespaces("westeurope")
+    await a.put_manifest(REG, "app", rec(D1), ["v1"])
+    await eventually(lambda: b.tag(REG, "app", "v1") == D1)
+    await b.delete_tag(REG, "app", "v1")
+    await eventually(lambda: a.tag(REG, "app", "v1") is None)
+    assert a.manifest(REG, "app", D1) is not None
+    c = await namespaces("southeastasia")  # a fresh node loads everything
+    assert c.manifest(REG, "app", D1) == rec(D1)
+    assert c.tag(REG, "app", "v1") is None
+
+
+async def test_racing_tag_push_one_wins(namespaces) -> None:
+    a = await namespaces("eastus", watch=False)
+    b = await namespaces("westeurope", watch=False)
+    await a.put_manifest(REG, "app", rec(D1), ["latest"])
+    with pytest.raises(Conflict):
+        await b.put_manifest(REG, "app", rec(D2), ["latest"])
+    fresh = await namespaces("southeastasia")
+    assert fresh.tag(REG, "app", "latest") == D1
+    # the loser's manifest record was not half-written either
+    assert fresh.manifest(REG, "app", D2) is None
+
+
+async def test_delete_manifest_removes_its_tags_only(namespaces) -> None:
+    ns = await namespaces()
+    await ns.put_manifest(REG, "app", rec(D1), ["a", "b"])
+    await ns.put_manifest(REG, "app", rec(D2), ["c"])
+    assert await ns.delete_manifest(REG, "app", D1)
+    assert ns.tags(REG, "app") == ["c"]
+    assert ns.manifest(REG, "app", D1) is None
+    assert not await ns.delete_manifest(REG, "app", D1)
+
+
+async def test_referrers_follow_subject(namespaces) -> None:
+    ns = await namespaces()
+    await ns.put_manifest(REG, "app", rec(D1), ["v1"])
+    await ns.put_manifest(REG, "app", rec(D2, subject=D1, artifact_type="x/sig"), [])
+    assert [r.digest for r in ns.referrers(REG, "app", D1)] == [D2]
+    await ns.delete_manifest(REG, "app", D2)
+    assert ns.referrers(REG, "app", D1) == []
+
+
+async def test_empty_repo_disappears(namespaces) -> None:
+    ns = await namespaces()
+    await ns.link_blob(REG, "gone", L1, 5)
+    assert ns.repo_exists(REG, "gone")
+    assert ns.repos(REG) == []  # the catalog lists repositories with manifests
+    await ns.unlink_blob(REG, "gone", L1)
+    assert not ns.repo_exists(REG, "gone")

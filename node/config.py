@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass
@@ -13,7 +13,8 @@ class NodeConfig:
     data: str = "./data"
     region: str = "local"
     etcd: str = ""  # comma-separated endpoints; empty = embedded namespace
-    grpc_listen: str = ""
+    grpc_listen: str = ""  # host:port of the replication gRPC server; empty = none
+    grpc_advertise: str = ""  # host:port other regions dial (default: grpc_listen)
     advertise: str = ""  # base URL other regions and the router use for HTTP
     registry: str = "default"  # registry served when the host names none
     domain: str = ""  # <registry>.<domain> selects a registry by Host
@@ -22,6 +23,8 @@ class NodeConfig:
     log_level: str = "info"
     max_blob_size: int = 0  # 0 = unlimited
     upload_ttl: int = 24 * 3600  # abandoned upload sessions are removed after this
+    replication_concurrency: int = 4  # background transfers at once; 0 = no replicator
+    replication_bandwidth: int = 0  # bytes/s per source region (background only); 0 = no cap
 
     @property
     def host(self) -> str:
@@ -36,6 +39,17 @@ class NodeConfig:
         return self.advertise or f"http://{self.listen}"
 
 
+def parse_size(value: str) -> int:
+    """``"20M"`` -> 20971520 (K, M, G are powers of 1024); plain numbers are bytes."""
+    v = value.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if v.endswith(suffix):
+            v, mult = v[:-1], m
+            break
+    return int(float(v) * mult)
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get("MERIDIAN_" + name.upper().replace("-", "_"), default)
 
@@ -46,7 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=_env("data", d.data), help="data directory")
     p.add_argument("--region", default=_env("region", d.region))
     p.add_argument("--etcd", default=_env("etcd", d.etcd), help="etcd endpoints (comma-separated)")
-    p.add_argument("--grpc-listen", default=_env("grpc_listen", d.grpc_listen))
+    p.add_argument(
+        "--grpc-listen",
+        default=_env("grpc_listen", d.grpc_listen),
+        help="host:port of the replication gRPC server (empty: none)",
+    )
+    p.add_argument(
+        "--grpc-advertise",
+        default=_env("grpc_advertise", d.grpc_advertise),
+        help="host:port other regions dial for gRPC (default: --grpc-listen)",
+    )
     p.add_argument("--advertise", default=_env("advertise", d.advertise))
     p.add_argument("--registry", default=_env("registry", d.registry))
     p.add_argument("--domain", default=_env("domain", d.domain))
@@ -61,21 +84,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-blob-size", type=int, default=int(_env("max_blob_size", str(d.max_blob_size)))
     )
     p.add_argument("--upload-ttl", type=int, default=int(_env("upload_ttl", str(d.upload_ttl))))
+    p.add_argument(
+        "--replication-concurrency",
+        type=int,
+        default=int(_env("replication_concurrency", str(d.replication_concurrency))),
+        help="background transfers at once (0: no replicator; read-through still works)",
+    )
+    p.add_argument(
+        "--replication-bandwidth",
+        type=parse_size,
+        default=parse_size(_env("replication_bandwidth", str(d.replication_bandwidth))),
+        help="background bytes/s per source region, e.g. 20M (0: no cap)",
+    )
 
 
 def from_args(ns: argparse.Namespace) -> NodeConfig:
-    return NodeConfig(
-        listen=ns.listen,
-        data=ns.data,
-        region=ns.region,
-        etcd=ns.etcd,
-        grpc_listen=ns.grpc_listen,
-        advertise=ns.advertise,
-        registry=ns.registry,
-        domain=ns.domain,
-        loop=ns.loop,
-        access_log=ns.access_log,
-        log_level=ns.log_level,
-        max_blob_size=ns.max_blob_size,
-        upload_ttl=ns.upload_ttl,
-    )
+    return NodeConfig(**{f.name: getattr(ns, f.name) for f in fields(NodeConfig)})

@@ -164,10 +164,17 @@ class UploadManager:
         for name in os.listdir(self.root):
             d = os.path.join(self.root, name)
             try:
-                if os.stat(os.path.join(d, "data")).st_mtime < cutoff:
-                    self._live.pop(name, None)
-                    shutil.rmtree(d, ignore_errors=True)
-                    n += 1
+                # A crash can leave a session without its data file (killed
+                # inside create(), or after finish() renamed the bytes away):
+                # the directory's own time then tells its age.
+                try:
+                    mtime = os.stat(os.path.join(d, "data")).st_mtime
+                except FileNotFoundError:
+                    mtime = os.stat(d).st_mtime
             except OSError:
                 continue
+            if mtime < cutoff:
+                self._live.pop(name, None)
+                shutil.rmtree(d, ignore_errors=True)
+                n += 1
         return n

@@ -20,6 +20,7 @@ INSTALL_HINTS = {
     "ctr": "apt-get install -y containerd",
     "containerd": "apt-get install -y containerd",
     "docker-registry": "apt-get install -y docker-registry",
+    "podman": "apt-get install -y podman",
 }
 
 

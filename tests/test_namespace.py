@@ -88,8 +88,8 @@ async def namespaces(make_kv) -> AsyncIterator[Callable[..., Namespace]]:
         await ns.close()
 
 
-async def eventually(cond: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def eventually(cond: Callable[[], bool], limit: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + limit
     while not cond():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached")

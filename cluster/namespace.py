@@ -452,7 +452,19 @@ class Namespace:
                 continue
             compares.append(Compare(key, self._rev(key)))
             ops.append(Put(key, rec.digest.encode()))
-        await self._commit(compares, ops)
+        try:
+            await self._commit(compares, ops)
+        except Conflict:
+            # Lost only to a push of this very manifest? Then there is no
+            # conflict: the tags already say what we meant. Read them fresh.
+            fresh = [await self.kv.get(c.key) for c in compares]
+            if any(e is None or e.value != rec.digest.encode() for e in fresh):
+                raise
+            for e in fresh:
+                assert e is not None
+                self.cache.apply(e.key, e.value, e.mod_revision)
+            tag_keys = {c.key for c in compares}
+            await self._commit([], [op for op in ops if op.key not in tag_keys])
 
     async def delete_tag(self, reg: str, repo: str, tag: str) -> bool:
         key = tag_key(reg, repo, tag)
@@ -480,6 +492,41 @@ class Namespace:
 
     async def set_registry_config(self, reg: str, config: dict) -> None:
         await self._commit([], [Put(config_key(reg), json.dumps(config).encode())])
+
+    # -- replication settings (config key ``replicas``) ----------------------
+
+    def registries(self) -> list[str]:
+        return sorted(self.cache.registries)
+
+    def registry_replicas(self, reg: str) -> set[str] | None:
+        """Regions that should hold ``reg``'s content: the ``replicas`` list
+        of its config, or None when unset (meaning: every region)."""
+        st = self.cache.registries.get(reg)
+        replicas = st.config.get("replicas") if st else None
+        if isinstance(replicas, list) and replicas:
+            return {str(r) for r in replicas}
+        return None
+
+    async def remove_placement(self, reg: str, digest: str) -> bool:
+        """Forget that this region holds ``digest`` in ``reg`` (before its
+        bytes are reclaimed). Compare-and-swap on the key's revision."""
+        key = place_key(reg, digest, self.region)
+        rev = self._rev(key)
+        if not rev:
+            return False
+        await self._commit([Compare(key, rev)], [Delete(key)])
+        return True
+
+    async def set_registry_replicas(self, reg: str, regions: list[str] | None) -> None:
+        """Set (or with None, unset) which regions hold ``reg``; other config
+        keys are kept."""
+        st = self.cache.registries.get(reg)
+        config = dict(st.config) if st else {}
+        if regions is None:
+            config.pop("replicas", None)
+        else:
+            config["replicas"] = sorted(set(regions))
+        await self.set_registry_config(reg, config)
 
     async def register_region(self, info: RegionInfo, lease: int) -> None:
         """Publish this region's endpoints and mark it alive under ``lease``."""

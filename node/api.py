@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from aiohttp import web
@@ -32,11 +33,12 @@ _PATH = re.compile(
     r"^(?P<name>.+)/(?:"
     r"(?P<tags>tags/list)"
     r"|manifests/(?P<ref>[^/]+)"
-    r"|blobs/uploads/?(?P<upload>[^/]*)"
+    r"|blobs/uploads/?(?P<upload>.*)"
     r"|blobs/(?P<digest>[^/]+)"
     r"|referrers/(?P<subject>[^/]+)"
     r")$"
 )
+_REGISTRY_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
 MAX_PAGE = 10000
 API_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -109,6 +111,9 @@ class Registry:
         self.default_registry = default_registry
         self.domain = domain.lower().lstrip(".")
         self.manifest_cache = ManifestCache()
+        # node.readthrough.Fetcher when regions share a namespace: fetches
+        # bytes the namespace knows but this region does not hold yet.
+        self.readthrough: Any = None
 
     # -- routing -----------------------------------------------------------
 
@@ -117,7 +122,14 @@ class Registry:
             host = (request.host or "").rsplit(":", 1)[0].lower()
             suffix = "." + self.domain
             if host.endswith(suffix) and host != suffix[1:]:
-                return host[: -len(suffix)]
+                label = host[: -len(suffix)]
+                # A registry name is one DNS label: anything else could
+                # reach into another registry's keys.
+                if not _REGISTRY_LABEL.match(label):
+                    raise RegistryError(
+                        "NAME_INVALID", "invalid registry name in Host", {"host": host}
+                    )
+                return label
         return self.default_registry
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
@@ -133,10 +145,7 @@ class Registry:
             return self.catalog(request)
         m = _PATH.match(path)
         if not m:
-            raise web.HTTPNotFound(
-                body=RegistryError("NAME_INVALID", "no such endpoint", {"path": path}).body(),
-                content_type="application/json",
-            )
+            raise RegistryError("UNSUPPORTED", "no such endpoint", {"path": path}, status=404)
         name = check_name(m.group("name"))
         reg = self.registry_for(request)
         if m.group("tags"):
@@ -158,7 +167,8 @@ class Registry:
                 raise RegistryError("UNSUPPORTED", status=405)
             up = self.uploads.get(upload, reg, name)
             if method == "GET":
-                return self._upload_status(up, 204)
+                async with up.lock:  # settle a PATCH still writing
+                    return self._upload_status(up, 204)
             if method == "PATCH":
                 return await self.patch_upload(request, up)
             if method == "PUT":
@@ -242,6 +252,15 @@ class Registry:
             try:
                 body = await self.store.read_all(rec.digest)
             except FileNotFoundError:
+                if self.readthrough is not None:
+                    try:
+                        body = await self.readthrough.fetch_bytes(rec.digest, rec.size)
+                    except Exception as e:
+                        raise unavailable(
+                            f"manifest bytes are not in this region and fetching failed: {e}"
+                        ) from e
+                    self.manifest_cache.put(rec.digest, body)
+                    return body
                 raise RegistryError(
                     "MANIFEST_UNKNOWN",
                     "manifest bytes are not in this region yet",
@@ -382,10 +401,19 @@ class Registry:
             return web.Response(status=200, headers=headers)
         path = self.store.local_path(digest)
         if path is None or self.store.stat_sync(digest) is None:
+            if self.readthrough is not None:
+                return await self.readthrough.serve_blob(request, reg, digest, size, headers)
             raise RegistryError(
                 "BLOB_UNKNOWN", "blob bytes are not in this region yet", detail={"digest": digest}
             )
-        return BlobFileResponse(path, headers=headers)
+        resp = BlobFileResponse(path, headers={**headers, **API_HEADER})
+        rng = request.headers.get("Range")
+        if rng is not None and not rng.lstrip().lower().startswith("bytes"):
+            # RFC 9110 14.2: a range unit the server does not know is ignored.
+            plain = request.headers.copy()
+            del plain["Range"]
+            await resp.prepare(request.clone(headers=plain))
+        return resp
 
     async def delete_blob(self, reg: str, name: str, digest: str) -> web.Response:
         parse_digest(digest)

@@ -79,7 +79,7 @@ def _annotations(doc: dict[str, Any]) -> dict[str, str]:
 def parse(body: bytes, content_type: str | None, digest: str) -> Parsed:
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise manifest_invalid(f"not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise manifest_invalid("manifest must be a JSON object")
@@ -120,6 +120,7 @@ def parse(body: bytes, content_type: str | None, digest: str) -> Parsed:
     artifact_type = doc.get("artifactType")
     if artifact_type is not None and not isinstance(artifact_type, str):
         raise manifest_invalid("artifactType must be a string")
+    artifact_type = artifact_type or None  # the spec treats empty as missing
     annotations = _annotations(doc)
     blobs: list[str] = []
     required_blobs: list[str] = []

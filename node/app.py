@@ -189,6 +189,24 @@ async def serve(cfg: NodeConfig) -> None:
             log.warning("namespace store unreachable, retrying: %s", e)
             await asyncio.sleep(1)
     app = build_app(cfg, ns)
+    replication = None
+    if cfg.etcd or cfg.grpc_listen:
+        # Regions share a namespace: serve and fetch bytes over gRPC.
+        from node.replicator import Replication
+
+        registry = app[REGISTRY_KEY]
+        replication = Replication(
+            ns,
+            registry.store,
+            cfg.data,
+            grpc_listen=cfg.grpc_listen,
+            concurrency=cfg.replication_concurrency,
+            bandwidth=cfg.replication_bandwidth,
+            reclaim_interval=cfg.reclaim_interval,
+            reclaim_grace=cfg.reclaim_grace,
+        )
+        replication.attach(app, registry)
+        await replication.start()
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, backlog=1024)
@@ -198,7 +216,9 @@ async def serve(cfg: NodeConfig) -> None:
         extra={"path": f"http://{cfg.listen}"},
     )
     print(f"meridian node region={cfg.region} listening on http://{cfg.listen}", flush=True)
-    info = RegionInfo(name=cfg.region, http=cfg.base_url, grpc=cfg.grpc_listen)
+    info = RegionInfo(
+        name=cfg.region, http=cfg.base_url, grpc=cfg.grpc_advertise or cfg.grpc_listen
+    )
     membership = asyncio.create_task(keep_registered(ns, info), name="membership")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -207,6 +227,8 @@ async def serve(cfg: NodeConfig) -> None:
     await stop.wait()
     membership.cancel()
     await runner.cleanup()
+    if replication is not None:
+        await replication.stop()
     await ns.close()
 
 

@@ -25,6 +25,8 @@ class NodeConfig:
     upload_ttl: int = 24 * 3600  # abandoned upload sessions are removed after this
     replication_concurrency: int = 4  # background transfers at once; 0 = no replicator
     replication_bandwidth: int = 0  # bytes/s per source region (background only); 0 = no cap
+    reclaim_interval: float = 0.0  # seconds between reclaim passes; 0 = never reclaim
+    reclaim_grace: float = 3600.0  # only reclaim unreferenced bytes older than this
 
     @property
     def host(self) -> str:
@@ -95,6 +97,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=parse_size,
         default=parse_size(_env("replication_bandwidth", str(d.replication_bandwidth))),
         help="background bytes/s per source region, e.g. 20M (0: no cap)",
+    )
+    p.add_argument(
+        "--reclaim-interval",
+        type=float,
+        default=float(_env("reclaim_interval", str(d.reclaim_interval))),
+        help="seconds between passes removing local bytes nothing references (0: off)",
+    )
+    p.add_argument(
+        "--reclaim-grace",
+        type=float,
+        default=float(_env("reclaim_grace", str(d.reclaim_grace))),
+        help="never reclaim bytes younger than this many seconds",
     )
 
 

@@ -1,0 +1,234 @@
+"""Fast in-process checks of the replication pieces: the backlog's order and
+scope, the fetcher against misbehaving sources, ranges, the bandwidth cap
+arithmetic. (Real processes: test_replication.py, test_replication_faults.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from cluster.embedded import EmbeddedKV
+from cluster.namespace import ManifestRecord, Namespace, RegionInfo
+from node.blobstore import FilesystemBlobStore
+from node.errors import RegistryError
+from node.grpc_service import GrpcServer, Peers, ReplicationService
+from node.readthrough import Fetcher, FetchError, _parse_range
+from node.replicator import BLOB, IMAGE, INDEX, backlog, status_rows
+from proto import replication_pb2 as pb
+
+pytestmark = pytest.mark.timeout(60)
+
+REG = "default"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+async def ns(tmp_path: Path) -> AsyncIterator[Namespace]:
+    n = Namespace(EmbeddedKV(str(tmp_path / "ns.sqlite")), "westeurope")
+    await n.start()
+    try:
+        yield n
+    finally:
+        await n.close()
+
+
+def rec(digest: str, blobs: tuple[str, ...] = (), manifests: tuple[str, ...] = (), t=1.0):
+    return ManifestRecord(
+        digest=digest,
+        media_type="application/vnd.oci.image.manifest.v1+json",
+        size=100,
+        blobs=blobs,
+        manifests=manifests,
+        created=t,
+    )
+
+
+async def test_backlog_orders_children_first_and_respects_replicas(ns: Namespace) -> None:
+    east = Namespace(ns.kv, "eastus")  # another region's writes, same store
+    east.cache = ns.cache
+    layer, config, img, idx = (f"sha256:{c * 64}" for c in "abcd")
+    for name in ("eastus", "westeurope"):
+        lease = await ns.kv.grant_lease(30)
+        await ns.register_region(RegionInfo(name=name, http=""), lease)
+    await east.link_blob(REG, "app", layer, 1000)
+    await east.link_blob(REG, "app", config, 10)
+    await east.put_manifest(REG, "app", rec(img, (config, layer), t=5.0), [])
+    await east.put_manifest(REG, "app", rec(idx, (), (img,), t=6.0), ["v1"])
+    items = backlog(ns, "westeurope")
+    assert [(i.digest, i.rank) for i in items] == [
+        (layer, BLOB),
+        (config, BLOB),
+        (img, IMAGE),
+        (idx, INDEX),
+    ]
+    assert backlog(ns, "eastus") == []
+    await ns.set_registry_replicas(REG, ["eastus"])
+    assert backlog(ns, "westeurope") == []
+    rows = {r["region"]: r for r in status_rows(ns, now=10.0)}
+    assert rows["eastus"]["pending_items"] == 0
+    await ns.set_registry_replicas(REG, None)
+    rows = {r["region"]: r for r in status_rows(ns, now=10.0)}
+    assert rows["westeurope"]["pending_items"] == 4
+    assert rows["westeurope"]["pending_bytes"] == 1000 + 10 + 100 + 100
+    assert rows["westeurope"]["lag_seconds"] == 5.0
+    await ns.record_placement(REG, layer, 1000)
+    assert layer not in {i.digest for i in backlog(ns, "westeurope")}
+
+
+class CorruptOnce(ReplicationService):
+    """Flips a byte in the second chunk of the first stream it serves."""
+
+    corrupted = 0
+
+    async def FetchBlob(self, request, context):  # noqa: N802
+        n = 0
+        async for chunk in super().FetchBlob(request, context):
+            n += 1
+            if n == 2 and not self.corrupted:
+                self.corrupted += 1
+                data = bytearray(chunk.data)
+                data[100] ^= 0x01
+                chunk = pb.Chunk(
+                    offset=chunk.offset,
+                    data=bytes(data),
+                    crc32=chunk.crc32,
+                    total_size=chunk.total_size,
+                )
+            yield chunk
+
+
+class Liar(ReplicationService):
+    """Serves other bytes than the digest names (with valid CRCs)."""
+
+    async def FetchBlob(self, request, context):  # noqa: N802
+        async for chunk in super().FetchBlob(request, context):
+            data = bytes(b ^ 0xFF for b in chunk.data[:16]) + chunk.data[16:]
+            import zlib
+
+            yield pb.Chunk(
+                offset=chunk.offset,
+                data=data,
+                crc32=zlib.crc32(data),
+                total_size=chunk.total_size,
+            )
+
+
+async def _source(tmp_path: Path, ns: Namespace, service_cls, data: bytes) -> GrpcServer:
+    store = FilesystemBlobStore(str(tmp_path / "src"))
+    await store.put_bytes(digest_of(data), data)
+    server = GrpcServer("127.0.0.1:0", "eastus", store)
+    server.service = service_cls("eastus", store)
+    await server.start()
+    lease = await ns.kv.grant_lease(30)
+    east = Namespace(ns.kv, "eastus")
+    east.cache = ns.cache
+    await east.register_region(
+        RegionInfo(name="eastus", http="", grpc=f"127.0.0.1:{server.port}"), lease
+    )
+    await east.link_blob(REG, "app", digest_of(data), len(data))
+    return server
+
+
+async def test_corrupt_chunk_is_refetched_never_written(ns: Namespace, tmp_path: Path) -> None:
+    data = os.urandom(3 << 20 | 12345)
+    d = digest_of(data)
+    server = await _source(tmp_path, ns, CorruptOnce, data)
+    peers = Peers(ns, "westeurope")
+    store = FilesystemBlobStore(str(tmp_path / "dst"))
+    fetcher = Fetcher(ns, store, peers, str(tmp_path / "dst"))
+    before = metric("meridian_replication_errors_total", kind="corrupt_chunk")
+    try:
+        await fetcher.fetch(REG, d, len(data), reason="replicate")
+        assert server.service.corrupted == 1
+        assert metric("meridian_replication_errors_total", kind="corrupt_chunk") == before + 1
+        assert await store.read_all(d) == data
+        assert "westeurope" in ns.placements(REG, d)
+        assert not _exists(fetcher.part_path(d))
+    finally:
+        await peers.close()
+        await server.stop()
+
+
+async def test_bytes_that_do_not_match_the_digest_are_never_stored(
+    ns: Namespace, tmp_path: Path
+) -> None:
+    data = os.urandom(1 << 20)
+    d = digest_of(data)
+    server = await _source(tmp_path, ns, Liar, data)
+    peers = Peers(ns, "westeurope")
+    store = FilesystemBlobStore(str(tmp_path / "dst"))
+    fetcher = Fetcher(ns, store, peers, str(tmp_path / "dst"))
+    before = metric("meridian_replication_errors_total", kind="digest_mismatch")
+    try:
+        with pytest.raises(FetchError, match="digest mismatch"):
+            await fetcher.fetch(REG, d, len(data), reason="replicate")
+        assert metric("meridian_replication_errors_total", kind="digest_mismatch") == before + 1
+        assert store.stat_sync(d) is None
+        assert not _exists(fetcher.part_path(d))
+        assert "westeurope" not in ns.placements(REG, d)
+    finally:
+        await peers.close()
+        await server.stop()
+
+
+async def test_fetch_blob_rejects_bad_requests(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(str(tmp_path))
+    data = b"x" * 1000
+    await store.put_bytes(digest_of(data), data)
+    server = GrpcServer("127.0.0.1:0", "eastus", store)
+    await server.start()
+    from node.grpc_service import open_channel
+    from proto import replication_pb2_grpc as pb_grpc
+
+    channel = open_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.ReplicationStub(channel)
+    try:
+        for req, code in (
+            (pb.FetchRequest(digest="nope"), grpc.StatusCode.INVALID_ARGUMENT),
+            (pb.FetchRequest(digest="sha256:" + "0" * 64), grpc.StatusCode.NOT_FOUND),
+            (pb.FetchRequest(digest=digest_of(data), offset=1001), grpc.StatusCode.OUT_OF_RANGE),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in stub.FetchBlob(req):
+                    pass
+            assert e.value.code() == code
+        chunks = [c async for c in stub.FetchBlob(pb.FetchRequest(digest=digest_of(data)))]
+        assert b"".join(c.data for c in chunks) == data
+        tail = [
+            c async for c in stub.FetchBlob(pb.FetchRequest(digest=digest_of(data), offset=1000))
+        ]
+        assert [(c.data, c.total_size) for c in tail] == [(b"", 1000)]
+        stat = await stub.Stat(pb.StatRequest(digests=[digest_of(data), "sha256:" + "1" * 64]))
+        assert [(b.present, b.size) for b in stat.blobs] == [(True, 1000), (False, 0)]
+    finally:
+        await channel.close()
+        await server.stop()
+
+
+def test_range_parsing() -> None:
+    assert _parse_range(None, 100) is None
+    assert _parse_range("bytes=0-9", 100) == (0, 9)
+    assert _parse_range("bytes=90-", 100) == (90, 99)
+    assert _parse_range("bytes=-10", 100) == (90, 99)
+    assert _parse_range("bytes=50-1000", 100) == (50, 99)
+    assert _parse_range("items=1-2", 100) is None
+    assert _parse_range("bytes=0-1,5-6", 100) is None
+    with pytest.raises(RegistryError):
+        _parse_range("bytes=200-", 100)

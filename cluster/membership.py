@@ -4,6 +4,7 @@ leased liveness key while it runs (gone within the TTL when it dies)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from cluster.namespace import Namespace, RegionInfo
@@ -14,14 +15,21 @@ LEASE_TTL = 6
 
 
 async def keep_registered(ns: Namespace, info: RegionInfo, ttl: int = LEASE_TTL) -> None:
-    """Register, then re-register whenever the liveness key disappears (its
-    lease expired while the store was unreachable). Runs until cancelled."""
+    """Register under a lease of our own at start (a key left by a previous
+    process of this region dies with that process's lease), then again
+    whenever the liveness key disappears: its lease expired while the store
+    was unreachable, or it belonged to another node of this region that
+    stopped. A replaced lease is revoked, so leases never pile up."""
+    lease: int | None = None
     while True:
         try:
-            if info.name not in ns.alive_regions() or ns.regions().get(info.name) != info:
-                lease = await ns.kv.grant_lease(ttl)
+            if lease is None or info.name not in ns.alive_regions():
+                old, lease = lease, await ns.kv.grant_lease(ttl)
                 await ns.register_region(info, lease)
                 log.info("region registered", extra={"path": info.http})
+                if old is not None:
+                    with contextlib.suppress(Exception):
+                        await ns.kv.revoke_lease(old)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the store is down: retry soon, pulls keep working

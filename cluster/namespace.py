@@ -51,6 +51,15 @@ ALIVE = ROOT + "alive/"
 REG = ROOT + "reg/"
 
 
+# etcd refuses a txn of more than 128 compares or ops (its default limit);
+# the embedded store enforces the same, so what works standalone works on etcd.
+TXN_BATCH = 100
+MAX_TAGS_PER_PUSH = TXN_BATCH
+# Manifest records are etcd values (etcd's request limit is 1.5 MiB): larger
+# annotations stay only in the manifest's bytes.
+MAX_RECORD_ANNOTATIONS = 256 << 10
+
+
 class Conflict(Exception):
     """A compare-and-swap lost: someone else changed the key first."""
 
@@ -66,6 +75,9 @@ class ManifestRecord:
     artifact_type: str | None = None
     annotations: dict[str, str] = field(default_factory=dict)
     created: float = 0.0
+    # True when the annotations were too large to keep in the record: read
+    # them from the manifest's bytes.
+    annotations_elided: bool = False
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -439,30 +451,29 @@ class Namespace:
     ) -> None:
         """Record a manifest, its placement here and its tags in one
         transaction. Each tag moves by compare-and-swap against the revision
-        this node saw; losing the race raises ``Conflict``."""
+        this node saw (even when the cache says it already points here: the
+        cache may be behind); losing the race raises ``Conflict``, unless
+        the winner set every tag to this very manifest."""
+        tags = list(dict.fromkeys(tags))
+        if len(tags) > MAX_TAGS_PER_PUSH:
+            raise ValueError(f"at most {MAX_TAGS_PER_PUSH} tags per push")
         compares: list[Compare] = []
-        ops: list[Op] = [
-            Put(manifest_key(reg, repo, rec.digest), rec.to_json()),
-        ]
+        ops: list[Op] = [Put(manifest_key(reg, repo, rec.digest), rec.to_json())]
         if self.region not in self.placements(reg, rec.digest):
             ops.append(Put(place_key(reg, rec.digest, self.region), _size(rec.size)))
-        for t in dict.fromkeys(tags):
+        for t in tags:
             key = tag_key(reg, repo, t)
-            if self.tag(reg, repo, t) == rec.digest:
-                continue
             compares.append(Compare(key, self._rev(key)))
             ops.append(Put(key, rec.digest.encode()))
         try:
             await self._commit(compares, ops)
         except Conflict:
-            # Lost only to a push of this very manifest? Then there is no
-            # conflict: the tags already say what we meant. Read them fresh.
             fresh = [await self.kv.get(c.key) for c in compares]
+            for e in fresh:
+                if e is not None:
+                    self.cache.apply(e.key, e.value, e.mod_revision)
             if any(e is None or e.value != rec.digest.encode() for e in fresh):
                 raise
-            for e in fresh:
-                assert e is not None
-                self.cache.apply(e.key, e.value, e.mod_revision)
             tag_keys = {c.key for c in compares}
             await self._commit([], [op for op in ops if op.key not in tag_keys])
 
@@ -476,18 +487,30 @@ class Namespace:
 
     async def delete_manifest(self, reg: str, repo: str, digest: str) -> bool:
         """Delete a manifest and every tag of this repository that points at
-        it, atomically."""
-        rs = self.repo(reg, repo)
-        if rs is None or digest not in rs.manifests:
+        it. Reads the store fresh (this node's cache may not know a tag
+        another region just moved here); every tag move onto a manifest
+        rewrites its record, so the compare on the record's revision catches
+        a move that races this delete. Tags go first and the record last, so
+        no tag is ever left pointing at a missing record."""
+        mkey = manifest_key(reg, repo, digest)
+        record = await self.kv.get(mkey)
+        if record is None:
             return False
-        compares: list[Compare] = []
-        ops: list[Op] = [Delete(manifest_key(reg, repo, digest))]
-        for t, d in list(rs.tags.items()):
-            if d == digest:
-                key = tag_key(reg, repo, t)
-                compares.append(Compare(key, self._rev(key)))
-                ops.append(Delete(key))
-        await self._commit(compares, ops)
+        tag_entries, _ = await self.kv.range(tag_key(reg, repo, ""))
+        pointing = [e for e in tag_entries if e.value == digest.encode()]
+        guard = Compare(mkey, record.mod_revision)
+        if len(pointing) < TXN_BATCH:
+            await self._commit(
+                [guard, *(Compare(e.key, e.mod_revision) for e in pointing)],
+                [Delete(mkey), *(Delete(e.key) for e in pointing)],
+            )
+            return True
+        for i in range(0, len(pointing), TXN_BATCH):
+            batch = pointing[i : i + TXN_BATCH]
+            await self._commit(
+                [Compare(e.key, e.mod_revision) for e in batch], [Delete(e.key) for e in batch]
+            )
+        await self._commit([guard], [Delete(mkey)])
         return True
 
     async def set_registry_config(self, reg: str, config: dict) -> None:

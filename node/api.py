@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from cluster.kv import KVUnavailable
-from cluster.namespace import Conflict, ManifestRecord, Namespace
+from cluster.namespace import MAX_TAGS_PER_PUSH, Conflict, ManifestRecord, Namespace
 from node import manifests as mf
 from node.blobstore import FilesystemBlobStore
 from node.digests import check_name, check_tag, compute, is_digest, parse_digest
@@ -186,7 +186,7 @@ class Registry:
         subject = m.group("subject")
         if method != "GET":
             raise RegistryError("UNSUPPORTED", status=405)
-        return self.referrers(request, reg, name, subject)
+        return await self.referrers(request, reg, name, subject)
 
     # -- listing -----------------------------------------------------------
 
@@ -210,7 +210,9 @@ class Registry:
             headers["Link"] = f'</v2/{name}/tags/list?{q}>; rel="next"'
         return web.json_response({"name": name, "tags": tags}, headers=headers)
 
-    def referrers(self, request: web.Request, reg: str, name: str, subject: str) -> web.Response:
+    async def referrers(
+        self, request: web.Request, reg: str, name: str, subject: str
+    ) -> web.Response:
         parse_digest(subject)
         records = self.ns.referrers(reg, name, subject)
         headers = {}
@@ -221,7 +223,12 @@ class Registry:
         body = {
             "schemaVersion": 2,
             "mediaType": mf.OCI_INDEX,
-            "manifests": [mf.referrer_descriptor(r) for r in records],
+            "manifests": [
+                mf.referrer_descriptor(
+                    r, await self._manifest_body(r) if r.annotations_elided else None
+                )
+                for r in records
+            ],
         }
         return web.json_response(body, content_type=mf.OCI_INDEX, headers=headers)
 
@@ -330,6 +337,12 @@ class Registry:
             if digest != ref:
                 raise RegistryError("DIGEST_INVALID", detail={"expected": ref, "actual": digest})
             tags = [check_tag(t) for t in request.query.getall("tag", [])]
+            if len(tags) > MAX_TAGS_PER_PUSH:
+                raise RegistryError(
+                    "TAG_INVALID",
+                    f"at most {MAX_TAGS_PER_PUSH} tags in one push",
+                    detail={"tags": len(tags)},
+                )
         else:
             tags = [check_tag(ref)]
             digest = compute(body, "sha256")
@@ -475,10 +488,9 @@ class Registry:
             try:
                 await self._append(request, up)
                 size = await self.uploads.finish(up, digest)
-            except BaseException:
-                self.uploads.cancel(up)
-                raise
-            await self.ns.link_blob(reg, name, digest, size)
+                await self.ns.link_blob(reg, name, digest, size)
+            finally:
+                self.uploads.cancel(up)  # no session URL was given out
             return self._created(name, digest)
         up = self.uploads.create(reg, name)
         return self._upload_status(up, 202)
@@ -533,11 +545,13 @@ class Registry:
             raise RegistryError("DIGEST_INVALID", "digest query parameter is required")
         parse_digest(digest)
         async with up.lock:
-            self._check_range(request, up)
-            if request.can_read_body:
-                await self._append(request, up)
+            if up.committed is None:
+                self._check_range(request, up)
+                if request.can_read_body:
+                    await self._append(request, up)
             size = await self.uploads.finish(up, digest)
-        await self.ns.link_blob(up.registry, up.repo, digest, size)
+            await self.ns.link_blob(up.registry, up.repo, digest, size)
+            self.uploads.cancel(up)
         return self._created(up.repo, digest)
 
 

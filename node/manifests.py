@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.namespace import ManifestRecord
+from cluster.namespace import MAX_RECORD_ANNOTATIONS, ManifestRecord
 from node.digests import parse_digest
 from node.errors import RegistryError, manifest_invalid
 
@@ -28,6 +28,7 @@ SCHEMA1 = {
 }
 OCI_EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
 MAX_MANIFEST_SIZE = 4 << 20
+MAX_RECORD_SIZE = 1 << 20  # under etcd's 1.5 MiB request limit
 
 # Layers a registry need not hold: pulled from their ``urls`` instead.
 NON_DISTRIBUTABLE = {
@@ -163,6 +164,9 @@ def parse(body: bytes, content_type: str | None, digest: str) -> Parsed:
                 blobs.append(b["digest"])
                 required_blobs.append(b["digest"])
 
+    annotations_elided = False
+    if annotations and len(json.dumps(annotations)) > MAX_RECORD_ANNOTATIONS:
+        annotations, annotations_elided = {}, True
     record = ManifestRecord(
         digest=digest,
         media_type=media_type,
@@ -173,16 +177,24 @@ def parse(body: bytes, content_type: str | None, digest: str) -> Parsed:
         artifact_type=artifact_type,
         annotations=annotations,
         created=time.time(),
+        annotations_elided=annotations_elided,
     )
+    if len(record.to_json()) > MAX_RECORD_SIZE:
+        raise manifest_invalid("the manifest references more items than a registry record holds")
     return Parsed(record, tuple(dict.fromkeys(required_blobs)), tuple(dict.fromkeys(children)))
 
 
-def referrer_descriptor(rec: ManifestRecord) -> dict[str, Any]:
+def referrer_descriptor(rec: ManifestRecord, body: bytes | None = None) -> dict[str, Any]:
+    """The descriptor of a referrer; ``body`` supplies the annotations of a
+    record whose annotations were too large to keep."""
     d: dict[str, Any] = {"mediaType": rec.media_type, "digest": rec.digest, "size": rec.size}
     if rec.artifact_type:
         d["artifactType"] = rec.artifact_type
-    if rec.annotations:
-        d["annotations"] = rec.annotations
+    annotations = rec.annotations
+    if rec.annotations_elided and body is not None:
+        annotations = json.loads(body).get("annotations") or {}
+    if annotations:
+        d["annotations"] = annotations
     return d
 
 

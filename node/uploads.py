@@ -37,6 +37,9 @@ class Upload:
     size: int = 0
     hasher: hashlib._Hash | None = None
     hashed: int = 0  # bytes fed to ``hasher``; equals size when it is current
+    # (digest, size) once the bytes are in the blob store but the namespace
+    # has not recorded them yet: a retried final PUT then only records.
+    committed: tuple[str, int] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -95,10 +98,17 @@ class UploadManager:
         try:
             with open(os.path.join(d, "info.json")) as f:
                 info = json.load(f)
-            size = os.stat(os.path.join(d, "data")).st_size
         except (OSError, ValueError):
             return None
+        committed = _read_committed(d)
+        try:
+            size = os.stat(os.path.join(d, "data")).st_size
+        except OSError:
+            if committed is None:
+                return None
+            size = committed[1]  # the bytes already moved into the blob store
         up = Upload(upload_id, info["registry"], info["repo"], d, info["started"], size=size)
+        up.committed = committed
         self._live[upload_id] = up
         return up
 
@@ -136,7 +146,16 @@ class UploadManager:
     async def finish(self, up: Upload, digest: str) -> int:
         """Verify the whole upload against ``digest`` and move it into the
         blob store. Returns the blob size. On mismatch the session is kept,
-        so the client may retry or cancel."""
+        so the client may retry or cancel. The session stays (marked
+        committed) until the caller ends it with ``cancel`` once the blob is
+        recorded, so a final PUT that failed after this point can be retried."""
+        if up.committed is not None:
+            if up.committed[0] != digest:
+                raise RegistryError(
+                    "DIGEST_INVALID",
+                    detail={"expected": digest, "actual": up.committed[0]},
+                )
+            return up.committed[1]
         alg, _ = parse_digest(digest)
         loop = asyncio.get_running_loop()
         if alg == "sha256" and up.hasher is not None and up.hashed == up.size:
@@ -150,7 +169,9 @@ class UploadManager:
         except DigestMismatch as e:  # pragma: no cover - verified above
             raise RegistryError("DIGEST_INVALID", detail=str(e)) from e
         size = up.size
-        self.cancel(up)
+        marker = json.dumps({"digest": digest, "size": size})
+        await loop.run_in_executor(None, _write_file, os.path.join(up.dir, "committed"), marker)
+        up.committed = (digest, size)
         return size
 
     def cancel(self, up: Upload) -> None:
@@ -178,3 +199,17 @@ class UploadManager:
                 shutil.rmtree(d, ignore_errors=True)
                 n += 1
         return n
+
+
+def _read_committed(d: str) -> tuple[str, int] | None:
+    try:
+        with open(os.path.join(d, "committed")) as f:
+            doc = json.load(f)
+        return doc["digest"], int(doc["size"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _write_file(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)

@@ -1,0 +1,405 @@
+"""Launchers for the registries a benchmark compares, each as a subprocess.
+
+- :func:`start_distribution` runs CNCF Distribution 2.8 (Debian package
+  ``docker-registry``) on a free loopback port with a generated config:
+  filesystem storage in its own data dir, deletes enabled, no auth, log level
+  warn, access log off.
+- :func:`start_meridian` runs one standalone Meridian node
+  (``python -m cluster.cli node --listen 127.0.0.1:PORT --data DIR``).
+
+Both return a :class:`Server` once ``GET /v2/`` answers; :meth:`Server.stop`
+ends the process (and its process group, which it leads) by PID. Use them as
+context managers (:func:`running`) so every process is ended in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DISTRIBUTION_BIN = "docker-registry"
+DISTRIBUTION_INSTALL = "apt-get install -y docker-registry"
+
+#: Default command for a Meridian node; ``{python}``, ``{port}`` and ``{data}``
+#: are filled in. Override with ``--meridian-cmd`` / ``MERIDIAN_BENCH_NODE_CMD``.
+MERIDIAN_NODE_CMD = "{python} -m cluster.cli node --listen 127.0.0.1:{port} --data {data}"
+
+TARGETS = ("distribution", "meridian")
+
+
+class LaunchError(RuntimeError):
+    """A registry could not be started (missing tool, crash, never ready)."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_tool(name: str, install: str) -> str:
+    """The path of ``name`` on PATH, or a LaunchError naming the install step."""
+    path = shutil.which(name)
+    if path is None:
+        raise LaunchError(f"{name} not found on PATH; install it with: {install}")
+    return path
+
+
+@dataclass
+class Server:
+    """A registry process listening on ``127.0.0.1:port``."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+    log_path: Path
+    version: str = ""
+    owns_workdir: bool = True
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def cpu_seconds(self) -> float:
+        """User+system CPU time of the server process and its descendants."""
+        return process_tree_cpu_seconds(self.pid)
+
+    def rss_bytes(self) -> int:
+        """Resident set size of the server process and its descendants."""
+        total = 0
+        for pid in _process_tree(self.pid):
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the process by PID: SIGTERM to its group, then SIGKILL."""
+        stop_process(self.proc, timeout)
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Terminate a process started with ``start_new_session=True`` (it leads its
+    own process group, whose id is its PID), escalating to SIGKILL."""
+    if proc.poll() is not None:
+        return
+    pgid = proc.pid
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+    # Children that outlived the leader, if any, are still in the group.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def _process_tree(root: int) -> list[int]:
+    children = _children_map()
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def process_tree_cpu_seconds(root: int) -> float:
+    """utime+stime (plus reaped children's) of ``root`` and live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in _process_tree(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        # fields[0] is field 3 (state); utime=14, stime=15, cutime=16, cstime=17
+        total += sum(int(x) for x in fields[11:15])
+    return total / tick
+
+
+def _wait_ready(server: Server, timeout: float) -> None:
+    url = server.base_url + "/v2/"
+    deadline = time.monotonic() + timeout
+    last_err = "no answer"
+    while time.monotonic() < deadline:
+        rc = server.proc.poll()
+        if rc is not None:
+            raise LaunchError(
+                f"{server.name} exited with code {rc} before answering {url}; "
+                f"log {server.log_path}:\n{server.log_tail()}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+                last_err = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as e:
+            if e.code == 401:  # up, but wants a token; the caller deals with auth
+                return
+            last_err = f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError) as e:
+            last_err = str(e)
+        time.sleep(0.05)
+    raise LaunchError(
+        f"{server.name} did not answer GET {url} within {timeout:.0f}s ({last_err}); "
+        f"log {server.log_path}:\n{server.log_tail()}"
+    )
+
+
+def _spawn(
+    name: str,
+    argv: list[str],
+    port: int,
+    workdir: Path,
+    owns_workdir: bool,
+    ready_timeout: float,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Server:
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(cwd or workdir),
+            env=env,
+            start_new_session=True,
+        )
+    server = Server(name, port, proc, workdir, log_path, owns_workdir=owns_workdir)
+    try:
+        _wait_ready(server, ready_timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _make_workdir(base: Path | None, name: str) -> tuple[Path, bool]:
+    """A fresh directory for one server (config, data, log), removed on stop."""
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base)), True
+
+
+def distribution_config(port: int, data_dir: Path) -> str:
+    """The YAML config for a Distribution on 127.0.0.1:port storing in data_dir.
+
+    Mirrors the Debian package's defaults where they matter for speed
+    (in-memory blob descriptor cache) but with no auth, the storage health
+    check off and the access log off (one log line per request would be a
+    large share of the CPU on a request-rate benchmark)."""
+    return (
+        "version: 0.1\n"
+        "log:\n"
+        "  level: warn\n"
+        "  accesslog:\n"
+        "    disabled: true\n"
+        "storage:\n"
+        "  filesystem:\n"
+        f"    rootdirectory: {data_dir}\n"
+        "  delete:\n"
+        "    enabled: true\n"
+        "  cache:\n"
+        "    blobdescriptor: inmemory\n"
+        "  maintenance:\n"
+        "    uploadpurging:\n"
+        "      enabled: false\n"
+        "http:\n"
+        f"  addr: 127.0.0.1:{port}\n"
+        "  secret: meridian-bench-not-a-secret\n"
+        "  headers:\n"
+        "    X-Content-Type-Options: [nosniff]\n"
+    )
+
+
+def distribution_version(binary: str) -> str:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+        return out.stdout.strip() or out.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def start_distribution(
+    workdir: Path | None = None,
+    ready_timeout: float = 30.0,
+    extra_env: dict[str, str] | None = None,
+) -> Server:
+    """Start CNCF Distribution on a free loopback port; returns when it answers.
+    ``extra_env`` (e.g. ``{"GOGC": "400"}``) is for sensitivity checks only:
+    the reference is Distribution as packaged."""
+    binary = require_tool(DISTRIBUTION_BIN, DISTRIBUTION_INSTALL)
+    wd, owns = _make_workdir(workdir, "distribution")
+    data = wd / "data"
+    data.mkdir()
+    port = free_port()
+    config = wd / "config.yml"
+    config.write_text(distribution_config(port, data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    env.update(extra_env or {})
+    try:
+        server = _spawn(
+            "distribution", [binary, "serve", str(config)], port, wd, owns, ready_timeout, env
+        )
+    except BaseException:
+        if owns:
+            shutil.rmtree(wd, ignore_errors=True)
+        raise
+    server.version = distribution_version(binary)
+    server.extra["config"] = str(config)
+    if extra_env:
+        server.extra["env"] = " ".join(f"{k}={v}" for k, v in extra_env.items())
+    return server
+
+
+def meridian_available() -> str | None:
+    """None if a Meridian node can be launched from this checkout, else why not."""
+    if os.environ.get("MERIDIAN_BENCH_NODE_CMD"):
+        return None
+    if not (REPO_ROOT / "cluster" / "cli.py").exists():
+        return (
+            f"{REPO_ROOT / 'cluster' / 'cli.py'} does not exist yet (the Meridian node "
+            "is not built); run with --targets distribution, or pass --meridian-cmd"
+        )
+    return None
+
+
+def start_meridian(
+    workdir: Path | None = None,
+    ready_timeout: float = 60.0,
+    cmd: str | None = None,
+) -> Server:
+    """Start one standalone Meridian node on a free loopback port.
+
+    ``cmd`` (or ``$MERIDIAN_BENCH_NODE_CMD``) is a shell-style command template
+    with ``{python}``, ``{port}`` and ``{data}`` placeholders; it runs from the
+    repository root with the repository on PYTHONPATH."""
+    template = cmd or os.environ.get("MERIDIAN_BENCH_NODE_CMD") or MERIDIAN_NODE_CMD
+    if cmd is None and template == MERIDIAN_NODE_CMD:
+        why = meridian_available()
+        if why:
+            raise LaunchError(why)
+    wd, owns = _make_workdir(workdir, "meridian")
+    data = wd / "data"
+    data.mkdir()
+    port = free_port()
+    argv = [
+        part.format(python=sys.executable, port=port, data=str(data))
+        for part in shlex.split(template)
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        server = _spawn("meridian", argv, port, wd, owns, ready_timeout, env, cwd=REPO_ROOT)
+    except BaseException:
+        if owns:
+            shutil.rmtree(wd, ignore_errors=True)
+        raise
+    server.version = _meridian_version()
+    server.extra["cmd"] = shlex.join(argv)
+    return server
+
+
+def _meridian_version() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        return f"meridian {out.stdout.strip() or 'unknown'}"
+    except (OSError, subprocess.TimeoutExpired):
+        return "meridian unknown"
+
+
+def start_target(
+    name: str,
+    workdir: Path | None = None,
+    meridian_cmd: str | None = None,
+    distribution_env: dict[str, str] | None = None,
+) -> Server:
+    if name == "distribution":
+        return start_distribution(workdir, extra_env=distribution_env)
+    if name == "meridian":
+        return start_meridian(workdir, cmd=meridian_cmd)
+    raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
+
+
+@contextlib.contextmanager
+def running(
+    name: str,
+    workdir: Path | None = None,
+    meridian_cmd: str | None = None,
+    distribution_env: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """Start a target, yield it, and always stop it by PID."""
+    server = start_target(name, workdir, meridian_cmd, distribution_env)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,188 @@
+"""Smoke tests for the single-node benchmark harness (loadtest/), at toy size,
+against CNCF Distribution only. They check that the pieces work and that the
+report is well-formed JSON; they assert nothing about speed."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import json
+import math
+import multiprocessing
+import os
+import subprocess
+import sys
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from loadtest import loadgen
+from loadtest.ocipush import (
+    OCI_MANIFEST,
+    OciClient,
+    make_layer,
+    random_bytes,
+    random_image,
+    sha256_digest,
+    write_oci_layout,
+)
+from loadtest.reference import REPO_ROOT, distribution_config, require_tool, running
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tools() -> None:
+    # Fail, never skip, naming the install step.
+    require_tool("docker-registry", "apt-get install -y docker-registry")
+    require_tool("skopeo", "apt-get install -y skopeo")
+    loadgen.require("wrk")
+    loadgen.require("ab")
+    loadgen.require("curl")
+
+
+def _strict_json(text: str) -> object:
+    def bad(const: str) -> object:
+        raise ValueError(f"non-standard JSON constant {const}")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def test_distribution_starts_and_stops_by_pid() -> None:
+    with running("distribution") as server:
+        pid, workdir = server.pid, server.workdir
+        config = (workdir / "config.yml").read_text()
+        assert f"addr: 127.0.0.1:{server.port}" in config
+        assert "enabled: true" in config  # deletes
+        assert os.path.exists(f"/proc/{pid}")
+    assert server.proc.poll() is not None
+    assert not workdir.exists()
+    # the generated config is self-contained
+    assert "rootdirectory: /x" in distribution_config(1, Path("/x"))
+
+
+def test_layers_are_real_gzip_tars() -> None:
+    layer = make_layer(10_000, seed=1)
+    raw = gzip.decompress(layer.data)
+    assert sha256_digest(raw) == layer.diff_id
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        (member,) = tar.getmembers()
+        assert member.size == 10_000
+    assert make_layer(10_000, seed=1) == layer  # seeded: reproducible
+
+
+def test_oci_layout(tmp_path: Path) -> None:
+    image = random_image(2, 1000, seed=3)
+    write_oci_layout(tmp_path, image)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["manifests"][0]["digest"] == image.manifest_digest
+    for digest, data in image.blobs():
+        assert (tmp_path / "blobs" / "sha256" / digest[7:]).read_bytes() == data
+    config = json.loads(image.config)
+    assert config["rootfs"]["diff_ids"] == [layer.diff_id for layer in image.layers]
+
+
+async def test_ocipush_against_distribution() -> None:
+    with running("distribution") as server:
+        async with aiohttp.ClientSession() as session:
+            client = OciClient(server.base_url, session)
+            assert await client.ping() == 200
+            for i, upload in enumerate(
+                (
+                    client.upload_blob,
+                    client.upload_blob_monolithic,
+                    lambda repo, data: client.upload_blob_chunked(repo, data, 700),
+                )
+            ):
+                data = random_bytes(2000 + i, seed=i)
+                digest = await upload("smoke/blobs", data)
+                assert digest == sha256_digest(data)
+                assert await client.blob_size("smoke/blobs", digest) == len(data)
+                assert await client.get_blob("smoke/blobs", digest) == data
+            image = random_image(3, 1500, seed=7)
+            digest = await client.push_image("smoke/img", "v1", image)
+            assert digest == image.manifest_digest
+            body, ctype, header = await client.get_manifest("smoke/img", "v1", OCI_MANIFEST)
+            assert body == image.manifest and ctype.startswith(OCI_MANIFEST)
+            assert header == digest
+            assert await client.manifest_digest("smoke/img", "v1") == digest
+            assert await client.blob_size("smoke/img", sha256_digest(b"nope")) is None
+
+
+def test_load_generators_against_distribution() -> None:
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        with running("distribution") as server:
+
+            async def seed() -> str:
+                async with aiohttp.ClientSession() as session:
+                    client = OciClient(server.base_url, session)
+                    return await client.upload_blob("smoke/load", b"x" * 1000)
+
+            digest = asyncio.run(seed())
+            url = f"{server.base_url}/v2/smoke/load/blobs/{digest}"
+            results = [
+                loadgen.run_wrk(url, 100, 4),
+                loadgen.run_ab(url, 100, 4, "HEAD"),
+                loadgen.run_ab(url, 100, 4, "GET"),
+                loadgen.run_aiohttp(pool, 2, url, 100, 4, "HEAD"),
+            ]
+            dl = pool.submit(loadgen.download_worker, url, 1000, 3, 2).result()
+            curl_seq = loadgen.run_curl_downloads(url, 1000, 3, 1)
+            curl_par = loadgen.run_curl_downloads(url, 1000, 4, 2)
+    finally:
+        pool.shutdown(wait=True)
+    for r in results:
+        assert r.requests == 100, r
+        assert r.errors == 0, r
+        assert r.rps > 0 and r.seconds > 0
+        assert r.p50_ms >= 0 and r.p99_ms >= r.p50_ms and math.isfinite(r.p99_ms)
+    assert dl["bytes"] == 3000 and len(dl["each"]) == 3
+    assert curl_seq["bytes"] == 3000 and len(curl_seq["each"]) == 3
+    assert curl_par["bytes"] == 4000 and curl_par["seconds"] > 0
+
+
+def test_bench_node_toy_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtest.bench_node",
+            "--toy",
+            "--targets",
+            "distribution",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Distribution" in proc.stdout and "ratio" in proc.stdout
+    result = _strict_json(out.read_text())
+    assert isinstance(result, dict)
+    assert result["schema"] == "meridian.bench_node/1"
+    assert result["config"]["targets"] == ["distribution"]
+    assert result["host"]["cpus"] >= 1
+    metrics = {row["metric"] for row in result["rows"]}
+    assert metrics == {"manifest_get", "blob_head", "blob_get", "blob_get_x4", "push"}
+    for row in result["rows"]:
+        assert set(row) >= {"row", "unit", "higher_is_better", "distribution", "meridian", "ratio"}
+        assert row["meridian"] is None and row["ratio"] is None
+        assert isinstance(row["distribution"], int | float) and row["distribution"] >= 0
+    samples = result["samples"]["distribution"]
+    assert samples["manifest_get"][0]["errors"] == 0
+    assert samples["push"][0]["seconds"] > 0
+    assert result["servers"]["distribution"]["version"]
+    # every process the run started is gone, and so is its work dir
+    assert not any((tmp_path / "work").iterdir())

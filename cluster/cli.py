@@ -23,9 +23,30 @@ def _regions(argv: list[str]) -> int:
     return regions_main(argv)
 
 
+def _replication(argv: list[str]) -> int:
+    from node.replicator import replication_main
+
+    return replication_main(argv)
+
+
+def _router(argv: list[str]) -> int:
+    from cluster.router import router_main
+
+    return router_main(argv)
+
+
+def _up(argv: list[str]) -> int:
+    from cluster.up import up_main
+
+    return up_main(argv)
+
+
 COMMANDS = {
     "node": (_node, "run one registry node (standalone, or one region of a cluster)"),
     "regions": (_regions, "list the cluster's regions, their endpoints and liveness"),
+    "replication": (_replication, "replication status per region: pending items, bytes, lag"),
+    "router": (_router, "the latency-aware endpoint clients pull from"),
+    "up": (_up, "a complete local multi-region cluster (etcd, regions, WAN emulator, router)"),
 }
 
 

@@ -1,0 +1,1023 @@
+"""``meridian router``: the latency-aware endpoint clients pull from.
+
+The router learns the regions from the namespace (a watch on etcd; with etcd
+unreachable it keeps the last table it had), keeps their health and latency
+(``cluster/router_table.py``) and sends every OCI Distribution request to
+the region that will serve it fastest:
+
+- **blob GET**: ``307 Temporary Redirect`` to the chosen region's own URL, so
+  the bytes never pass through the router. Before answering, the router asks
+  that region ``HEAD`` for the blob (hedged like any read, below), so a
+  region that just died or hangs never gets a client sent to it
+  (``--no-verify-redirects`` saves that round trip);
+- **every other read** (manifests, tags, catalog, referrers, ``/v2/``, blob
+  HEAD): proxied, with retries on the next best region when a region fails
+  (connection error, timeout, 5xx, or a 404 from a region that does not hold
+  content the namespace places elsewhere) and a hedge: when the first region
+  has not answered within about its p95 latency, the same request goes to
+  the next one and the first answer wins;
+- **writes**: proxied to the nearest healthy region (retried elsewhere only
+  when nothing was sent). An upload's ``Location`` is rewritten to the
+  chosen region's absolute URL plus ``meridian_region=<region>``, so the
+  upload's data goes to that region directly; an upload URL that reaches the
+  router anyway is proxied to the region that owns the session (the
+  ``meridian_region`` parameter, else a table of recent sessions, else by
+  asking the regions).
+
+Registries selected by host name (``--domain``): the client's ``Host`` is
+forwarded unchanged (and ``X-Forwarded-Host`` set to it), so a node picks the
+registry exactly as it would for a direct request. A redirect or a direct
+upload URL would reach the region under the region's own host name, so for a
+registry named by the host the router proxies blob GETs and keeps upload
+URLs pointing at itself (still pinned to the session's region).
+
+Own endpoints: ``/healthz``, ``/metrics`` (``meridian_router_*``) and
+``/meridian/v1/router`` (the table as JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from yarl import URL
+
+from cluster.kv import KVStore
+from cluster.namespace import ALIVE, REGIONS, Namespace, place_key, tag_key
+from cluster.router_table import Region, RegionTable, TableSettings
+
+log = logging.getLogger("meridian.router")
+
+PIN = "meridian_region"  # query parameter naming the region an URL belongs to
+API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
+BUFFER_MAX = 4 << 20  # responses up to this size are read whole (retryable)
+MANIFEST_MAX = 4 << 20
+STREAM_CHUNK = 256 << 10
+FRESH_READ_TIMEOUT = 0.5  # a cache miss may ask etcd, this long at most
+
+_PATH = re.compile(
+    r"^/v2/(?P<name>.+)/(?:"
+    r"(?P<tags>tags/list)"
+    r"|manifests/(?P<ref>[^/]+)"
+    r"|blobs/uploads/?(?P<upload>[^/]*)"
+    r"|blobs/(?P<digest>[^/]+)"
+    r"|referrers/(?P<subject>[^/]+)"
+    r")$"
+)
+_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$")
+_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+        "host",
+        "content-length",
+    }
+)
+_RESP_DROP = _HOP | {"date", "server"}
+
+ROUTED = Counter(
+    "meridian_router_requests_total",
+    "Requests the router sent to a region, by how (proxy, redirect)",
+    ["region", "action"],
+)
+RETRIES = Counter("meridian_router_retries_total", "Requests retried on another region", ["why"])
+HEDGES = Counter("meridian_router_hedges_total", "Hedged reads (second region asked)")
+FAILED = Counter(
+    "meridian_router_failed_total", "Requests the router answered with its own error", ["code"]
+)
+
+
+# -- configuration -------------------------------------------------------------
+
+
+@dataclass
+class RouterConfig:
+    etcd: str = ""
+    listen: str = "127.0.0.1:5000"
+    registry: str = "default"  # registry of a Host that names none (as the nodes')
+    domain: str = ""  # <registry>.<domain> selects a registry (as the nodes')
+    probe_interval: float = 0.5
+    probe_timeout: float = 1.0
+    connect_timeout: float = 1.0
+    request_timeout: float = 30.0  # longest wait for a region's response headers
+    read_timeout: float = 60.0  # longest silence while streaming a body
+    hedge: bool = True
+    verify_redirects: bool = True
+    redirect_blobs: bool = True
+    direct_uploads: bool = True
+    loop: str = "uvloop"
+    access_log: bool = False
+    log_level: str = "info"
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0] or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    def table_settings(self) -> TableSettings:
+        return TableSettings(
+            probe_interval=self.probe_interval,
+            probe_timeout=self.probe_timeout,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+        )
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get("MERIDIAN_" + name.upper().replace("-", "_"), default)
+
+
+def _flag(name: str, default: bool) -> bool:
+    raw = _env(name, "")
+    return default if raw == "" else raw.lower() not in ("0", "false", "no", "off")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = RouterConfig()
+    p.add_argument("--etcd", default=_env("etcd", d.etcd), help="etcd endpoints (comma-separated)")
+    p.add_argument("--listen", default=_env("router_listen", d.listen), help="HTTP host:port")
+    p.add_argument("--registry", default=_env("registry", d.registry))
+    p.add_argument("--domain", default=_env("domain", d.domain))
+    for name, help_ in (
+        ("probe-interval", "seconds between health probes of a region"),
+        ("probe-timeout", "a probe without an answer in this many seconds fails"),
+        ("connect-timeout", "TCP connect timeout to a region"),
+        ("request-timeout", "longest wait for a region's response headers"),
+        ("read-timeout", "longest silence while streaming a body"),
+    ):
+        attr = name.replace("-", "_")
+        p.add_argument(
+            f"--{name}", type=float, default=float(_env(attr, str(getattr(d, attr)))), help=help_
+        )
+    for name, help_ in (
+        ("hedge", "ask the next region when the first is slower than its p95"),
+        ("verify-redirects", "HEAD the chosen region before redirecting a blob GET to it"),
+        ("redirect-blobs", "answer blob GETs with a redirect (else proxy the bytes)"),
+        ("direct-uploads", "point upload URLs at the chosen region itself"),
+    ):
+        attr = name.replace("-", "_")
+        p.add_argument(
+            f"--{name}",
+            action=argparse.BooleanOptionalAction,
+            default=_flag(attr, getattr(d, attr)),
+            help=help_,
+        )
+    p.add_argument("--loop", choices=["asyncio", "uvloop"], default=_env("loop", d.loop))
+    p.add_argument("--access-log", action="store_true", default=_flag("access_log", False))
+    p.add_argument("--log-level", default=_env("log_level", d.log_level))
+
+
+def from_args(ns: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(**{k: getattr(ns, k) for k in RouterConfig.__dataclass_fields__})
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def _error(status: int, code: str, message: str, detail: object = None) -> web.Response:
+    FAILED.labels(code).inc()
+    err: dict[str, object] = {"code": code, "message": message}
+    if detail is not None:
+        err["detail"] = detail
+    headers = dict(API_HEADERS)
+    if status == 503:
+        headers["Retry-After"] = "1"
+    return web.Response(
+        status=status,
+        body=json.dumps({"errors": [err]}).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class _Body:
+    """A request body forwarded as a stream; remembers whether any of it was
+    read (a request whose body has started cannot be sent again)."""
+
+    __slots__ = ("content", "started")
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self.content = content
+        self.started = False
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        self.started = True
+        async for chunk in self.content.iter_chunked(STREAM_CHUNK):
+            yield chunk
+
+
+@dataclass(slots=True)
+class _Up:
+    """A region's answer: the response (headers read) and, when small, its
+    whole body (``None``: still to be streamed, then released)."""
+
+    region: Region
+    resp: aiohttp.ClientResponse
+    body: bytes | None
+    elapsed: float
+
+
+_CONNECT_ERRORS = (aiohttp.ClientConnectorError,)
+_TRANSPORT_ERRORS = (
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+    aiohttp.ClientResponseError,
+    OSError,
+    TimeoutError,
+)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return f"cannot connect: {e.os_error or e}"
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    return f"{type(e).__name__}: {e}"
+
+
+# -- the router ----------------------------------------------------------------
+
+
+class Router:
+    def __init__(self, cfg: RouterConfig, ns: Namespace, table: RegionTable) -> None:
+        self.cfg = cfg
+        self.ns = ns
+        self.table = table
+        self.domain = cfg.domain.lower().lstrip(".")
+        self.uploads: OrderedDict[str, str] = OrderedDict()  # upload id -> region
+        self.started = time.time()
+        self.synced_once = False
+        self.requests = 0
+        self.retries = 0
+        self.hedges = 0
+        self.errors = 0
+        self._routed: dict[tuple[str, str], Counter] = {}
+        self._sync_pending = False
+        self.etcd_ok: bool | None = None  # did the last check reach the namespace store?
+        self.etcd_checked = 0.0
+
+    # -- namespace ---------------------------------------------------------
+
+    def on_change(self, key: str, _value: bytes | None) -> None:
+        if key.startswith((REGIONS, ALIVE)) and not self._sync_pending:
+            self._sync_pending = True
+            asyncio.get_running_loop().call_soon(self.sync_regions)
+
+    def sync_regions(self) -> None:
+        self._sync_pending = False
+        self.table.sync(self.ns.regions(), self.ns.alive_regions())
+
+    async def start_namespace(self) -> None:
+        """Load the namespace, retrying until etcd answers; meanwhile the
+        router answers 503."""
+        self.ns.cache.listeners.append(self.on_change)
+        delay = 0.2
+        while True:
+            try:
+                await self.ns.start()
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("namespace unreachable, retrying: %s", e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self.synced_once = True
+        self.sync_regions()
+        log.info("namespace loaded: %d regions", len(self.table.regions))
+
+    async def check_store(self, interval: float = 2.0) -> None:
+        """Whether the namespace store answers (the watch itself resumes
+        silently, so this is what status and health report). Runs until
+        cancelled."""
+        while True:
+            try:
+                await asyncio.wait_for(self.ns.kv.get(REGIONS), timeout=interval)
+                ok = True
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                ok = False
+            if ok != self.etcd_ok:
+                log.log(
+                    logging.INFO if ok else logging.WARNING,
+                    "namespace store %s",
+                    "reachable" if ok else "unreachable: routing on the last known table",
+                )
+            self.etcd_ok, self.etcd_checked = ok, time.time()
+            await asyncio.sleep(interval)
+
+    # -- registry selection (as node/api.py Registry.registry_for) -----------
+
+    def registry_for(self, request: web.Request) -> str:
+        if self.domain:
+            host = (request.host or "").rsplit(":", 1)[0].lower()
+            suffix = "." + self.domain
+            if host.endswith(suffix) and host != suffix[1:]:
+                return host[: -len(suffix)]
+        return self.cfg.registry
+
+    # -- entry point -------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        if not self.table.regions:
+            why = "no regions known yet" if self.synced_once else "namespace not loaded yet"
+            return _error(503, "UNAVAILABLE", f"the router has {why}; retry shortly")
+        path = request.path
+        method = request.method
+        reg = self.registry_for(request)
+        host_named = reg != self.cfg.registry
+        pin = request.query.get(PIN)
+        m = _PATH.match(path)
+        if m is None:  # /v2/, /v2/_catalog, or a path the region will reject
+            return await self._read_or_write(request, self._pinned(pin, self.table.nearest()))
+        name = m.group("name")
+        upload = m.group("upload")
+        if upload is not None:
+            if upload == "":
+                if method == "POST":
+                    return await self._start_upload(request, reg, pin, host_named)
+            else:
+                return await self._upload(request, name, upload, pin, host_named)
+            return await self._read_or_write(request, self.table.nearest())
+        holders: list[str] | None = None
+        digest = m.group("digest")
+        ref = m.group("ref")
+        if digest is not None:
+            holders = await self._holders(reg, digest)
+        elif ref is not None and method in ("GET", "HEAD"):
+            found = ref if ":" in ref else await self._tag(reg, name, ref)
+            if found:
+                holders = await self._holders(reg, found)
+        cands = self._pinned(pin, self.table.ranked(holders))
+        if digest is not None and method == "GET" and self.cfg.redirect_blobs and not host_named:
+            return await self._redirect_blob(request, cands, holders)
+        return await self._read_or_write(request, cands, holders)
+
+    async def _fresh(self, coro: Awaitable[object]) -> object:
+        """A read straight from the store, for what the watch-fed cache does
+        not know (yet): content pushed an instant ago, or never. Bounded;
+        skipped while the store is unreachable."""
+        if self.etcd_ok is False:
+            with contextlib.suppress(BaseException):
+                coro.close()  # type: ignore[attr-defined]
+            return None
+        try:
+            return await asyncio.wait_for(coro, FRESH_READ_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return None
+
+    async def _holders(self, reg: str, digest: str) -> list[str] | None:
+        places = self.ns.placements(reg, digest)
+        if places:
+            return list(places)
+        if not _DIGEST.match(digest):
+            return None
+        prefix = place_key(reg, digest, "")
+        entries = await self._fresh(self.ns.refresh(prefix))
+        if not entries:
+            return None
+        return [e.key[len(prefix) :] for e in entries]  # type: ignore[attr-defined]
+
+    async def _tag(self, reg: str, name: str, tag: str) -> str | None:
+        found = self.ns.tag(reg, name, tag)
+        if found is None:
+            entry = await self._fresh(self.ns.kv.get(tag_key(reg, name, tag)))
+            if entry is not None:
+                found = entry.value.decode(errors="replace")  # type: ignore[attr-defined]
+        return found
+
+    def _pinned(self, pin: str | None, cands: list[Region]) -> list[Region]:
+        if not pin:
+            return cands
+        r = self.table.regions.get(pin)
+        if r is None or not r.base:
+            return cands
+        return [r] + [c for c in cands if c is not r]
+
+    # -- forwarding ----------------------------------------------------------
+
+    def _headers(self, request: web.Request, with_length: bool = True) -> CIMultiDict[str]:
+        h: CIMultiDict[str] = CIMultiDict()
+        for k, v in request.headers.items():
+            if k.lower() not in _HOP:
+                h.add(k, v)
+        host = request.host
+        h["Host"] = host
+        h["X-Forwarded-Host"] = host
+        h["X-Forwarded-Proto"] = request.scheme
+        peer = request.remote or ""
+        prior = request.headers.get("X-Forwarded-For")
+        h["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        if with_length and request.content_length is not None and not _chunked(request):
+            h["Content-Length"] = str(request.content_length)
+        return h
+
+    def _count(self, region: Region, action: str) -> None:
+        c = self._routed.get((region.name, action))
+        if c is None:
+            c = self._routed[(region.name, action)] = ROUTED.labels(region.name, action)
+        c.inc()
+        region.routed += 1
+        if action == "redirect":
+            region.redirected += 1
+
+    def _sender(
+        self,
+        method: str,
+        raw_path: str,
+        headers: CIMultiDict[str],
+        data: object = None,
+        *,
+        buffer: bool = True,
+        expect100: bool = False,
+    ) -> Callable[[Region], Awaitable[_Up]]:
+        async def send(region: Region) -> _Up:
+            assert region.session is not None
+            t0 = time.perf_counter()
+            body = data() if callable(data) else data
+            resp = await region.session.request(
+                method,
+                URL(region.base + raw_path, encoded=True),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                expect100=expect100,
+            )
+            try:
+                elapsed = time.perf_counter() - t0
+                length = resp.content_length
+                if buffer and (
+                    method == "HEAD"
+                    or resp.status in (204, 304)
+                    or (length is not None and length <= BUFFER_MAX)
+                ):
+                    content = await resp.read()
+                    resp.release()
+                    return _Up(region, resp, content, elapsed)
+                return _Up(region, resp, None, elapsed)
+            except BaseException:
+                resp.release()
+                raise
+
+        return send
+
+    async def _race(
+        self,
+        cands: list[Region],
+        send: Callable[[Region], Awaitable[_Up]],
+        *,
+        hedge: bool,
+        retry_404: Callable[[Region], bool] | None = None,
+        latency_sample: bool = True,
+    ) -> tuple[_Up | None, str]:
+        """Send an idempotent request to ``cands`` in order: the next one
+        when one fails, or (``hedge``) when the newest has not answered
+        within its hedging delay. The first good answer wins; the others
+        are cancelled. Returns (answer, "") or, when no region gave a good
+        one, (the last bad answer or None, why)."""
+        loop = asyncio.get_running_loop()
+        last_timeout = self.cfg.request_timeout
+        pending: dict[asyncio.Task[_Up], tuple[Region, float, float]] = {}
+        fallback: _Up | None = None
+        why = "no region could be reached"
+        i = 0
+        newest: tuple[Region, float] | None = None
+
+        def launch() -> None:
+            nonlocal i, newest
+            r = cands[i]
+            i += 1
+            now = loop.time()
+            limit = r.attempt_timeout(last_timeout) if i < len(cands) else last_timeout
+            t = asyncio.ensure_future(send(r))
+            pending[t] = (r, now, now + limit)
+            newest = (r, now)
+
+        if not cands:
+            return None, "no region has a usable endpoint"
+        launch()
+        try:
+            while pending:
+                now = loop.time()
+                wake = min(d for _, _, d in pending.values())
+                hedge_at = None
+                if hedge and i < len(cands) and newest is not None:
+                    hedge_at = newest[1] + newest[0].hedge_delay()
+                    wake = min(wake, hedge_at)
+                done, _ = await asyncio.wait(
+                    pending, timeout=max(0.0, wake - now), return_when=asyncio.FIRST_COMPLETED
+                )
+                now = loop.time()
+                failed_now = False
+                for t in done:
+                    r, started, _ = pending.pop(t)
+                    exc = t.exception()
+                    if exc is not None:
+                        failed_now = True
+                        fatal = isinstance(exc, _CONNECT_ERRORS + (TimeoutError,)) or isinstance(
+                            exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
+                        )
+                        why = f"{r.name}: {_describe(exc)}"
+                        self.table.report_error(r, why, fatal=fatal)
+                        continue
+                    up = t.result()
+                    status = up.resp.status
+                    bad = status >= 500 or (
+                        status == 404 and retry_404 is not None and retry_404(r)
+                    )
+                    if not bad:
+                        self.table.report_ok(r, up.elapsed if latency_sample else None)
+                        return up, ""
+                    failed_now = True
+                    if status >= 500:
+                        why = f"{r.name} answered {status}"
+                        self.table.report_error(r, why, fatal=False)
+                    else:
+                        why = f"{r.name} does not hold it"
+                        self.table.report_ok(r, None)
+                    if fallback is not None and fallback.body is None:
+                        fallback.resp.release()
+                    fallback = up
+                # attempts past their deadline: judged hung
+                for t, (r, started, deadline) in list(pending.items()):
+                    if now >= deadline:
+                        t.cancel()
+                        del pending[t]
+                        why = f"{r.name}: no answer in {now - started:.2f}s"
+                        self.table.report_error(r, why, fatal=True)
+                        failed_now = True
+                if i < len(cands) and (
+                    not pending or failed_now or (hedge_at is not None and now >= hedge_at)
+                ):
+                    if pending:
+                        self.hedges += 1
+                        HEDGES.inc()
+                    else:
+                        self.retries += 1
+                        RETRIES.labels("failure").inc()
+                    launch()
+            return fallback, why
+        finally:
+            for t, (r, started, _) in pending.items():
+                if t.done():
+                    if not t.cancelled() and t.exception() is None and t.result().body is None:
+                        t.result().resp.release()
+                    continue
+                t.cancel()
+                self.table.report_slow(r, loop.time() - started)
+            for t in pending:
+                with contextlib.suppress(BaseException):
+                    await t
+
+    async def _respond(
+        self, request: web.Request, up: _Up, action: str = "proxy", rewrite: Callable | None = None
+    ) -> web.StreamResponse:
+        """The region's answer, to the client: whole, or streamed."""
+        resp = up.resp
+        headers: CIMultiDict[str] = CIMultiDict()
+        for k, v in resp.headers.items():
+            if k.lower() not in _RESP_DROP:
+                headers.add(k, v)
+        headers["X-Meridian-Region"] = up.region.name
+        if rewrite is not None:
+            rewrite(headers)
+        self._count(up.region, action)
+        if up.body is not None:
+            if request.method == "HEAD" or resp.status in (204, 304):
+                if resp.content_length is not None and resp.status not in (204, 304):
+                    headers["Content-Length"] = str(resp.content_length)
+                return web.Response(status=resp.status, headers=headers)
+            return web.Response(status=resp.status, headers=headers, body=up.body)
+        try:
+            out = web.StreamResponse(status=resp.status, headers=headers)
+            if resp.content_length is not None:
+                out.content_length = resp.content_length
+            await out.prepare(request)
+            async for chunk in resp.content.iter_chunked(STREAM_CHUNK):
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+        finally:
+            resp.release()
+
+    # -- reads and plain writes -----------------------------------------------
+
+    async def _read_or_write(
+        self,
+        request: web.Request,
+        cands: list[Region],
+        holders: list[str] | None = None,
+    ) -> web.StreamResponse:
+        method = request.method
+        if method in ("GET", "HEAD", "OPTIONS"):
+            retry_404 = None
+            if holders:
+                held = set(holders)
+
+                def retry_404(r: Region) -> bool:
+                    return r.name not in held
+
+            send = self._sender(method, request.raw_path, self._headers(request))
+            up, why = await self._race(
+                cands, send, hedge=self.cfg.hedge, retry_404=retry_404, latency_sample=True
+            )
+            if up is None:
+                return _error(503, "UNAVAILABLE", "no region could answer; retry shortly", why)
+            return await self._respond(request, up)
+        return await self._write(request, cands)
+
+    async def _write(
+        self,
+        request: web.Request,
+        cands: list[Region],
+        rewrite: Callable[[_Up], Callable | None] | None = None,
+        *,
+        strict: bool = False,
+    ) -> web.StreamResponse:
+        """Proxy a write to the first region that takes it, moving on to the
+        next when the connection fails before any of the body was sent (a
+        streamed body waits for the region's ``100 Continue``, so a region
+        that is gone -- even behind a proxy that accepts the connection --
+        is found out before the client's bytes are consumed; a manifest is
+        buffered and can be sent again). ``strict``: one region only (an
+        upload session's)."""
+        method = request.method
+        headers = self._headers(request)
+        data: object = None
+        body: _Body | None = None
+        if request.body_exists:
+            length = request.content_length
+            if (
+                method == "PUT"
+                and "/manifests/" in request.path
+                and length is not None
+                and length <= MANIFEST_MAX
+            ):
+                data = await request.read()
+            else:
+                body = _Body(request.content)
+                data = body.stream
+        why = "no region could be reached"
+        for n, r in enumerate(cands[:1] if strict else cands):
+            if n:
+                self.retries += 1
+                RETRIES.labels("write").inc()
+            send = self._sender(method, request.raw_path, headers, data, expect100=body is not None)
+            try:
+                up = await send(r)
+            except Exception as e:
+                fatal = isinstance(e, _TRANSPORT_ERRORS)
+                why = f"{r.name}: {_describe(e)}"
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    raise  # the client went away: not the region's fault
+                self.table.report_error(r, why, fatal=fatal)
+                sent = body is not None and body.started
+                if not sent and isinstance(e, aiohttp.ClientConnectionError):
+                    continue
+                if not isinstance(e, _TRANSPORT_ERRORS):
+                    raise
+                return _error(
+                    502 if sent else 503,
+                    "UNAVAILABLE",
+                    f"region {r.name} failed during the request; retry",
+                    why,
+                )
+            if up.resp.status < 500 or up.resp.status == 503:
+                self.table.report_ok(r, None)
+            else:
+                self.table.report_error(r, f"{r.name} answered {up.resp.status}", fatal=False)
+            return await self._respond(request, up, rewrite=rewrite(up) if rewrite else None)
+        return _error(503, "UNAVAILABLE", "no region could take the request; retry shortly", why)
+
+    # -- blobs ---------------------------------------------------------------
+
+    async def _redirect_blob(
+        self, request: web.Request, cands: list[Region], holders: list[str] | None
+    ) -> web.StreamResponse:
+        target: Region | None = None
+        if not self.cfg.verify_redirects:
+            target = next((r for r in cands if r.up), cands[0] if cands else None)
+        else:
+            held = set(holders or ())
+
+            def retry_404(r: Region) -> bool:
+                return bool(held) and r.name not in held
+
+            headers = self._headers(request, with_length=False)
+            headers.popall("Range", None)
+            send = self._sender("HEAD", request.raw_path, headers)
+            up, why = await self._race(
+                cands, send, hedge=self.cfg.hedge, retry_404=retry_404, latency_sample=True
+            )
+            if up is None:
+                return _error(503, "UNAVAILABLE", "no region could answer; retry shortly", why)
+            if up.resp.status == 200:
+                target = up.region
+            else:
+                # Not there (404) or refused: let the region answer the GET
+                # itself, with its error body.
+                return await self._read_or_write(
+                    request, [up.region] + [r for r in cands if r is not up.region]
+                )
+        if target is None:
+            return _error(503, "UNAVAILABLE", "no region is known", None)
+        self._count(target, "redirect")
+        return web.Response(
+            status=307,
+            headers={
+                **API_HEADERS,
+                "Location": target.base + request.raw_path,
+                "X-Meridian-Region": target.name,
+                "Content-Length": "0",
+            },
+        )
+
+    # -- uploads -------------------------------------------------------------
+
+    def _remember(self, upload_id: str, region: str) -> None:
+        self.uploads[upload_id] = region
+        self.uploads.move_to_end(upload_id)
+        while len(self.uploads) > 100_000:
+            self.uploads.popitem(last=False)
+
+    def _location_rewriter(self, host_named: bool) -> Callable[[_Up], Callable | None]:
+        """Rewrite an upload ``Location`` to the session's region (absolute,
+        so the data goes there directly) or, for a registry named by the
+        Host, to the router itself -- pinned to the region either way."""
+        direct = self.cfg.direct_uploads and not host_named
+
+        def for_answer(up: _Up) -> Callable | None:
+            region = up.region
+
+            def rewrite(headers: CIMultiDict[str]) -> None:
+                loc = headers.get("Location")
+                if not loc or "/blobs/uploads/" not in loc:
+                    return
+                if loc.startswith(region.base + "/"):
+                    loc = loc[len(region.base) :]
+                if not loc.startswith("/v2/"):
+                    return
+                path, _, query = loc.partition("?")
+                upload_id = path.rsplit("/", 1)[-1]
+                if upload_id:
+                    self._remember(upload_id, region.name)
+                params = [p for p in query.split("&") if p and not p.startswith(PIN + "=")]
+                params.append(f"{PIN}={quote(region.name, safe='')}")
+                loc = f"{path}?{'&'.join(params)}"
+                headers["Location"] = (region.base + loc) if direct else loc
+
+            return rewrite
+
+        return for_answer
+
+    async def _start_upload(
+        self, request: web.Request, reg: str, pin: str | None, host_named: bool
+    ) -> web.StreamResponse:
+        mount = request.query.get("mount")
+        holders = await self._holders(reg, mount) if mount else None
+        cands = self._pinned(pin, self.table.ranked(holders))
+        return await self._write(request, cands, self._location_rewriter(host_named))
+
+    async def _upload(
+        self, request: web.Request, name: str, upload_id: str, pin: str | None, host_named: bool
+    ) -> web.StreamResponse:
+        owner: Region | None = None
+        if pin:
+            owner = self.table.regions.get(pin)
+            if owner is None or not owner.base:
+                return _error(
+                    404,
+                    "BLOB_UPLOAD_UNKNOWN",
+                    "the upload URL names a region this router does not know",
+                    {"uuid": upload_id, "region": pin},
+                )
+        else:
+            known = self.uploads.get(upload_id)
+            owner = self.table.regions.get(known) if known else None
+            if owner is None:
+                owner = await self._find_upload(request, name, upload_id)
+            if owner is None:
+                return _error(
+                    404, "BLOB_UPLOAD_UNKNOWN", "no region has this upload", {"uuid": upload_id}
+                )
+        return await self._write(request, [owner], self._location_rewriter(host_named), strict=True)
+
+    async def _find_upload(self, request: web.Request, name: str, upload_id: str) -> Region | None:
+        """Ask every region whether it has the session (GET of the upload URL)."""
+        headers = self._headers(request, with_length=False)
+        path = request.raw_path.partition("?")[0]
+
+        async def ask(r: Region) -> Region | None:
+            assert r.session is not None
+            try:
+                async with r.session.get(
+                    URL(r.base + path, encoded=True),
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=2.0),
+                ) as resp:
+                    await resp.read()
+                    return r if resp.status == 204 else None
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                return None
+
+        regions = [r for r in self.table.nearest() if r.session is not None]
+        for fut in asyncio.as_completed([ask(r) for r in regions]):
+            r = await fut
+            if r is not None:
+                self._remember(upload_id, r.name)
+                return r
+        return None
+
+    # -- own endpoints ---------------------------------------------------------
+
+    def status(self) -> dict:
+        return {
+            "namespace_loaded": self.synced_once,
+            "namespace_reachable": self.etcd_ok,
+            "namespace_revision": self.ns.cache.revision,
+            "uptime_s": round(time.time() - self.started, 1),
+            "requests": self.requests,
+            "retries": self.retries,
+            "hedges": self.hedges,
+            "nearest": [r.name for r in self.table.nearest() if r.up],
+            "regions": self.table.status(),
+        }
+
+    async def status_handler(self, _: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        up = sum(1 for r in self.table.regions.values() if r.up)
+        body = {
+            "status": "ok" if up else "no region in rotation",
+            "role": "router",
+            "regions_up": up,
+            "regions": len(self.table.regions),
+            "namespace_loaded": self.synced_once,
+            "namespace_reachable": self.etcd_ok,
+        }
+        return web.json_response(body, status=200 if up else 503)
+
+    async def metrics(self, _: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest())
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return resp
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return _error(404, "NAME_INVALID", "no such endpoint", {"path": request.path})
+
+
+def _chunked(request: web.Request) -> bool:
+    return "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+
+
+# -- assembly -----------------------------------------------------------------
+
+
+def make_kv(cfg: RouterConfig) -> KVStore:
+    from cluster.etcd import EtcdKV
+
+    return EtcdKV([e.strip() for e in cfg.etcd.split(",") if e.strip()])
+
+
+def build_app(router: Router) -> web.Application:
+    app = web.Application(client_max_size=0)
+    app.router.add_route("*", "/v2", router.handle)
+    app.router.add_route("*", "/v2/{tail:.*}", router.handle)
+    app.router.add_get("/healthz", router.healthz)
+    app.router.add_get("/metrics", router.metrics)
+    app.router.add_get("/meridian/v1/router", router.status_handler)
+    app.router.add_route("*", "/{tail:.*}", router.not_found)
+    return app
+
+
+def make_access_log_middleware():  # noqa: ANN201 - aiohttp middleware type
+    @web.middleware
+    async def access(request: web.Request, handler):  # noqa: ANN001, ANN202
+        t0 = time.perf_counter()
+        resp = await handler(request)
+        log.info(
+            "request",
+            extra={
+                "method": request.method,
+                "path": request.path_qs,
+                "status": resp.status,
+                "ms": round((time.perf_counter() - t0) * 1000, 2),
+            },
+        )
+        return resp
+
+    return access
+
+
+async def serve(cfg: RouterConfig, ready: Callable[[Router], None] | None = None) -> None:
+    if not cfg.etcd:
+        raise SystemExit("meridian router: --etcd is required (or MERIDIAN_ETCD)")
+    ns = Namespace(make_kv(cfg), region="")
+    table = RegionTable(cfg.table_settings())
+    router = Router(cfg, ns, table)
+    app = build_app(router)
+    if cfg.access_log:
+        app.middlewares.append(make_access_log_middleware())
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, backlog=1024)
+    await site.start()
+    starter = asyncio.create_task(router.start_namespace(), name="namespace-start")
+    checker = asyncio.create_task(router.check_store(), name="namespace-check")
+    print(f"meridian router listening on http://{cfg.listen} (etcd {cfg.etcd})", flush=True)
+    if ready is not None:
+        ready(router)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for task in (starter, checker):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    await runner.cleanup()
+    await table.close()
+    await ns.close()
+
+
+def run(cfg: RouterConfig) -> None:
+    _setup_logging(cfg.log_level)
+    if cfg.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(cfg))
+    else:
+        asyncio.run(serve(cfg))
+
+
+def _setup_logging(level: str) -> None:
+    import sys
+
+    class _Json(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            out = {
+                "ts": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+            for k in ("method", "path", "status", "ms"):
+                if hasattr(record, k):
+                    out[k] = getattr(record, k)
+            if record.exc_info:
+                out["exc"] = self.formatException(record.exc_info)
+            return json.dumps(out)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Json())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def router_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="meridian router",
+        description="the latency-aware endpoint clients pull from: routes every request "
+        "to the region that serves it fastest",
+    )
+    add_arguments(p)
+    cfg = from_args(p.parse_args(argv))
+    if not cfg.etcd:
+        p.error("--etcd is required (or MERIDIAN_ETCD)")
+    run(cfg)
+    return 0

@@ -1,0 +1,479 @@
+"""The router's table of regions: endpoints, health, latency, ranking.
+
+``RegionTable`` mirrors the region records of the namespace
+(``/meridian/regions/<name>``) and keeps, for each region:
+
+- one aiohttp client session (its own connection pool) to the region's
+  advertised HTTP endpoint;
+- an active probe: ``GET /healthz`` every ``probe_interval`` (0.5 s) with a
+  ``probe_timeout`` (1 s). A probe fails on a connection error, a timeout,
+  a non-200 answer or an answer from another region (``{"region": ...}`` must
+  be the record's name: a record pointing at the wrong endpoint never gets
+  traffic). One failed probe takes the region out of rotation; two
+  consecutive good probes put it back. A region that dies is out within
+  ``probe_interval``; one that hangs (accepts connections, never answers)
+  within ``probe_interval + probe_timeout`` (1.5 s);
+- passive signals from real requests (``report_*``): connection errors and
+  timeouts take a region out at once, repeated 5xx answers after three in a
+  row, and the latency of small requests feeds the same estimate as probes;
+- a smoothed round-trip time (EWMA, like TCP's SRTT/RTTVAR) and a p95 over
+  the last 64 samples (the hedging delay);
+- what the region says about itself on ``/metrics`` (scraped every
+  ``scrape_interval``): its gRPC round-trip time to every other region
+  (``meridian_replication_peer_rtt_seconds``) and its replication backlog
+  (``meridian_replication_pending_items``).
+
+``ranked(holders)`` orders the regions for one request: healthy regions by
+the expected time to serve it, then (as a last resort) the regions out of
+rotation. A region that holds the content costs its RTT; one that does not
+(the namespace has no placement for it there yet) costs its RTT plus a
+read-through from its nearest healthy holder (the holder link's RTT as the
+region measures it, or -- unknown -- the router's own RTT to the holder) plus
+a small penalty. So the nearest healthy region wins unless the content is
+only elsewhere and fetching it through would be slower than going there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Collection
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+from prometheus_client import Gauge
+
+from cluster.namespace import RegionInfo
+
+log = logging.getLogger("meridian.router")
+
+REGION_UP = Gauge("meridian_router_region_up", "1 when the region is in rotation", ["region"])
+REGION_RTT = Gauge(
+    "meridian_router_region_rtt_seconds", "Smoothed round trip to the region", ["region"]
+)
+
+READTHROUGH_PENALTY = 0.002  # seconds: a fetch-through does more work than a local read
+UNKNOWN_RTT = 1.0  # cost of a region never measured (ranks after every measured one)
+_SAMPLES = 64
+
+_PEER_RTT = re.compile(
+    r'^meridian_replication_peer_rtt_seconds\{[^}]*region="([^"]+)"[^}]*\}\s+([0-9.eE+-]+|NaN)'
+)
+_PENDING = re.compile(r"^meridian_replication_pending_items(?:\{[^}]*\})?\s+([0-9.eE+-]+)")
+
+
+@dataclass
+class TableSettings:
+    probe_interval: float = 0.5
+    probe_timeout: float = 1.0
+    connect_timeout: float = 1.0
+    read_timeout: float = 60.0
+    scrape_interval: float = 2.0
+    up_after: int = 2  # consecutive good probes to come back
+    fail_after: int = 3  # consecutive 5xx answers to go out
+    pool_size: int = 512
+
+
+def normalize_base(url: str) -> tuple[str, str]:
+    """(base URL without trailing slash, "") or ("", why it is unusable)."""
+    if not isinstance(url, str) or not url:
+        return "", "no http endpoint"
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError as e:
+        return "", f"bad endpoint URL {url!r}: {e}"
+    if u.scheme not in ("http", "https") or not u.hostname:
+        return "", f"bad endpoint URL {url!r}"
+    if u.query or u.fragment or u.username:
+        return "", f"bad endpoint URL {url!r}"
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{u.scheme}://{netloc}{u.path.rstrip('/')}", ""
+
+
+class Region:
+    """One region as the router sees it."""
+
+    def __init__(self, info: RegionInfo, settings: TableSettings) -> None:
+        self.name = info.name
+        self.info = info
+        self.settings = settings
+        self.base, self.invalid = normalize_base(info.http)
+        self.session: aiohttp.ClientSession | None = None
+        self.up = False
+        self.reason = self.invalid or "not probed yet"
+        self.changed = time.time()
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.samples: deque[float] = deque(maxlen=_SAMPLES)
+        self._p95: float | None = None
+        self._since_p95 = 0
+        self.oks = 0  # consecutive good probes
+        self.fails = 0  # consecutive failed requests (passive, 5xx)
+        self.alive = False  # its leased liveness key exists
+        self.peers: dict[str, float] = {}  # region -> its gRPC RTT there (s)
+        self.backlog: float | None = None
+        self.routed = 0
+        self.redirected = 0
+        self.errors = 0
+        self.probes = 0
+        self.probe_failures = 0
+        self.last_ok = 0.0
+        self._gauges = (REGION_UP.labels(self.name), REGION_RTT.labels(self.name))
+
+    # -- latency -----------------------------------------------------------
+
+    def observe(self, seconds: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = seconds, seconds / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - seconds)
+            self.srtt = 0.7 * self.srtt + 0.3 * seconds
+        self.samples.append(seconds)
+        self._since_p95 += 1
+        if self._p95 is None or self._since_p95 >= 8:
+            self._since_p95 = 0
+            s = sorted(self.samples)
+            self._p95 = s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)]
+        self._gauges[1].set(self.srtt)
+
+    @property
+    def cost(self) -> float:
+        return UNKNOWN_RTT if self.srtt is None else self.srtt
+
+    def hedge_delay(self) -> float:
+        """How long to wait for this region before asking the next one: about
+        its p95 latency (never less than 1.5 x its smoothed RTT + 1 ms)."""
+        if self.srtt is None:
+            return 0.25
+        return max(self._p95 or 0.0, 1.5 * self.srtt) + 0.001
+
+    def attempt_timeout(self, last: float) -> float:
+        """How long one attempt may wait for response headers before the
+        region is judged hung and the next is tried (``last`` for the final
+        candidate)."""
+        if self.srtt is None:
+            return min(last, 2.0)
+        return min(last, max(0.5, 8 * self.srtt + 0.3))
+
+    # -- health ------------------------------------------------------------
+
+    def set_up(self, up: bool, reason: str) -> bool:
+        self.reason = reason
+        if up == self.up:
+            return False
+        if up and self.samples:
+            # Back: start from the best of the probes that brought it back, not
+            # from the stalls that took it out (a hung region's queued
+            # requests finish late, all at once).
+            seed = min(self.samples)
+            self.samples.clear()
+            self.srtt = None
+            self.observe(seed)
+        elif not up:
+            self.samples.clear()
+            self._p95 = None
+            self.srtt = None
+        self.up = up
+        self.changed = time.time()
+        self._gauges[0].set(1 if up else 0)
+        log.info("region %s %s: %s", self.name, "in rotation" if up else "out of rotation", reason)
+        return True
+
+    def as_dict(self) -> dict:
+        return {
+            "region": self.name,
+            "http": self.info.http,
+            "grpc": self.info.grpc,
+            "up": self.up,
+            "reason": self.reason,
+            "alive": self.alive,
+            "since": round(self.changed, 3),
+            "rtt_ms": None if self.srtt is None else round(self.srtt * 1000, 3),
+            "p95_ms": None if self._p95 is None else round(self._p95 * 1000, 3),
+            "hedge_ms": round(self.hedge_delay() * 1000, 3),
+            "peers_rtt_ms": {k: round(v * 1000, 3) for k, v in sorted(self.peers.items())},
+            "backlog": self.backlog,
+            "routed": self.routed,
+            "redirected": self.redirected,
+            "errors": self.errors,
+            "probes": self.probes,
+            "probe_failures": self.probe_failures,
+        }
+
+
+class RegionTable:
+    def __init__(self, settings: TableSettings | None = None) -> None:
+        self.settings = settings or TableSettings()
+        self.regions: dict[str, Region] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._order: list[Region] = []  # healthy by cost, then the rest
+        self._closed = False
+        self.changed = asyncio.Event()  # set on every up/down change (tests, status)
+
+    # -- membership --------------------------------------------------------
+
+    def sync(self, infos: dict[str, RegionInfo], alive: set[str]) -> None:
+        """Make the table match the namespace's region records."""
+        if self._closed:
+            return
+        for name in list(self.regions):
+            if name not in infos:
+                self._drop(name)
+        for name, info in infos.items():
+            r = self.regions.get(name)
+            if r is not None and r.info.http != info.http:
+                self._drop(name)
+                r = None
+            if r is None:
+                r = self.regions[name] = Region(info, self.settings)
+                if r.base:
+                    r.session = self._session()
+                    self._tasks[name] = asyncio.create_task(
+                        self._probe_loop(r), name=f"probe-{name}"
+                    )
+                else:
+                    log.warning("region %s: %s", name, r.invalid)
+            r.info = info
+            r.alive = name in alive
+        self._reorder()
+
+    def _session(self) -> aiohttp.ClientSession:
+        s = self.settings
+        connector = aiohttp.TCPConnector(
+            limit=s.pool_size, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=10
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=s.connect_timeout, sock_read=s.read_timeout
+            ),
+        )
+
+    def _drop(self, name: str) -> None:
+        r = self.regions.pop(name, None)
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+        if r is not None:
+            with contextlib.suppress(KeyError):
+                REGION_UP.remove(name)
+                REGION_RTT.remove(name)
+            if r.session is not None:
+                asyncio.create_task(_close_later(r.session, task))
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for r in self.regions.values():
+            if r.session is not None:
+                await r.session.close()
+        self._tasks.clear()
+
+    # -- ranking -----------------------------------------------------------
+
+    def _reorder(self) -> None:
+        regions = [r for r in self.regions.values() if r.base]
+        up = sorted((r for r in regions if r.up), key=_cost_key)
+        down = sorted((r for r in regions if not r.up), key=_down_key)
+        self._order = up + down
+
+    def nearest(self) -> list[Region]:
+        return self._order
+
+    def ranked(self, holders: Collection[str] | None = None) -> list[Region]:
+        """Candidates for a request, best first (see the module docstring).
+        After the best one come the healthy holders, then the other healthy
+        regions, then the regions out of rotation: a retry or a hedge goes to
+        a region that has the content before one that would fetch it."""
+        order = self._order
+        if not holders or not order:
+            return order
+        held = holders if isinstance(holders, set | frozenset) else set(holders)
+        live = [r for r in order if r.up and r.name in held]
+        if not live:
+            return order  # nobody healthy holds it: nearest first
+        first = order[0]
+        if first.name not in held:
+
+            def cost(r: Region) -> float:
+                if r.name in held:
+                    return r.cost
+                through = min(r.peers.get(h.name, h.cost) for h in live)
+                return r.cost + through + READTHROUGH_PENALTY
+
+            first = min((r for r in order if r.up), key=cost)
+        return [first] + sorted(
+            (r for r in order if r is not first), key=lambda r: (not r.up, r.name not in held)
+        )
+
+    def status(self) -> list[dict]:
+        return [r.as_dict() for r in sorted(self.regions.values(), key=lambda r: r.name)]
+
+    # -- signals -----------------------------------------------------------
+
+    def _changed(self, r: Region, up: bool, reason: str) -> None:
+        if r.set_up(up, reason):
+            self._reorder()
+            self.changed.set()
+
+    def report_ok(self, r: Region, latency: float | None) -> None:
+        """A request to ``r`` was answered (below 500)."""
+        r.fails = 0
+        r.last_ok = time.monotonic()
+        if latency is not None:
+            r.observe(latency)
+            self._reorder()
+
+    def report_slow(self, r: Region, waited: float) -> None:
+        """A request to ``r`` lost to a hedge (or was abandoned) after
+        ``waited`` seconds: it is at least that slow. A lower bound only ever
+        raises the estimate."""
+        if r.srtt is None or waited > r.srtt:
+            r.observe(waited)
+            self._reorder()
+
+    def report_error(self, r: Region, why: str, *, fatal: bool) -> None:
+        """A request to ``r`` failed: ``fatal`` (connection error, timeout)
+        takes it out of rotation now; other failures (5xx) after
+        ``fail_after`` in a row."""
+        r.errors += 1
+        r.fails += 1
+        r.oks = 0
+        if r.up and (fatal or r.fails >= self.settings.fail_after):
+            self._changed(r, False, why)
+
+    # -- probing -----------------------------------------------------------
+
+    async def _probe_loop(self, r: Region) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        next_scrape = 0.0
+        scrape: asyncio.Task[None] | None = None
+        try:
+            while True:
+                started = loop.time()
+                await self.probe(r)
+                if started >= next_scrape and (scrape is None or scrape.done()) and r.up:
+                    next_scrape = started + s.scrape_interval
+                    scrape = asyncio.create_task(self._scrape(r))
+                await asyncio.sleep(max(0.0, s.probe_interval - (loop.time() - started)))
+        finally:
+            if scrape is not None:
+                scrape.cancel()
+
+    async def probe(self, r: Region) -> bool:
+        assert r.session is not None
+        s = self.settings
+        t0 = time.perf_counter()
+        why = ""
+        try:
+            async with r.session.get(
+                r.base + "/healthz",
+                timeout=aiohttp.ClientTimeout(total=s.probe_timeout),
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.read()
+                elapsed = time.perf_counter() - t0
+                if resp.status != 200:
+                    why = f"probe answered {resp.status}"
+                else:
+                    try:
+                        doc = json.loads(body)
+                        who = doc.get("region") if isinstance(doc, dict) else None
+                    except ValueError:
+                        who = None
+                    if who != r.name:
+                        why = (
+                            f"endpoint answers as region {who!r}"
+                            if who
+                            else "endpoint is not a Meridian node"
+                        )
+        except TimeoutError:
+            why = f"probe timed out after {s.probe_timeout:g}s"
+        except aiohttp.ClientConnectorError as e:
+            why = f"cannot connect: {e.os_error or e}"
+        except (aiohttp.ClientError, OSError, ValueError) as e:
+            why = f"probe failed: {type(e).__name__}: {e}"
+        r.probes += 1
+        if why:
+            r.probe_failures += 1
+            r.oks = 0
+            self._changed(r, False, why)
+            return False
+        r.oks += 1
+        r.last_ok = time.monotonic()
+        r.observe(elapsed)
+        if not r.up and (r.oks >= s.up_after or r.probes == r.oks):
+            # Back after ``up_after`` good probes; at first sight at once.
+            r.fails = 0
+            self._changed(r, True, "healthy")
+        else:
+            if r.up:
+                r.reason = "healthy"
+            self._reorder()
+        return True
+
+    async def _scrape(self, r: Region) -> None:
+        """Read the region's view of its peers and its backlog from /metrics."""
+        assert r.session is not None
+        try:
+            async with r.session.get(
+                r.base + "/metrics", timeout=aiohttp.ClientTimeout(total=2.0)
+            ) as resp:
+                if resp.status != 200:
+                    return
+                text = (await resp.read()).decode("utf-8", "replace")
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return
+        peers: dict[str, float] = {}
+        backlog: float | None = None
+        for line in text.splitlines():
+            if not line.startswith("meridian_replication_"):
+                continue
+            m = _PEER_RTT.match(line)
+            if m:
+                try:
+                    v = float(m.group(2))
+                except ValueError:
+                    continue
+                if v > 0 and math.isfinite(v):
+                    peers[m.group(1)] = v
+                continue
+            m = _PENDING.match(line)
+            if m:
+                with contextlib.suppress(ValueError):
+                    backlog = float(m.group(1))
+        r.peers = peers
+        r.backlog = backlog
+
+
+def _cost_key(r: Region) -> tuple[float, str]:
+    return (r.cost, r.name)
+
+
+def _down_key(r: Region) -> tuple[float, float, str]:
+    # Most recently healthy first, then nearest.
+    return (-r.last_ok, r.cost, r.name)
+
+
+async def _close_later(session: aiohttp.ClientSession, task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    await session.close()

@@ -1,0 +1,505 @@
+"""Benchmark of the latency-aware router (``meridian router``).
+
+Three figures, printed as a report (never test assertions):
+
+1. **Routing accuracy** -- on a ``meridian up`` cluster (the WAN emulator's
+   latencies: 5, 40, 120 ms RTT from here by default), the share of pull
+   requests (manifest GETs and blob GETs) that land on the nearest healthy
+   region holding the content. Three images: one replicated everywhere, one
+   only in the second region, one only in the third (the emulated gRPC links
+   into those regions are cut while they are pushed, so nothing copies them
+   elsewhere during the run).
+2. **Router overhead** on a manifest GET: asking the nearest region
+   directly vs through the router, interleaved one by one, p50/p99 and the
+   difference -- on the emulated cluster, and on a plain loopback setup
+   (etcd + one node + the router, no emulator: the router's own cost alone),
+   where it also compares throughput under load with ``wrk``.
+3. **Failover**: a loop of pulls through the router while the nearest
+   region is hung (SIGSTOP, then SIGCONT) and then killed (SIGKILL) at the
+   50th pull: client-visible errors, and the time until traffic moved (first
+   pull that no longer touched it) and until the router took it out.
+
+    python -m loadtest.bench_router [--pulls 200] [--samples 2000] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from loadtest.ocipush import OCI_MANIFEST, Image, OciClient, random_image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- processes -------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    prior = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{prior}" if prior else str(ROOT))
+
+
+def _get_json(url: str, timeout: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _wait(
+    what: str, check: Any, timeout: float = 90.0, proc: subprocess.Popen | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what}: not ready after {timeout:.0f}s")
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class UpCluster:
+    """``meridian up`` as a child process."""
+
+    def __init__(self, workdir: Path, config: str | None) -> None:
+        self.data = workdir / "up"
+        self.port = _free_port()
+        cmd = [sys.executable, "-m", "cluster.cli", "up", "--port", str(self.port)]
+        cmd += ["--data", str(self.data)]
+        if config:
+            cmd += ["--config", config]
+        self.log = open(workdir / "up.out", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=_env())
+        _wait("meridian up", lambda: (self.data / "up.json").exists(), proc=self.proc)
+        self.state = json.loads((self.data / "up.json").read_text())
+        self.router = self.state["router"]
+        self.order = [
+            name
+            for name, _ in sorted(self.state["regions"].items(), key=lambda kv: kv[1]["rtt_ms"])
+        ]
+
+    def region_pid(self, name: str) -> int:
+        return int(self.state["children"][f"region {name}"]["pid"])
+
+    def link(self, name: str, **change: Any) -> None:
+        req = urllib.request.Request(
+            f"{self.state['wan']}/links/{name}",
+            data=json.dumps(change).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(req, timeout=5).read()
+
+    def stop(self) -> None:
+        _stop(self.proc, signal.SIGINT)
+        self.log.close()
+
+
+class PlainCluster:
+    """etcd + one node + the router on loopback, no emulator."""
+
+    def __init__(self, workdir: Path) -> None:
+        etcd = shutil.which("etcd") or "/usr/bin/etcd"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[subprocess.Popen] = []
+        cport, pport = _free_port(), _free_port()
+        self.etcd = f"http://127.0.0.1:{cport}"
+        peer = f"http://127.0.0.1:{pport}"
+        self._spawn(
+            workdir / "etcd.log",
+            [
+                etcd,
+                "--data-dir",
+                str(workdir / "etcd"),
+                "--listen-client-urls",
+                self.etcd,
+                "--advertise-client-urls",
+                self.etcd,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"default={peer}",
+                "--log-level",
+                "warn",
+                "--logger",
+                "zap",
+            ],
+        )
+        _wait("etcd", lambda: b"true" in urllib.request.urlopen(self.etcd + "/health").read())
+        nport = _free_port()
+        self.node = f"http://127.0.0.1:{nport}"
+        self._spawn(
+            workdir / "node.log",
+            [sys.executable, "-m", "cluster.cli", "node", "--region", "solo"]
+            + ["--listen", f"127.0.0.1:{nport}", "--data", str(workdir / "node")]
+            + ["--etcd", self.etcd],
+        )
+        _wait("node", lambda: urllib.request.urlopen(self.node + "/v2/").status == 200)
+        rport = _free_port()
+        self.router = f"http://127.0.0.1:{rport}"
+        self._spawn(
+            workdir / "router.log",
+            [sys.executable, "-m", "cluster.cli", "router", "--etcd", self.etcd]
+            + ["--listen", f"127.0.0.1:{rport}"],
+        )
+        _wait(
+            "router",
+            lambda: any(r["up"] for r in _get_json(self.router + "/meridian/v1/router")["regions"]),
+        )
+
+    def _spawn(self, log: Path, cmd: list[str]) -> None:
+        with open(log, "wb") as f:
+            self.procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env()))
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            _stop(p)
+
+
+# -- clients ---------------------------------------------------------------------
+
+
+class PullError(Exception):
+    pass
+
+
+async def pull(s: aiohttp.ClientSession, router: str, repo: str, img: Image) -> list[str]:
+    """One pull through the router (manifest, then every blob following its
+    redirect); the region that served each request, in order."""
+    served = []
+    try:
+        async with s.get(f"{router}/v2/{repo}/manifests/v1", headers={"Accept": OCI_MANIFEST}) as r:
+            body = await r.read()
+            if r.status != 200 or body != img.manifest:
+                raise PullError(f"manifest: {r.status}")
+            served.append(r.headers.get("X-Meridian-Region", "?"))
+        for digest, data in img.blobs():
+            async with s.get(f"{router}/v2/{repo}/blobs/{digest}") as r:
+                got = await r.read()
+                if r.status != 200 or got != data:
+                    raise PullError(f"blob {digest[:19]}: {r.status}")
+                hop = r.history[0] if r.history else r
+                served.append(hop.headers.get("X-Meridian-Region", "?"))
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise PullError(f"{type(e).__name__}: {e}") from e
+    return served
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+@dataclass
+class Report:
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def line(self, text: str) -> None:
+        print(text, flush=True)
+
+
+# -- 1. accuracy -------------------------------------------------------------------
+
+
+async def accuracy(up: UpCluster, rounds: int, report: Report) -> None:
+    near, second, third = up.order[:3]
+    images = {
+        name: random_image(2, 64 << 10, seed=f"acc-{name}") for name in ("all", "two", "three")
+    }
+    async with aiohttp.ClientSession() as s:
+        # Everywhere: through the router (lands nearest), then replicated.
+        await OciClient(up.router, s).push_image("bench/all", "v1", images["all"])
+
+        def in_sync() -> bool:
+            node = up.state["regions"][near]["node"]
+            rows = _get_json(node + "/meridian/v1/replication")["regions"]
+            return all(r["pending_items"] == 0 for r in rows)
+
+        await asyncio.to_thread(_wait, "replication", in_sync, 120)
+        # Only in one region each: cut the gRPC link into it, push there directly.
+        for name, key in ((second, "two"), (third, "three")):
+            up.link(f"regions>{name}", cut=True)
+            await OciClient(up.state["regions"][name]["node"], s).push_image(
+                f"bench/{key}", "v1", images[key]
+            )
+        await asyncio.sleep(1.0)  # the router's namespace watch sees the pushes
+        expected = {"all": near, "two": second, "three": third}
+        total = hits = 0
+        misses: dict[str, int] = {}
+        errors = 0
+        for _ in range(rounds):
+            for key, img in images.items():
+                try:
+                    served = await pull(s, up.router, f"bench/{key}", img)
+                except PullError as e:
+                    errors += 1
+                    report.line(f"    pull error: {key}: {e}")
+                    continue
+                for region in served:
+                    total += 1
+                    if region == expected[key]:
+                        hits += 1
+                    else:
+                        misses[f"{key}->{region}"] = misses.get(f"{key}->{region}", 0) + 1
+        for name in (second, third):
+            up.link(f"regions>{name}", cut=False)
+    share = hits / total if total else 0.0
+    report.figures["accuracy"] = {
+        "requests": total,
+        "on_nearest_holder": hits,
+        "share": share,
+        "pull_errors": errors,
+        "misses": misses,
+    }
+    report.line(
+        f"  requests on the nearest healthy region holding the content: {hits}/{total} "
+        f"= {share:.2%}; pull errors {errors}" + (f"; misses: {misses}" if misses else "")
+    )
+
+
+# -- 2. overhead -------------------------------------------------------------------
+
+
+async def overhead(
+    direct: str, router: str, repo: str, img: Image, samples: int, label: str, report: Report
+) -> None:
+    url = f"/v2/{repo}/manifests/v1"
+    h = {"Accept": OCI_MANIFEST}
+    conn = aiohttp.TCPConnector(limit=4)
+    times: dict[str, list[float]] = {"direct": [], "router": []}
+    async with aiohttp.ClientSession(connector=conn) as s:
+        for base in (direct, router):  # warm both paths
+            for _ in range(50):
+                async with s.get(base + url, headers=h) as r:
+                    await r.read()
+        for _ in range(samples):
+            for key, base in (("direct", direct), ("router", router)):
+                t0 = time.perf_counter()
+                async with s.get(base + url, headers=h) as r:
+                    body = await r.read()
+                times[key].append((time.perf_counter() - t0) * 1000)
+                if r.status != 200 or body != img.manifest:
+                    raise RuntimeError(f"{key}: manifest GET answered {r.status}")
+    out = {}
+    for q, name in ((0.5, "p50"), (0.99, "p99")):
+        d, rt = _pct(times["direct"], q), _pct(times["router"], q)
+        out[name] = {"direct_ms": d, "router_ms": rt, "added_ms": rt - d}
+    out["mean_added_ms"] = statistics.mean(times["router"]) - statistics.mean(times["direct"])
+    report.figures[f"overhead_{label}"] = out
+    report.line(
+        f"  {label}: p50 direct {out['p50']['direct_ms']:.3f} ms, via router "
+        f"{out['p50']['router_ms']:.3f} ms (+{out['p50']['added_ms']:.3f}); p99 direct "
+        f"{out['p99']['direct_ms']:.3f} ms, via router {out['p99']['router_ms']:.3f} ms "
+        f"(+{out['p99']['added_ms']:.3f})   [{samples} each, interleaved]"
+    )
+
+
+def throughput(direct: str, router: str, repo: str, report: Report) -> None:
+    try:
+        from loadtest.loadgen import run_wrk
+    except ImportError:
+        return
+    if not shutil.which("wrk"):
+        report.line("  (wrk not installed: no throughput comparison)")
+        return
+    url = f"/v2/{repo}/manifests/v1"
+    res = {}
+    for key, base in (("direct", direct), ("router", router)):
+        r = run_wrk(base + url, 20000, 16, headers={"Accept": OCI_MANIFEST})
+        res[key] = {"rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors}
+    report.figures["throughput_plain"] = res
+    report.line(
+        f"  under load (wrk, 16 connections, 20000 requests): direct {res['direct']['rps']:.0f} "
+        f"req/s p50 {res['direct']['p50_ms']:.2f} ms p99 {res['direct']['p99_ms']:.2f} ms; "
+        f"via router {res['router']['rps']:.0f} req/s p50 {res['router']['p50_ms']:.2f} ms "
+        f"p99 {res['router']['p99_ms']:.2f} ms (errors {res['router']['errors']})"
+    )
+
+
+# -- 3. failover ---------------------------------------------------------------------
+
+
+async def failover(up: UpCluster, pulls: int, mode: str, report: Report) -> None:
+    near = up.order[0]
+    pid = up.region_pid(near)
+    img = random_image(2, 64 << 10, seed="failover")
+    errors: list[str] = []
+    t_fault = t_moved = t_out = t_back = None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+        repo = "bench/failover"
+        await OciClient(up.router, s).push_image(repo, "v1", img)
+
+        def in_sync() -> bool:
+            rows = _get_json(up.state["regions"][near]["node"] + "/meridian/v1/replication")
+            return all(r["pending_items"] == 0 for r in rows["regions"])
+
+        await asyncio.to_thread(_wait, "replication", in_sync, 120)
+        durations = []
+        back_in = None
+        resume = 50 + max(1, (pulls - 50) // 2)  # hang: SIGCONT halfway through the rest
+        for i in range(pulls):
+            if i == 50:
+                os.kill(pid, signal.SIGSTOP if mode == "hang" else signal.SIGKILL)
+                t_fault = time.monotonic()
+            if mode == "hang" and i == resume and t_fault is not None:
+                os.kill(pid, signal.SIGCONT)
+                t_back = time.monotonic()
+            t0 = time.monotonic()
+            try:
+                served = await pull(s, up.router, repo, img)
+            except PullError as e:
+                errors.append(f"pull {i}: {e}")
+                continue
+            durations.append(time.monotonic() - t0)
+            if t_fault is not None and t_moved is None and near not in served:
+                t_moved = time.monotonic() - t_fault
+            if t_fault is not None and (t_out is None or (t_back is not None and back_in is None)):
+                st = _get_json(up.router + "/meridian/v1/router")
+                region = {r["region"]: r for r in st["regions"]}[near]
+                if t_out is None and not region["up"]:
+                    t_out = time.monotonic() - t_fault
+                if t_back is not None and back_in is None and near in served:
+                    back_in = time.monotonic() - t_back
+    fig = {
+        "pulls": pulls,
+        "client_errors": len(errors),
+        "traffic_moved_s": t_moved,
+        "out_of_rotation_s": t_out,
+        "pull_p50_ms": _pct(durations, 0.5) * 1000,
+        "pull_max_ms": max(durations) * 1000 if durations else None,
+    }
+    if mode == "hang":
+        fig["back_in_rotation_s"] = back_in
+    report.figures[f"failover_{mode}"] = fig
+    what = "hung (SIGSTOP)" if mode == "hang" else "killed (SIGKILL)"
+
+    def sec(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f} s"
+
+    report.line(
+        f"  nearest region {near} {what} at pull 50 of {pulls}: client-visible errors "
+        f"{len(errors)}; traffic moved after {sec(t_moved)}; out of rotation after "
+        f"{sec(t_out)}; pull p50 {fig['pull_p50_ms']:.0f} ms, slowest "
+        f"{fig['pull_max_ms']:.0f} ms"
+        + (f"; traffic back {sec(back_in)} after SIGCONT" if mode == "hang" else "")
+    )
+    for e in errors[:5]:
+        report.line(f"    {e}")
+
+
+# -- main ----------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace, workdir: Path, report: Report) -> None:
+    report.line("Meridian router benchmark")
+    report.line(f"  machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+
+    report.line("\n[2a] router overhead, plain loopback (etcd + 1 node + router, no emulator)")
+    plain = await asyncio.to_thread(PlainCluster, workdir / "plain")
+    try:
+        img = random_image(1, 4096, seed="overhead")
+        async with aiohttp.ClientSession() as s:
+            await OciClient(plain.node, s).push_image("bench/overhead", "v1", img)
+        await asyncio.sleep(0.5)
+        await overhead(
+            plain.node, plain.router, "bench/overhead", img, args.samples, "plain", report
+        )
+        await asyncio.to_thread(throughput, plain.node, plain.router, "bench/overhead", report)
+    finally:
+        await asyncio.to_thread(plain.stop)
+
+    report.line("\n[meridian up] starting the emulated cluster ...")
+    up = await asyncio.to_thread(UpCluster, workdir, args.config)
+    try:
+        rtts = ", ".join(f"{n} {up.state['regions'][n]['rtt_ms']:g} ms" for n in up.order)
+        report.line(f"  regions (RTT from this site): {rtts}")
+        report.line("\n[1] routing accuracy")
+        await accuracy(up, args.rounds, report)
+
+        report.line("\n[2b] router overhead through the emulated link to the nearest region")
+        near = up.order[0]
+        await overhead(
+            up.state["regions"][near]["advertised"],
+            up.router,
+            "bench/all",
+            random_image(2, 64 << 10, seed="acc-all"),
+            max(200, args.samples // 4),
+            "emulated",
+            report,
+        )
+
+        report.line("\n[3] failover")
+        await failover(up, args.pulls, "hang", report)
+        await failover(up, args.pulls, "kill", report)
+    finally:
+        await asyncio.to_thread(up.stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench_router", description=__doc__)
+    p.add_argument("--pulls", type=int, default=200, help="pulls in each failover loop")
+    p.add_argument("--rounds", type=int, default=40, help="accuracy rounds (3 images each)")
+    p.add_argument("--samples", type=int, default=2000, help="manifest GETs per path (overhead)")
+    p.add_argument("--config", help="topology for meridian up (default: 5/40/120 ms)")
+    p.add_argument("--json", help="write the figures here as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = p.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="meridian-bench-router-"))
+    report = Report()
+    try:
+        try:
+            import uvloop
+
+            uvloop.run(run(args, workdir, report))
+        except ImportError:
+            asyncio.run(run(args, workdir, report))
+    finally:
+        if args.json:
+            Path(args.json).write_text(json.dumps(report.figures, indent=1, default=str))
+        if args.keep:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

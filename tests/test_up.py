@@ -1,0 +1,347 @@
+"""``meridian up``: the local multi-region cluster in one command.
+
+The whole command runs as a real process (etcd, the WAN emulator, three
+nodes and the router as its children); the test pushes and pulls through its
+router, kills a region the way an operator would find it (by ``--region`` on
+its command line), then stops it with SIGINT and again with SIGTERM and
+checks every child is gone. Waits are bounded polls, never timing
+assertions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster import topology as topo
+from tests import images as im
+from tests.procs import ROOT, free_port
+
+TOPOLOGY = """
+[[region]]
+name = "alpha"
+rtt_ms = 4
+
+[[region]]
+name = "beta"
+rtt_ms = 30
+
+[[region]]
+name = "gamma"
+rtt_ms = 60
+bandwidth = "200M"
+
+[[link]]
+regions = ["alpha", "gamma"]
+rtt_ms = 50
+"""
+
+
+# -- topology files ----------------------------------------------------------------
+
+
+def test_topology_file_and_defaults(tmp_path: Path) -> None:
+    f = tmp_path / "t.toml"
+    f.write_text(TOPOLOGY)
+    t = topo.load(f)
+    assert [r.name for r in t.regions] == ["alpha", "beta", "gamma"]
+    assert t.region("gamma").bandwidth == 200 << 20
+    assert t.between("gamma", "alpha").rtt_ms == 50
+    assert t.between("alpha", "beta").rtt_ms == 34  # default: through this site
+    assert [r.name for r in t.first(2).regions] == ["alpha", "beta"]
+    j = tmp_path / "t.json"
+    j.write_text(json.dumps(t.as_dict()))
+    assert topo.load(j).regions == t.regions
+    d = topo.default()
+    assert [(r.name, r.rtt_ms) for r in d.regions] == [
+        ("eastus", 5),
+        ("westeurope", 40),
+        ("southeastasia", 120),
+    ]
+    assert len(topo.default(12).regions) == 12
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[region]]\nname='a'\n", "rtt_ms is required"),
+        ("[[region]]\nname='A b'\nrtt_ms=1\n", "name must be"),
+        ("[[region]]\nname='a'\nrtt_ms=-3\n", "between 0 and 60000"),
+        ("[[region]]\nname='a'\nrtt_ms='fast'\n", "number of milliseconds"),
+        ("[[region]]\nname='a'\nrtt_ms=1\nbandwidth='lots'\n", "bad bandwidth"),
+        ("[[region]]\nname='a'\nrtt_ms=1\n[[region]]\nname='a'\nrtt_ms=2\n", "appears twice"),
+        ("[[region]]\nname='a'\nrtt_ms=1\n[[link]]\nregions=['a','z']\nrtt_ms=1\n", "unknown"),
+        ("[[region]]\nname='a'\nrtt_ms=1\ncolour='red'\n", "unknown keys colour"),
+        ("regions = 3\n", "at least one"),
+        ("this is = not toml [", "not valid TOML"),
+    ],
+)
+def test_topology_errors(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(topo.TopologyError, match=message):
+        topo.load(f)
+
+
+def test_up_refuses_bad_input_without_starting_anything(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[region]]\nname='a'\n")
+    cmd = [sys.executable, "-m", "cluster.cli", "up", "--data", str(tmp_path / "d")]
+    r = subprocess.run([*cmd, "--config", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "rtt_ms is required" in r.stderr
+    r = subprocess.run([*cmd, "--regions", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--regions" in r.stderr
+    r = subprocess.run(
+        [*cmd, "--config", str(tmp_path / "missing.toml")], cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "cannot read" in r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run(
+            [*cmd, "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+    assert r.returncode == 1 and f"port {port} is in use" in r.stderr
+    assert not (tmp_path / "d" / "etcd").exists()
+
+
+# -- the real thing ------------------------------------------------------------------
+
+
+class Up:
+    """``meridian up`` as a process; its output collected as it comes."""
+
+    def __init__(self, data: Path, config: Path, port: int) -> None:
+        self.data = data
+        self.port = port
+        self.out: list[str] = []
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cluster.cli",
+                "up",
+                "--port",
+                str(port),
+                "--data",
+                str(data),
+                "--config",
+                str(config),
+                "--status-interval",
+                "0.5",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.out.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.out)
+
+    @property
+    def router(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def state(self) -> dict[str, Any]:
+        return json.loads((self.data / "up.json").read_text())
+
+    def wait(self, pred: Callable[[], bool], what: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"meridian up exited {self.proc.returncode}:\n{self.output}")
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                if pred():
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"{what} did not happen; output:\n{self.output[-3000:]}")
+
+    def router_status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.router + "/meridian/v1/router", timeout=2) as r:
+            return json.loads(r.read())
+
+    def wait_ready(self) -> None:
+        self.wait(lambda: "Ctrl-C stops everything" in self.output, "the cluster comes up")
+
+    def stop(self, sig: int) -> int:
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(60)
+        finally:
+            self._reader.join(5)
+
+    def kill_all(self) -> None:
+        """Test cleanup: whatever is left, by PID."""
+        pids = []
+        with contextlib.suppress(OSError, ValueError):
+            pids = [c["pid"] for c in self.state()["children"].values()]
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(30)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def processes_with(*needles: str) -> dict[int, list[str]]:
+    """pid -> argv of every process whose command line has all ``needles``."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if all(any(n in a for a in argv) for n in needles):
+            found[int(entry)] = argv
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_no_redirect = urllib.request.build_opener(_NoRedirect)
+
+
+def pull(router: str, repo: str, img: im.Image) -> set[str]:
+    """Pull ``img`` through the router (following redirects by hand); the
+    regions that served it."""
+    served = set()
+    req = urllib.request.Request(
+        f"{router}/v2/{repo}/manifests/v1", headers={"Accept": im.OCI_MANIFEST}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.read() == img.manifest
+        served.add(r.headers["X-Meridian-Region"])
+    for blob in img.blobs():
+        try:
+            _no_redirect.open(f"{router}/v2/{repo}/blobs/{blob.digest}", timeout=30)
+            raise AssertionError("blob GET was not redirected")
+        except urllib.error.HTTPError as e:
+            assert e.code == 307, e.code
+            served.add(e.headers["X-Meridian-Region"])
+            location = e.headers["Location"]
+        with urllib.request.urlopen(location, timeout=30) as r:
+            assert r.read() == blob.data
+    return served
+
+
+def test_up_runs_a_cluster_and_stops_it_cleanly(tmp_path: Path) -> None:
+    config = tmp_path / "topology.toml"
+    config.write_text(TOPOLOGY)
+    data = tmp_path / "data"
+    up = Up(data, config, free_port())
+    try:
+        up.wait_ready()
+        out = up.output
+        assert "router" in out and up.router in out
+        for name, rtt in (("alpha", 4), ("beta", 30), ("gamma", 60)):
+            assert f"region {name}" in out and f"{rtt} ms RTT from here" in out
+        assert "alpha-gamma 50 ms" in out
+        state = up.state()
+        children = state["children"]
+        assert set(children) == {
+            "etcd",
+            "wan",
+            "region alpha",
+            "region beta",
+            "region gamma",
+            "router",
+        }
+        # Each region is a process with --region on its command line.
+        for name in ("alpha", "beta", "gamma"):
+            found = processes_with("--region", name, str(data / "regions" / name))
+            assert list(found) == [children[f"region {name}"]["pid"]], found
+        st = up.router_status()
+        assert st["nearest"] == ["alpha", "beta", "gamma"]
+        for name, r in state["regions"].items():
+            assert {x["region"]: x["http"] for x in st["regions"]}[name] == r["advertised"]
+
+        img = im.build_image([400_000, 30_000], seed="meridian-up")
+        assert im.Registry(up.router).push("demo/app", "v1", img) == img.digest
+        assert pull(up.router, "demo/app", img) == {"alpha"}
+
+        # Replication over the emulated inter-region links reaches every region.
+        node = state["regions"]["alpha"]["node"]
+
+        def in_sync() -> bool:
+            with urllib.request.urlopen(node + "/meridian/v1/replication", timeout=2) as r:
+                rows = json.loads(r.read())["regions"]
+            return len(rows) == 3 and all(row["pending_items"] == 0 for row in rows)
+
+        up.wait(in_sync, "replication to every region")
+        with urllib.request.urlopen(state["wan"] + "/links", timeout=2) as r:
+            links = json.loads(r.read())["links"]
+        # beta and gamma fetched from alpha through the link into alpha's gRPC
+        # service, which told them apart (each pair has its own latency).
+        assert set(links["regions>alpha"]["sources_seen"]) >= {"beta", "gamma"}
+
+        # Kill the nearest region: pulls keep working, from the next one.
+        alpha = children["region alpha"]["pid"]
+        os.kill(alpha, signal.SIGKILL)
+
+        def moved() -> bool:
+            return pull(up.router, "demo/app", img) == {"beta"}
+
+        up.wait(moved, "traffic moved to beta")
+        up.wait(lambda: "exited: region alpha" in up.output, "status shows alpha exited")
+        assert "regions 2/3 in rotation" in up.output
+
+        code = up.stop(signal.SIGINT)
+        assert code == 0, up.output
+        assert "stopped" in up.output
+        for name, child in children.items():
+            assert not alive(child["pid"]), f"{name} still running"
+        assert not (data / "up.json").exists()
+
+        # Same data dir again: same ports, the namespace and bytes are still
+        # there (alpha's copy is back too); SIGTERM stops it as cleanly.
+        ports = json.loads((data / "ports.json").read_text())
+        up = Up(data, config, up.port)
+        up.wait_ready()
+        assert json.loads((data / "ports.json").read_text()) == ports
+        state = up.state()
+        assert pull(up.router, "demo/app", img) == {"alpha"}
+        code = up.stop(signal.SIGTERM)
+        assert code == 0, up.output
+        for name, child in state["children"].items():
+            assert not alive(child["pid"]), f"{name} still running"
+    finally:
+        up.kill_all()

@@ -52,6 +52,14 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"meridian {version('meridian-registry')}")
+        except PackageNotFoundError:
+            print("meridian (not installed)")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: meridian <command> [options]\n\ncommands:")
         for name, (_, help_) in COMMANDS.items():

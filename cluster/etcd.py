@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
-_PAGE_SIZE = 1000
+_PAGE_SIZE = 10_000  # keys per range page (large pages: fewer round trips)
 _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -218,8 +218,9 @@ class EtcdKV:
                 range_end=end,
                 limit=_PAGE_SIZE,
                 revision=revision,
-                sort_order=rpc.RangeRequest.ASCEND,
-                sort_target=rpc.RangeRequest.KEY,
+                # No sort option: etcd returns keys in ascending order anyway,
+                # and asking for a sort costs each page work proportional to
+                # every key after it (measured: 28 s vs 6 s for 200k keys).
             )
             resp = await self._call("kv", "Range", req, retry=True)
             if revision == 0:

@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import re
-import signal
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,9 +56,11 @@ from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from yarl import URL
 
+from cluster import runtime
 from cluster.kv import KVStore
 from cluster.namespace import ALIVE, REGIONS, Namespace, place_key, tag_key
 from cluster.router_table import Region, RegionTable, TableSettings
+from cluster.runtime import setup_logging, split_hostport, wait_for_stop_signal
 
 log = logging.getLogger("meridian.router")
 
@@ -134,11 +135,11 @@ class RouterConfig:
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0] or "127.0.0.1"
+        return split_hostport(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return split_hostport(self.listen)[1]
 
     def table_settings(self) -> TableSettings:
         return TableSettings(
@@ -959,11 +960,7 @@ async def serve(cfg: RouterConfig, ready: Callable[[Router], None] | None = None
     print(f"meridian router listening on http://{cfg.listen} (etcd {cfg.etcd})", flush=True)
     if ready is not None:
         ready(router)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     for task in (starter, checker):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -974,39 +971,8 @@ async def serve(cfg: RouterConfig, ready: Callable[[Router], None] | None = None
 
 
 def run(cfg: RouterConfig) -> None:
-    _setup_logging(cfg.log_level)
-    if cfg.loop == "uvloop":
-        import uvloop
-
-        uvloop.run(serve(cfg))
-    else:
-        asyncio.run(serve(cfg))
-
-
-def _setup_logging(level: str) -> None:
-    import sys
-
-    class _Json(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            out = {
-                "ts": round(record.created, 3),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "msg": record.getMessage(),
-            }
-            for k in ("method", "path", "status", "ms"):
-                if hasattr(record, k):
-                    out[k] = getattr(record, k)
-            if record.exc_info:
-                out["exc"] = self.formatException(record.exc_info)
-            return json.dumps(out)
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Json())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    setup_logging(cfg.log_level)
+    runtime.run(serve(cfg), cfg.loop)
 
 
 def router_main(argv: list[str]) -> int:

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
-import signal
-import sys
 import time
 import uuid
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
+from cluster import runtime
 from cluster.kv import KVStore, KVUnavailable
 from cluster.membership import keep_registered
 from cluster.namespace import Namespace, RegionInfo
+from cluster.runtime import setup_logging, wait_for_stop_signal
 from node.api import API_HEADER, Registry, map_store_errors
 from node.blobstore import FilesystemBlobStore
 from node.config import NodeConfig
@@ -35,31 +34,6 @@ LATENCY = Histogram(
 )
 
 REGISTRY_KEY = web.AppKey("registry", Registry)
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for k in ("request_id", "method", "path", "status", "ms"):
-            if hasattr(record, k):
-                out[k] = getattr(record, k)
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def _error_response(err: RegistryError, request_id: str) -> web.Response:
@@ -220,11 +194,7 @@ async def serve(cfg: NodeConfig) -> None:
         name=cfg.region, http=cfg.base_url, grpc=cfg.grpc_advertise or cfg.grpc_listen
     )
     membership = asyncio.create_task(keep_registered(ns, info), name="membership")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     membership.cancel()
     await runner.cleanup()
     if replication is not None:
@@ -234,9 +204,4 @@ async def serve(cfg: NodeConfig) -> None:
 
 def run(cfg: NodeConfig) -> None:
     setup_logging(cfg.log_level)
-    if cfg.loop == "uvloop":
-        import uvloop
-
-        uvloop.run(serve(cfg))
-    else:
-        asyncio.run(serve(cfg))
+    runtime.run(serve(cfg), cfg.loop)

@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
+from cluster.runtime import split_hostport
+
 
 @dataclass
 class NodeConfig:
@@ -30,11 +32,11 @@ class NodeConfig:
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0] or "127.0.0.1"
+        return split_hostport(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return split_hostport(self.listen)[1]
 
     @property
     def base_url(self) -> str:

@@ -41,12 +41,19 @@ def _up(argv: list[str]) -> int:
     return up_main(argv)
 
 
+def _loadtest(argv: list[str]) -> int:
+    from loadtest.cli import main as loadtest_main
+
+    return loadtest_main(argv)
+
+
 COMMANDS = {
     "node": (_node, "run one registry node (standalone, or one region of a cluster)"),
     "regions": (_regions, "list the cluster's regions, their endpoints and liveness"),
     "replication": (_replication, "replication status per region: pending items, bytes, lag"),
     "router": (_router, "the latency-aware endpoint clients pull from"),
     "up": (_up, "a complete local multi-region cluster (etcd, regions, WAN emulator, router)"),
+    "loadtest": (_loadtest, "load tests of any OCI registry, with a JSON result and HTML report"),
 }
 
 

@@ -646,7 +646,7 @@ def preflight(args: argparse.Namespace, targets: list[str], metrics: list[str]) 
         raise BenchError("missing prerequisites:\n  " + "\n  ".join(problems))
 
 
-def _host_info() -> dict[str, Any]:
+def host_info() -> dict[str, Any]:
     def version(argv: list[str]) -> str:
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
@@ -669,7 +669,7 @@ def _host_info() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """Ignore SIGINT/SIGTERM while cleaning up, so that a second Ctrl-C (or
     ``timeout`` signalling the whole process group) cannot leave a server
     running; cleanup itself is bounded by the stop timeouts."""
@@ -723,7 +723,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-node-", dir=args.workdir))
-    host = _host_info()
+    host = host_info()
     ncpu = host["cpus"] or 1
     log(
         f"bench_node [{profile_name}] targets={','.join(targets)} rounds={prof.rounds} "
@@ -819,7 +819,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         }
         clean = True
     finally:
-        with _signals_held():
+        with signals_held():
             for s in ctx.servers.values():
                 s.stop()
             if ctx_pool is not None:
@@ -903,14 +903,14 @@ def write_json(result: dict[str, Any], out: Path) -> None:
     tmp.replace(out)
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
+def exit_on_sigterm(signum: int, frame: object) -> None:
     # SystemExit unwinds the stack, so every ``finally`` ends its processes.
     raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         result = run(args)
     except (BenchError, LaunchError, loadgen.LoadgenError) as e:

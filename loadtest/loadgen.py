@@ -84,7 +84,7 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
+def percentile(sorted_values: Sequence[float], q: float) -> float:
     if not sorted_values:
         return math.nan
     k = (len(sorted_values) - 1) * q / 100.0
@@ -429,8 +429,8 @@ def run_aiohttp(
         errors=sum(int(p["errors"]) for p in parts),  # type: ignore[call-overload]
         seconds=seconds,
         rps=len(latencies) / seconds,
-        p50_ms=_percentile(latencies, 50) * 1000.0,
-        p99_ms=_percentile(latencies, 99) * 1000.0,
+        p50_ms=percentile(latencies, 50) * 1000.0,
+        p99_ms=percentile(latencies, 99) * 1000.0,
         client_cpu_s=sum(float(p["cpu"]) for p in parts),  # type: ignore[arg-type]
         concurrency=concurrency,
         notes=notes,

@@ -109,23 +109,32 @@ def build_image(layers: list[Layer], annotations: dict[str, str] | None = None) 
         "history": [{"created_by": "meridian loadtest"} for _ in layers],
     }
     config_bytes = json.dumps(config, separators=(",", ":"), sort_keys=True).encode()
+    manifest_bytes = image_manifest(
+        (sha256_digest(config_bytes), len(config_bytes)),
+        [(layer.digest, len(layer.data)) for layer in layers],
+        annotations,
+    )
+    return Image(config_bytes, manifest_bytes, list(layers))
+
+
+def image_manifest(
+    config: tuple[str, int],
+    layers: list[tuple[str, int]],
+    annotations: dict[str, str] | None = None,
+) -> bytes:
+    """The canonical bytes of an OCI image manifest over a config and layers,
+    each given as (digest, size)."""
     manifest: dict[str, object] = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": OCI_CONFIG,
-            "digest": sha256_digest(config_bytes),
-            "size": len(config_bytes),
-        },
+        "config": {"mediaType": OCI_CONFIG, "digest": config[0], "size": config[1]},
         "layers": [
-            {"mediaType": OCI_LAYER_GZIP, "digest": layer.digest, "size": len(layer.data)}
-            for layer in layers
+            {"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": size} for digest, size in layers
         ],
     }
     if annotations:
         manifest["annotations"] = annotations
-    manifest_bytes = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
-    return Image(config_bytes, manifest_bytes, list(layers))
+    return json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
 
 
 def random_image(n_layers: int, layer_size: int, seed: int | str | None = None) -> Image:
@@ -284,8 +293,15 @@ class OciClient:
     # -- manifests -----------------------------------------------------------
 
     async def put_manifest(
-        self, repo: str, ref: str, manifest: bytes, media_type: str = OCI_MANIFEST
+        self,
+        repo: str,
+        ref: str,
+        manifest: bytes,
+        media_type: str = OCI_MANIFEST,
+        response_headers: dict[str, str] | None = None,
     ) -> str:
+        """PUT a manifest; its digest. ``response_headers``, if given, gets
+        the answer's headers (e.g. a router's ``X-Meridian-Region``)."""
         digest = sha256_digest(manifest)
         async with self.session.put(
             self.url(f"{repo}/manifests/{ref}"),
@@ -293,6 +309,8 @@ class OciClient:
             headers={"Content-Type": media_type},
         ) as resp:
             body = await resp.text()
+            if response_headers is not None:
+                response_headers.update(resp.headers)
             if resp.status != 201:
                 raise OciError(f"PUT manifest {repo}:{ref}", resp.status, body)
             got = resp.headers.get("Docker-Content-Digest", digest)

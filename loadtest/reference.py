@@ -99,14 +99,7 @@ class Server:
 
     def rss_bytes(self) -> int:
         """Resident set size of the server process and its descendants."""
-        total = 0
-        for pid in _process_tree(self.pid):
-            try:
-                with open(f"/proc/{pid}/statm") as f:
-                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            except (OSError, ValueError, IndexError):
-                pass
-        return total
+        return process_tree_rss_bytes(self.pid)
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the process by PID: SIGTERM to its group, then SIGKILL."""
@@ -173,6 +166,27 @@ def process_tree_cpu_seconds(root: int) -> float:
         # fields[0] is field 3 (state); utime=14, stime=15, cutime=16, cstime=17
         total += sum(int(x) for x in fields[11:15])
     return total / tick
+
+
+def process_tree_rss_bytes(root: int) -> int:
+    """Resident set size (VmRSS) of ``root`` and its live descendants."""
+    total = 0
+    for pid in _process_tree(root):
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def process_tree_fds(root: int) -> int:
+    """Open file descriptors (``/proc/PID/fd``) of ``root`` and its live descendants."""
+    total = 0
+    for pid in _process_tree(root):
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+    return total
 
 
 def _wait_ready(server: Server, timeout: float) -> None:

@@ -46,19 +46,35 @@ class Upload:
     def data_path(self) -> str:
         return os.path.join(self.dir, "data")
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, chunks: list[bytes]) -> None:
+        """Append ``chunks`` (one gathered write, no joining copy) and feed
+        them to the running hash."""
         fd = os.open(self.data_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            for i in range(0, len(chunks), _IOV_MAX):
+                _writev_all(fd, chunks[i : i + _IOV_MAX])
         finally:
             os.close(fd)
+        n = sum(map(len, chunks))
         if self.hasher is not None and self.hashed == self.size:
-            self.hasher.update(data)
-            self.hashed += len(data)
-        self.size += len(data)
+            for c in chunks:
+                self.hasher.update(c)
+            self.hashed += n
+        self.size += n
+
+
+_IOV_MAX = 512
+
+
+def _writev_all(fd: int, chunks: list[bytes]) -> None:
+    views = [memoryview(c) for c in chunks if c]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
 
 
 class UploadManager:
@@ -119,28 +135,31 @@ class UploadManager:
         client can resume from the new offset)."""
         loop = asyncio.get_running_loop()
         pending: asyncio.Future[None] | None = None
-        buf = bytearray()
+        batch: list[bytes] = []
+        batched = 0
         total = 0
+        start = up.size
         try:
             async for chunk in chunks:
                 total += len(chunk)
                 if limit is not None and total > limit:
                     raise RegistryError("SIZE_INVALID", "body longer than declared length")
-                if self.max_blob_size and up.size + total > self.max_blob_size:
+                if self.max_blob_size and start + total > self.max_blob_size:
                     raise RegistryError(
                         "SIZE_INVALID", "blob larger than this registry accepts", status=413
                     )
-                buf += chunk
-                if len(buf) >= WRITE_BATCH:
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= WRITE_BATCH:
                     if pending is not None:
                         await pending
-                    pending = loop.run_in_executor(None, up._write, bytes(buf))
-                    buf.clear()
+                    pending = loop.run_in_executor(None, up._write, batch)
+                    batch, batched = [], 0
         finally:
             if pending is not None:
                 await pending
-            if buf:
-                await loop.run_in_executor(None, up._write, bytes(buf))
+            if batch:
+                await loop.run_in_executor(None, up._write, batch)
         return total
 
     async def finish(self, up: Upload, digest: str) -> int:

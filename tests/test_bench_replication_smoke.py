@@ -1,0 +1,104 @@
+"""Smoke test of loadtest/bench_replication.py at toy size: real etcd, WAN
+emulator and two region nodes; checks the run completes, every process it
+started is gone, and the JSON result is well formed. Nothing about speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.procs import ROOT, require_tool
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _strict_json(text: str) -> object:
+    def bad(const: str) -> object:
+        raise ValueError(f"non-standard JSON constant {const}")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def test_toy_run_writes_well_formed_json(tmp_path: Path) -> None:
+    require_tool("etcd")
+    out = tmp_path / "bench_replication.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "loadtest.bench_replication",
+            "--image", "toy=2x96K",
+            "--rounds", "1",
+            "--rtt-ms", "20",
+            "--bandwidth", "50M",
+            "--timeout", "30",
+            "--workdir", str(tmp_path / "work"),
+            "--out", str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "lag(201)" in proc.stdout and "emulator alone" in proc.stdout
+
+    res = _strict_json(out.read_text())
+    assert isinstance(res, dict)
+    assert res["schema"] == "meridian.bench_replication/1"
+    st = res["settings"]
+    assert st["rtt_ms"] == 20 and st["bandwidth_bytes_per_s"] == 50 << 20
+    assert st["images"] == {"toy": "2x96K"} and st["rounds"] == 1
+
+    # Every process the run started was ended.
+    assert set(res["pids"]) == {"etcd", "wan", "eastus", "westeurope"}
+    for pid in res["pids"].values():
+        assert not os.path.exists(f"/proc/{pid}"), f"pid {pid} outlived the run"
+
+    s = res["summary"]["toy"]
+    for key in (
+        "push_s",
+        "lag_from_ack_s",
+        "floor_s",
+        "lag_ratio",
+        "lag_from_start_s",
+        "floor_from_start_s",
+        "lag_from_start_ratio",
+        "floor_pipelined_from_ack_s",
+    ):
+        assert _number(s[key]) and s[key] > 0, key
+    assert s["floor_s"] == pytest.approx(0.020 + s["bytes"] / (50 << 20), rel=1e-3)
+    assert isinstance(s["lag_goal_met"], bool)
+    pull = s["pull"]
+    assert pull["all_verified"] is True
+    assert _number(pull["duration_s"]) and _number(pull["ratio"]) and pull["rounds"] == 1
+
+    rounds = res["rounds"]
+    assert sorted(r["mode"] for r in rounds) == ["lag", "pull"]
+    for r in rounds:
+        kinds = sorted(it["kind"] for it in r["items"])
+        assert kinds == ["blob", "blob", "blob", "manifest"]  # 2 layers, config, manifest
+        assert sum(it["bytes"] for it in r["items"]) == r["bytes"]
+        for it in r["items"]:
+            assert it["in_b_s"] >= it["in_a_s"] >= 0
+        assert r["link_bytes_a_to_b"] >= r["bytes"]  # every byte crossed the emulator
+        assert set(r["cpu_s"]) >= {"bench", "etcd", "wan", "eastus", "westeurope"}
+    pulled = next(r for r in rounds if r["mode"] == "pull")
+    pr = pulled["pull"]
+    assert pr["verified"] is True and pr["bytes"] == pulled["bytes"]
+    assert all(b["ok"] for b in pr["blobs"])
+    assert {b["digest"] for b in pr["blobs"]} == {
+        it["digest"] for it in pulled["items"] if it["kind"] == "blob"
+    }
+    cal = res["calibration"]
+    assert cal["bytes"] == 2 * 96 * 1024 and _number(cal["median_s"]) and cal["median_s"] > 0
+    # The nodes' data and logs stayed in --workdir.
+    assert (tmp_path / "work" / "westeurope" / "westeurope.log").exists()

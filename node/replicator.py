@@ -193,6 +193,7 @@ class Replicator:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _dirty: asyncio.Event = field(default_factory=asyncio.Event)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _landed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _planned: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -240,12 +241,14 @@ class Replicator:
                 await asyncio.wait_for(self._dirty.wait(), self.rescan_interval)
             except TimeoutError:
                 pass
-            await asyncio.sleep(self.debounce)
+            # Replan at the first change (an idle region starts copying at
+            # once); the pause after it coalesces a burst of changes.
             self._dirty.clear()
             try:
                 self.replan()
             except Exception:
                 log.exception("replication planning failed")
+            await asyncio.sleep(self.debounce)
 
     def replan(self) -> None:
         self._presence = {}
@@ -284,17 +287,28 @@ class Replicator:
             known = self._presence[digest] = self._local(digest)
         return known
 
-    def _ready(self, it: Item) -> bool:
-        if it.rank == BLOB or self._present(it.digest):
-            return True
+    def _deps_state(self, it: Item) -> str:
+        """ "ready" when everything ``it`` references is here, "inflight"
+        when the rest is being copied now, else "blocked"."""
         places = self.ns.cache.registries.get(it.reg)
+        state = "ready"
         for d in it.deps:
             if self._present(d):
                 continue
             if places is not None and not places.placements.get(d):
                 continue  # held nowhere (e.g. a non-distributable layer)
-            return False
-        return True
+            if d in self.inflight:
+                state = "inflight"
+                continue
+            return "blocked"
+        return state
+
+    def _ready(self, it: Item) -> bool:
+        # A manifest's bytes may be fetched while its children are still in
+        # flight (saving a round trip); its placement waits for them.
+        if it.rank == BLOB or self._present(it.digest):
+            return True
+        return self._deps_state(it) != "blocked"
 
     def _pick(self) -> Item | None:
         now = time.monotonic()
@@ -358,12 +372,21 @@ class Replicator:
             finally:
                 self.inflight.pop(it.digest, None)
                 INFLIGHT.set(len(self.inflight))
+                async with self._landed:
+                    self._landed.notify_all()
                 self._dirty.set()
                 self._wake.set()
 
     async def _replicate(self, it: Item) -> None:
         if not self._local(it.digest):
             await self.fetcher.fetch(it.reg, it.digest, it.size, reason="replicate")
+        if it.rank != BLOB:
+            # A placed manifest means the whole image is here: wait for the
+            # children copied alongside it.
+            async with self._landed:
+                await self._landed.wait_for(lambda: self._deps_state(it) != "inflight")
+            if self._deps_state(it) == "blocked":
+                raise RuntimeError("a referenced blob or manifest is not here yet")
         if self.region not in self.ns.placements(it.reg, it.digest):
             # Bytes are here and verified; the placement write failed or is new.
             await self.ns.record_placement(it.reg, it.digest, it.size)

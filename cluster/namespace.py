@@ -58,6 +58,8 @@ MAX_TAGS_PER_PUSH = TXN_BATCH
 # Manifest records are etcd values (etcd's request limit is 1.5 MiB): larger
 # annotations stay only in the manifest's bytes.
 MAX_RECORD_ANNOTATIONS = 256 << 10
+# A cache miss is checked against the store this long at most (a read).
+FRESH_READ_TIMEOUT = 0.5
 
 
 class Conflict(Exception):
@@ -371,6 +373,28 @@ class Namespace:
     def repo(self, reg: str, repo: str) -> RepoState | None:
         st = self.cache.registries.get(reg)
         return st.repos.get(repo) if st else None
+
+    async def _fresh(self, key: str) -> bytes | None:
+        """A key the cache lacks, read from the store once: a watch event a
+        few milliseconds behind must not turn a just-pushed image into a
+        404. With the store unreachable the cache's answer stands."""
+        try:
+            entry = await asyncio.wait_for(self.kv.get(key), FRESH_READ_TIMEOUT)
+        except (KVUnavailable, TimeoutError):
+            return None
+        if entry is None:
+            return None
+        self.cache.apply(entry.key, entry.value, entry.mod_revision)
+        return entry.value
+
+    async def fresh_tag(self, reg: str, repo: str, tag: str) -> str | None:
+        value = await self._fresh(tag_key(reg, repo, tag))
+        return value.decode() if value is not None else None
+
+    async def fresh_manifest(self, reg: str, repo: str, digest: str) -> ManifestRecord | None:
+        if await self._fresh(manifest_key(reg, repo, digest)) is None:
+            return None
+        return self.manifest(reg, repo, digest)
 
     def repo_exists(self, reg: str, repo: str) -> bool:
         return self.repo(reg, repo) is not None

@@ -234,19 +234,18 @@ class Registry:
 
     # -- manifests ---------------------------------------------------------
 
-    def _resolve(self, reg: str, name: str, ref: str) -> ManifestRecord:
+    async def _resolve(self, reg: str, name: str, ref: str) -> ManifestRecord:
         if ":" in ref:
             parse_digest(ref)
-            digest = ref
+            digest: str | None = ref
         else:
             check_tag(ref)
-            found = self.ns.tag(reg, name, ref)
-            if found is None:
-                if not self.ns.repo_exists(reg, name):
-                    raise name_unknown(name)
-                raise manifest_unknown(ref)
-            digest = found
-        rec = self.ns.manifest(reg, name, digest)
+            digest = self.ns.tag(reg, name, ref) or await self.ns.fresh_tag(reg, name, ref)
+        rec = None
+        if digest is not None:
+            rec = self.ns.manifest(reg, name, digest) or await self.ns.fresh_manifest(
+                reg, name, digest
+            )
         if rec is None:
             if not self.ns.repo_exists(reg, name):
                 raise name_unknown(name)
@@ -279,7 +278,7 @@ class Registry:
     async def get_manifest(
         self, request: web.Request, reg: str, name: str, ref: str
     ) -> web.Response:
-        rec = self._resolve(reg, name, ref)
+        rec = await self._resolve(reg, name, ref)
         accept = [
             a.split(";")[0].strip()
             for h in request.headers.getall("Accept", [])

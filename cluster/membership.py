@@ -23,7 +23,7 @@ async def keep_registered(ns: Namespace, info: RegionInfo, ttl: int = LEASE_TTL)
     lease: int | None = None
     while True:
         try:
-            if lease is None or info.name not in ns.alive_regions():
+            if lease is None or not await ns.alive_in_store(info.name):
                 old, lease = lease, await ns.kv.grant_lease(ttl)
                 await ns.register_region(info, lease)
                 log.info("region registered", extra={"path": info.http})

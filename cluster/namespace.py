@@ -60,6 +60,7 @@ MAX_TAGS_PER_PUSH = TXN_BATCH
 MAX_RECORD_ANNOTATIONS = 256 << 10
 # A cache miss is checked against the store this long at most (a read).
 FRESH_READ_TIMEOUT = 0.5
+STORE_CHECK_TIMEOUT = 2.0  # the periodic liveness read
 
 
 class Conflict(Exception):
@@ -354,8 +355,25 @@ class Namespace:
         if batch:
             self.cache.advance(batch[-1].mod_revision)
 
+    async def alive_in_store(self, region: str) -> bool:
+        """Whether ``region``'s liveness key is in the store right now (not
+        just in the cache). Also what ``synced`` reports: cleared while the
+        store cannot be reached, set again once it answers."""
+        try:
+            entry = await asyncio.wait_for(self.kv.get(alive_key(region)), STORE_CHECK_TIMEOUT)
+        except (KVUnavailable, TimeoutError):
+            self.synced.clear()
+            raise KVUnavailable("the namespace store did not answer") from None
+        self.synced.set()
+        return entry is not None
+
     async def _commit(self, compares: list[Compare], ops: list[Op]) -> int:
-        res = await self.kv.txn(compares, ops)
+        try:
+            res = await self.kv.txn(compares, ops)
+        except KVUnavailable:
+            self.synced.clear()
+            raise
+        self.synced.set()  # the store answered
         if not res.succeeded:
             raise Conflict()
         for op in ops:

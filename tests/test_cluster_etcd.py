@@ -509,6 +509,13 @@ async def test_etcd_down_pulls_served_writes_503_then_catch_up(tmp_path: Path) -
 
             await cl.etcd.akill()
 
+            async def reports_unsynced() -> None:
+                h = (await ce.get("/healthz")).json()
+                assert h["namespace_synced"] is False, h
+
+            # /healthz tells the outage (the node's periodic store check).
+            await eventually(reports_unsynced, "healthz reports the namespace unsynced")
+
             # Pulls keep being served from the cache, repeatedly.
             for _ in range(5):
                 r = await ce.get(f"/v2/{repo}/manifests/e1", headers=ACCEPT)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -56,6 +57,19 @@ async def wait_for_stop_signal() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+def free_port(taken: set[int] | None = None) -> int:
+    """A loopback TCP port that was free a moment ago: never etcd's default
+    2379/2380, never one in ``taken`` (which then records it)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in (2379, 2380) and (taken is None or port not in taken):
+            if taken is not None:
+                taken.add(port)
+            return port
 
 
 def split_hostport(listen: str) -> tuple[str, int]:

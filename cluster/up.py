@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cluster import topology as topo
+from cluster.runtime import free_port
 
 ETCD_HINT = "etcd not found: apt-get install -y etcd-server (or put etcd on PATH)"
 STOP_GRACE = 10.0
@@ -72,16 +73,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port(taken: set[int]) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in taken and port not in (2379, 2380):
-            taken.add(port)
-            return port
 
 
 def _get_json(url: str, timeout: float = 1.0) -> Any:
@@ -154,7 +145,7 @@ class Ports:
         if port is not None and port not in taken and _port_free(port):
             taken.add(port)
             return port
-        port = _free_port(taken)
+        port = free_port(taken)
         self.values[key] = port
         return port
 

@@ -85,6 +85,7 @@ from typing import Any
 import aiohttp
 
 from cluster.etcd import EtcdKV
+from cluster.units import parse_size
 from loadtest.bench_namespace import BenchError, Proc, _spawn, _wait, start_etcd
 from loadtest.ocipush import MANIFEST_ACCEPT, Image, OciClient, random_image, sha256_digest
 from loadtest.reference import free_port, process_tree_cpu_seconds
@@ -95,20 +96,6 @@ A, B = "eastus", "westeurope"
 MIB = 1 << 20
 LAG_GOAL = 1.3  # lag within 1.3x of its floor
 PULL_GOAL = 1.2  # pull within the floor's time + 20%
-
-
-# -- sizes ----------------------------------------------------------------------
-
-
-def parse_size(value: str) -> int:
-    """``20M`` -> 20 MiB (K, M, G: powers of 1024, as the rest of Meridian)."""
-    v = value.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
-        if v.endswith(suffix):
-            v, mult = v[:-1], m
-            break
-    return int(float(v) * mult)
 
 
 @dataclass(frozen=True)

@@ -43,20 +43,13 @@ from typing import Any
 
 import aiohttp
 
+from cluster.runtime import free_port
 from loadtest.ocipush import OCI_MANIFEST, Image, OciClient, random_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- processes -------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -98,7 +91,7 @@ class UpCluster:
 
     def __init__(self, workdir: Path, config: str | None) -> None:
         self.data = workdir / "up"
-        self.port = _free_port()
+        self.port = free_port()
         cmd = [sys.executable, "-m", "cluster.cli", "up", "--port", str(self.port)]
         cmd += ["--data", str(self.data)]
         if config:
@@ -136,7 +129,7 @@ class PlainCluster:
         etcd = shutil.which("etcd") or "/usr/bin/etcd"
         workdir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
-        cport, pport = _free_port(), _free_port()
+        cport, pport = free_port(), free_port()
         self.etcd = f"http://127.0.0.1:{cport}"
         peer = f"http://127.0.0.1:{pport}"
         self._spawn(
@@ -162,7 +155,7 @@ class PlainCluster:
             ],
         )
         _wait("etcd", lambda: b"true" in urllib.request.urlopen(self.etcd + "/health").read())
-        nport = _free_port()
+        nport = free_port()
         self.node = f"http://127.0.0.1:{nport}"
         self._spawn(
             workdir / "node.log",
@@ -171,7 +164,7 @@ class PlainCluster:
             + ["--etcd", self.etcd],
         )
         _wait("node", lambda: urllib.request.urlopen(self.node + "/v2/").status == 200)
-        rport = _free_port()
+        rport = free_port()
         self.router = f"http://127.0.0.1:{rport}"
         self._spawn(
             workdir / "router.log",

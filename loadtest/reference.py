@@ -19,7 +19,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cluster.runtime import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,13 +45,6 @@ TARGETS = ("distribution", "meridian")
 
 class LaunchError(RuntimeError):
     """A registry could not be started (missing tool, crash, never ready)."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def require_tool(name: str, install: str) -> str:

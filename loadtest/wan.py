@@ -60,6 +60,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from cluster.units import parse_size
+
 READ_SIZE = 64 << 10
 
 
@@ -578,21 +580,12 @@ def _duration(v: str) -> float:
     return float(v.removesuffix("s"))
 
 
-def _rate(v: str) -> int:
-    v = v.strip().upper().removesuffix("B").removesuffix("/S")
-    mult = 1
-    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
-        if v.endswith(suffix):
-            v, mult = v[:-1], m
-    return int(float(v) * mult)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.wan", description="one emulated WAN link")
     p.add_argument("--listen", default="127.0.0.1:0")
     p.add_argument("--target", help="host:port to forward to (one-link mode)")
     p.add_argument("--latency", type=_duration, default=0.0, help="one-way, e.g. 40ms")
-    p.add_argument("--bandwidth", type=_rate, default=0, help="per direction, e.g. 10M")
+    p.add_argument("--bandwidth", type=parse_size, default=0, help="per direction, e.g. 10M")
     p.add_argument("--config", help="JSON file of many links (see the module docstring)")
     p.add_argument("--control", default="", help="host:port of the control API (--config)")
     args = p.parse_args(argv)

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, fields
 
 from cluster.runtime import split_hostport
+from cluster.units import parse_size
 
 
 @dataclass
@@ -41,17 +42,6 @@ class NodeConfig:
     @property
     def base_url(self) -> str:
         return self.advertise or f"http://{self.listen}"
-
-
-def parse_size(value: str) -> int:
-    """``"20M"`` -> 20971520 (K, M, G are powers of 1024); plain numbers are bytes."""
-    v = value.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
-        if v.endswith(suffix):
-            v, mult = v[:-1], m
-            break
-    return int(float(v) * mult)
 
 
 def _env(name: str, default: str) -> str:

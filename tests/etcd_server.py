@@ -26,7 +26,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,6 +35,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+from cluster.runtime import free_port
 
 ETCD_INSTALL_HINT = "etcd not found: apt-get install -y etcd-server"
 _DEFAULT_BINARY = "/usr/bin/etcd"
@@ -50,16 +51,6 @@ def find_etcd() -> str:
             pytest.fail(ETCD_INSTALL_HINT, pytrace=False)
         binary = found
     return binary
-
-
-def free_port() -> int:
-    """An ephemeral loopback port that is free right now (never 2379/2380)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in (2379, 2380):
-            return port
 
 
 class _PortTaken(RuntimeError):

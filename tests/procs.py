@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from cluster.runtime import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,12 +31,6 @@ def require_tool(name: str) -> str:
     if path is None:
         raise RuntimeError(f"{name} not found: {INSTALL_HINTS.get(name, 'install ' + name)}")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:

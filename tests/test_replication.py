@@ -16,13 +16,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from cluster.etcd import EtcdKV
-from tests.etcd_server import EtcdServer
+from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.images import Image, Index, Registry, build_image, build_index
 from tests.procs import ROOT, NodeProcess, free_port
 
@@ -204,13 +204,7 @@ def wait_peers(nodes: list[RegionNode]) -> None:
         )
 
 
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    server = EtcdServer(str(tmp_path / "etcd"))
-    try:
-        yield server.start()
-    finally:
-        server.cleanup()
+etcd = etcd_fixture()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from loadtest.wan import Link, Wan
-from tests.etcd_server import EtcdServer
+from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.images import build_image
 from tests.procs import free_port
 from tests.test_replication import (
@@ -31,13 +31,7 @@ from tests.test_replication import (
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    server = EtcdServer(str(tmp_path / "etcd"))
-    try:
-        yield server.start()
-    finally:
-        server.cleanup()
+etcd = etcd_fixture()
 
 
 @pytest.fixture

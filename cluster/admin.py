@@ -40,7 +40,7 @@ async def _region_records(ns: argparse.Namespace) -> tuple[list[RegionInfo], set
         return infos, {r["name"] for r in doc["regions"] if r["alive"]}
     from cluster.etcd import EtcdKV
 
-    kv = EtcdKV([e.strip() for e in ns.etcd.split(",") if e.strip()])
+    kv = EtcdKV.from_flag(ns.etcd)
     await kv.start()
     try:
         infos, _ = await kv.range(REGIONS)

@@ -128,6 +128,11 @@ class EtcdKV:
     lease was found expired and granted again under the same ID.
     """
 
+    @classmethod
+    def from_flag(cls, spec: str, **kwargs: Any) -> EtcdKV:
+        """From the comma-separated endpoints of an ``--etcd`` flag."""
+        return cls([e.strip() for e in spec.split(",") if e.strip()], **kwargs)
+
     def __init__(
         self,
         endpoints: list[str],

@@ -909,7 +909,7 @@ def _chunked(request: web.Request) -> bool:
 def make_kv(cfg: RouterConfig) -> KVStore:
     from cluster.etcd import EtcdKV
 
-    return EtcdKV([e.strip() for e in cfg.etcd.split(",") if e.strip()])
+    return EtcdKV.from_flag(cfg.etcd)
 
 
 def build_app(router: Router) -> web.Application:

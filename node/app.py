@@ -120,7 +120,7 @@ def make_kv(cfg: NodeConfig) -> KVStore:
     if cfg.etcd:
         from cluster.etcd import EtcdKV
 
-        return EtcdKV([e.strip() for e in cfg.etcd.split(",") if e.strip()])
+        return EtcdKV.from_flag(cfg.etcd)
     from cluster.embedded import EmbeddedKV
 
     return EmbeddedKV(os.path.join(cfg.data, "namespace.sqlite"))

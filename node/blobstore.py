@@ -79,10 +79,7 @@ class FilesystemBlobStore:
         return os.path.join(self.blobs, alg, enc[:2], enc)
 
     async def stat(self, digest: str) -> int | None:
-        try:
-            return os.stat(self._path(digest)).st_size
-        except FileNotFoundError:
-            return None
+        return self.stat_sync(digest)
 
     def stat_sync(self, digest: str) -> int | None:
         try:

@@ -727,7 +727,7 @@ def replication_main(argv: list[str]) -> int:
         from cluster.etcd import EtcdKV
 
         async def read() -> list[dict]:
-            ns = Namespace(EtcdKV([e.strip() for e in args.etcd.split(",") if e.strip()]), "")
+            ns = Namespace(EtcdKV.from_flag(args.etcd), "")
             await ns.start()
             try:
                 return status_rows(ns)

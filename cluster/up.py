@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cluster import topology as topo
+from cluster.etcd import single_member_argv
 from cluster.runtime import free_port
 
 ETCD_HINT = "etcd not found: apt-get install -y etcd-server (or put etcd on PATH)"
@@ -214,23 +215,7 @@ class Cluster:
         peer_url = f"http://127.0.0.1:{etcd_peer}"
         meta = self.data / "etcd-urls.json"
         cmd = [
-            etcd_bin,
-            "--name",
-            "meridian",
-            "--data-dir",
-            str(etcd_dir),
-            "--listen-client-urls",
-            client_url,
-            "--advertise-client-urls",
-            client_url,
-            "--listen-peer-urls",
-            peer_url,
-            "--initial-advertise-peer-urls",
-            peer_url,
-            "--initial-cluster",
-            f"meridian={peer_url}",
-            "--initial-cluster-state",
-            "new",
+            *single_member_argv(etcd_bin, "meridian", str(etcd_dir), client_url, peer_url),
             "--heartbeat-interval",
             "50",
             "--election-timeout",

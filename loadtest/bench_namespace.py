@@ -56,7 +56,7 @@ from typing import Any
 
 import aiohttp
 
-from cluster.etcd import EtcdKV
+from cluster.etcd import EtcdKV, single_member_argv
 from cluster.kv import Op, Put
 from cluster.namespace import ROOT, ManifestRecord, manifest_key, tag_key
 from loadtest.reference import REPO_ROOT, free_port, stop_process
@@ -156,15 +156,7 @@ def start_etcd(workdir: Path) -> Proc:
     client, peer = free_port(), free_port()
     curl, purl = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
     argv = [
-        etcd_binary(),
-        "--name", "bench",
-        "--data-dir", str(workdir / "data"),
-        "--listen-client-urls", curl,
-        "--advertise-client-urls", curl,
-        "--listen-peer-urls", purl,
-        "--initial-advertise-peer-urls", purl,
-        "--initial-cluster", f"bench={purl}",
-        "--initial-cluster-state", "new",
+        *single_member_argv(etcd_binary(), "bench", str(workdir / "data"), curl, purl),
         "--logger", "zap",
         "--log-level", "warn",
         "--quota-backend-bytes", str(4 << 30),

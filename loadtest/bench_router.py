@@ -43,6 +43,7 @@ from typing import Any
 
 import aiohttp
 
+from cluster.etcd import single_member_argv
 from cluster.runtime import free_port
 from loadtest.ocipush import OCI_MANIFEST, Image, OciClient, random_image
 
@@ -135,19 +136,7 @@ class PlainCluster:
         self._spawn(
             workdir / "etcd.log",
             [
-                etcd,
-                "--data-dir",
-                str(workdir / "etcd"),
-                "--listen-client-urls",
-                self.etcd,
-                "--advertise-client-urls",
-                self.etcd,
-                "--listen-peer-urls",
-                peer,
-                "--initial-advertise-peer-urls",
-                peer,
-                "--initial-cluster",
-                f"default={peer}",
+                *single_member_argv(etcd, "default", str(workdir / "etcd"), self.etcd, peer),
                 "--log-level",
                 "warn",
                 "--logger",

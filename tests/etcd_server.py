@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 
+from cluster.etcd import single_member_argv
 from cluster.runtime import free_port
 
 ETCD_INSTALL_HINT = "etcd not found: apt-get install -y etcd-server"
@@ -125,23 +126,9 @@ class EtcdServer:
     def _start_once(self) -> EtcdServer:
         os.makedirs(self.base_dir, exist_ok=True)
         args = [
-            self.binary,
-            "--name",
-            self.name,
-            "--data-dir",
-            self.data_dir,
-            "--listen-client-urls",
-            self.client_url,
-            "--advertise-client-urls",
-            self.client_url,
-            "--listen-peer-urls",
-            self.peer_url,
-            "--initial-advertise-peer-urls",
-            self.peer_url,
-            "--initial-cluster",
-            f"{self.name}={self.peer_url}",
-            "--initial-cluster-state",
-            "new",
+            *single_member_argv(
+                self.binary, self.name, self.data_dir, self.client_url, self.peer_url
+            ),
             "--initial-cluster-token",
             f"meridian-test-{self.client_port}",
             # Fast elections: a restarted single member leads within ~0.2 s,

@@ -59,9 +59,9 @@ class Layer:
         return sha256_digest(self.data)
 
 
-def make_layer(size: int, seed: int | str | None = None, name: str = "payload.bin") -> Layer:
-    """A layer: a tar holding one file of ``size`` random bytes, gzip'd (level 0)."""
-    payload = random_bytes(size, seed)
+def tar_gzip(payload: bytes, name: str = "payload.bin") -> tuple[bytes, str]:
+    """A reproducible tar holding one file, gzip'd at level 0 (no CPU spent
+    compressing random bytes), and its diff_id (digest of the plain tar)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo(name)
@@ -70,7 +70,12 @@ def make_layer(size: int, seed: int | str | None = None, name: str = "payload.bi
         info.mtime = 0
         tar.addfile(info, io.BytesIO(payload))
     raw = buf.getvalue()
-    return Layer(gzip.compress(raw, compresslevel=0, mtime=0), sha256_digest(raw))
+    return gzip.compress(raw, compresslevel=0, mtime=0), sha256_digest(raw)
+
+
+def make_layer(size: int, seed: int | str | None = None, name: str = "payload.bin") -> Layer:
+    """A layer: a tar holding one file of ``size`` random bytes, gzip'd (level 0)."""
+    return Layer(*tar_gzip(random_bytes(size, seed), name))
 
 
 @dataclass

@@ -20,13 +20,10 @@ from ``seed``.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import os
 import random
-import tarfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,8 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode, urljoin
 
+from loadtest.ocipush import tar_gzip
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_EMPTY = "application/vnd.oci.empty.v1+json"
@@ -97,16 +97,8 @@ def make_layer(
     name: str = "payload.bin",
 ) -> Layer:
     """A layer: a tar holding one file of ``size`` random bytes, gzip'd."""
-    payload = _rng(seed).randbytes(size)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(name)
-        info.size = len(payload)
-        info.mode = 0o644
-        info.mtime = 0
-        tar.addfile(info, io.BytesIO(payload))
-    raw = buf.getvalue()
-    return Layer(gzip.compress(raw, compresslevel=0, mtime=0), media_type, sha256_digest(raw))
+    data, diff_id = tar_gzip(_rng(seed).randbytes(size), name)
+    return Layer(data, media_type, diff_id)
 
 
 @dataclass

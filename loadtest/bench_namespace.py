@@ -60,10 +60,9 @@ from cluster.etcd import EtcdKV, single_member_argv
 from cluster.kv import Op, Put
 from cluster.namespace import ROOT, ManifestRecord, manifest_key, tag_key
 from loadtest.reference import REPO_ROOT, free_port, stop_process
+from ocidist.mediatypes import OCI_CONFIG, OCI_MANIFEST
+from ocidist.mediatypes import OCI_LAYER_GZIP as OCI_LAYER
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 REG = "default"
 TXN_OPS = 128  # etcd's default --max-txn-ops
 

@@ -7,6 +7,7 @@ validates the name before anything else, and calls the handler.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import OrderedDict
 from typing import Any
@@ -18,30 +19,24 @@ from cluster.kv import KVUnavailable
 from cluster.namespace import MAX_TAGS_PER_PUSH, Conflict, ManifestRecord, Namespace
 from node import manifests as mf
 from node.blobstore import FilesystemBlobStore
-from node.digests import check_name, check_tag, compute, is_digest, parse_digest
-from node.errors import (
+from node.sendfile import BlobFileResponse
+from node.uploads import Upload, UploadManager
+from ocidist import mediatypes as mt
+from ocidist import paths
+from ocidist.digests import check_name, check_tag, compute, is_digest, parse_digest
+from ocidist.errors import (
+    Code,
     RegistryError,
     blob_unknown,
     manifest_unknown,
     name_unknown,
     unavailable,
+    unsupported,
 )
-from node.sendfile import BlobFileResponse
-from node.uploads import Upload, UploadManager
+from ocidist.paths import API_HEADERS, normalize_domain, registry_for_host
 
-_PATH = re.compile(
-    r"^(?P<name>.+)/(?:"
-    r"(?P<tags>tags/list)"
-    r"|manifests/(?P<ref>[^/]+)"
-    r"|blobs/uploads/?(?P<upload>.*)"
-    r"|blobs/(?P<digest>[^/]+)"
-    r"|referrers/(?P<subject>[^/]+)"
-    r")$"
-)
-_REGISTRY_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
 MAX_PAGE = 10000
-API_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
 class ManifestCache:
@@ -77,7 +72,7 @@ def _page_args(request: web.Request) -> tuple[int | None, str | None]:
         except ValueError:
             n = -1
         if n < 0:
-            raise RegistryError("PAGINATION_NUMBER_INVALID", detail={"n": n_raw})
+            raise RegistryError(Code.PAGINATION_NUMBER_INVALID, detail={"n": n_raw})
         n = min(n, MAX_PAGE)
     return n, request.query.get("last")
 
@@ -109,7 +104,7 @@ class Registry:
         self.store = store
         self.uploads = uploads
         self.default_registry = default_registry
-        self.domain = domain.lower().lstrip(".")
+        self.domain = normalize_domain(domain)
         self.manifest_cache = ManifestCache()
         # node.readthrough.Fetcher when regions share a namespace: fetches
         # bytes the namespace knows but this region does not hold yet.
@@ -118,54 +113,43 @@ class Registry:
     # -- routing -----------------------------------------------------------
 
     def registry_for(self, request: web.Request) -> str:
-        if self.domain:
-            host = (request.host or "").rsplit(":", 1)[0].lower()
-            suffix = "." + self.domain
-            if host.endswith(suffix) and host != suffix[1:]:
-                label = host[: -len(suffix)]
-                # A registry name is one DNS label: anything else could
-                # reach into another registry's keys.
-                if not _REGISTRY_LABEL.match(label):
-                    raise RegistryError(
-                        "NAME_INVALID", "invalid registry name in Host", {"host": host}
-                    )
-                return label
-        return self.default_registry
+        return registry_for_host(request.host, self.domain, self.default_registry)
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.match_info["path"]
         method = request.method
-        if path == "":
+        route = paths.parse(path)
+        if route is None:
+            raise RegistryError(Code.UNSUPPORTED, "no such endpoint", {"path": path}, status=404)
+        kind = route.kind
+        if kind == "base":
             if method in ("GET", "HEAD"):
-                return web.json_response({}, headers=API_HEADER)
-            raise RegistryError("UNSUPPORTED", status=405)
-        if path == "_catalog":
+                return web.json_response({}, headers=API_HEADERS)
+            raise unsupported(method)
+        if kind == "catalog":
             if method != "GET":
-                raise RegistryError("UNSUPPORTED", status=405)
+                raise unsupported(method)
             return self.catalog(request)
-        m = _PATH.match(path)
-        if not m:
-            raise RegistryError("UNSUPPORTED", "no such endpoint", {"path": path}, status=404)
-        name = check_name(m.group("name"))
+        name = check_name(route.name)
         reg = self.registry_for(request)
-        if m.group("tags"):
+        if kind == "tags":
             if method != "GET":
-                raise RegistryError("UNSUPPORTED", status=405)
+                raise unsupported(method)
             return self.tags_list(request, reg, name)
-        if (ref := m.group("ref")) is not None:
+        if kind == "manifest":
             if method in ("GET", "HEAD"):
-                return await self.get_manifest(request, reg, name, ref)
+                return await self.get_manifest(request, reg, name, route.arg)
             if method == "PUT":
-                return await self.put_manifest(request, reg, name, ref)
+                return await self.put_manifest(request, reg, name, route.arg)
             if method == "DELETE":
-                return await self.delete_manifest(reg, name, ref)
-            raise RegistryError("UNSUPPORTED", status=405)
-        if (upload := m.group("upload")) is not None:
-            if upload == "":
-                if method == "POST":
-                    return await self.start_upload(request, reg, name)
-                raise RegistryError("UNSUPPORTED", status=405)
-            up = self.uploads.get(upload, reg, name)
+                return await self.delete_manifest(reg, name, route.arg)
+            raise unsupported(method)
+        if kind == "uploads":
+            if method == "POST":
+                return await self.start_upload(request, reg, name)
+            raise unsupported(method)
+        if kind == "upload":
+            up = self.uploads.get(route.arg, reg, name)
             if method == "GET":
                 async with up.lock:  # settle a PATCH still writing
                     return self._upload_status(up, 204)
@@ -176,17 +160,16 @@ class Registry:
             if method == "DELETE":
                 self.uploads.cancel(up)
                 return web.Response(status=204)
-            raise RegistryError("UNSUPPORTED", status=405)
-        if (digest := m.group("digest")) is not None:
+            raise unsupported(method)
+        if kind == "blob":
             if method in ("GET", "HEAD"):
-                return await self.get_blob(request, reg, name, digest)
+                return await self.get_blob(request, reg, name, route.arg)
             if method == "DELETE":
-                return await self.delete_blob(reg, name, digest)
-            raise RegistryError("UNSUPPORTED", status=405)
-        subject = m.group("subject")
+                return await self.delete_blob(reg, name, route.arg)
+            raise unsupported(method)
         if method != "GET":
-            raise RegistryError("UNSUPPORTED", status=405)
-        return await self.referrers(request, reg, name, subject)
+            raise unsupported(method)
+        return await self.referrers(request, reg, name, route.arg)
 
     # -- listing -----------------------------------------------------------
 
@@ -222,7 +205,7 @@ class Registry:
             headers["OCI-Filters-Applied"] = "artifactType"
         body = {
             "schemaVersion": 2,
-            "mediaType": mf.OCI_INDEX,
+            "mediaType": mt.OCI_INDEX,
             "manifests": [
                 mf.referrer_descriptor(
                     r, await self._manifest_body(r) if r.annotations_elided else None
@@ -230,7 +213,9 @@ class Registry:
                 for r in records
             ],
         }
-        return web.json_response(body, content_type=mf.OCI_INDEX, headers=headers)
+        # The spec fixes this Content-Type exactly: no charset parameter.
+        headers["Content-Type"] = mt.OCI_INDEX
+        return web.Response(body=json.dumps(body).encode(), headers=headers)
 
     # -- manifests ---------------------------------------------------------
 
@@ -268,7 +253,7 @@ class Registry:
                     self.manifest_cache.put(rec.digest, body)
                     return body
                 raise RegistryError(
-                    "MANIFEST_UNKNOWN",
+                    Code.MANIFEST_UNKNOWN,
                     "manifest bytes are not in this region yet",
                     detail={"digest": rec.digest},
                 ) from None
@@ -287,7 +272,7 @@ class Registry:
         ]
         if not mf.acceptable(rec.media_type, accept):
             raise RegistryError(
-                "MANIFEST_UNKNOWN",
+                Code.MANIFEST_UNKNOWN,
                 f"manifest is {rec.media_type}, which the Accept header does not allow",
                 detail={"mediaType": rec.media_type, "accept": accept},
             )
@@ -306,7 +291,7 @@ class Registry:
         declared = request.content_length
         if declared is not None and declared > limit:
             raise RegistryError(
-                "SIZE_INVALID",
+                Code.SIZE_INVALID,
                 f"body larger than the {limit}-byte limit",
                 detail={"limit": limit, "size": declared},
                 status=413,
@@ -316,7 +301,7 @@ class Registry:
             buf += chunk
             if len(buf) > limit:
                 raise RegistryError(
-                    "SIZE_INVALID",
+                    Code.SIZE_INVALID,
                     f"body larger than the {limit}-byte limit",
                     detail={"limit": limit},
                     status=413,
@@ -334,11 +319,11 @@ class Registry:
             alg, _ = parse_digest(ref)
             digest = compute(body, alg)
             if digest != ref:
-                raise RegistryError("DIGEST_INVALID", detail={"expected": ref, "actual": digest})
+                raise RegistryError(Code.DIGEST_INVALID, detail={"expected": ref, "actual": digest})
             tags = [check_tag(t) for t in request.query.getall("tag", [])]
             if len(tags) > MAX_TAGS_PER_PUSH:
                 raise RegistryError(
-                    "TAG_INVALID",
+                    Code.TAG_INVALID,
                     f"at most {MAX_TAGS_PER_PUSH} tags in one push",
                     detail={"tags": len(tags)},
                 )
@@ -354,7 +339,7 @@ class Registry:
         ]
         if missing_blobs or missing_manifests:
             raise RegistryError(
-                "MANIFEST_BLOB_UNKNOWN",
+                Code.MANIFEST_BLOB_UNKNOWN,
                 detail={"blobs": missing_blobs, "manifests": missing_manifests},
             )
         await self.store.put_bytes(digest, body)
@@ -362,7 +347,7 @@ class Registry:
             await self.ns.put_manifest(reg, name, parsed.record, tags)
         except Conflict:
             raise RegistryError(
-                "CONFLICT",
+                Code.CONFLICT,
                 "the tag was moved by a concurrent push; retry to overwrite it",
                 detail={"tags": tags},
             ) from None
@@ -403,7 +388,7 @@ class Registry:
             raise blob_unknown(digest)
         headers = {
             "Docker-Content-Digest": digest,
-            "Content-Type": "application/octet-stream",
+            "Content-Type": mt.BLOB,
             "Accept-Ranges": "bytes",
             "ETag": f'"{digest}"',
             "Cache-Control": "max-age=31536000",
@@ -416,9 +401,11 @@ class Registry:
             if self.readthrough is not None:
                 return await self.readthrough.serve_blob(request, reg, digest, size, headers)
             raise RegistryError(
-                "BLOB_UNKNOWN", "blob bytes are not in this region yet", detail={"digest": digest}
+                Code.BLOB_UNKNOWN,
+                "blob bytes are not in this region yet",
+                detail={"digest": digest},
             )
-        resp = BlobFileResponse(path, headers={**headers, **API_HEADER})
+        resp = BlobFileResponse(path, headers={**headers, **API_HEADERS})
         rng = request.headers.get("Range")
         if rng is not None and not rng.lstrip().lower().startswith("bytes"):
             # RFC 9110 14.2: a range unit the server does not know is ignored.
@@ -500,7 +487,7 @@ class Registry:
             limit = None
         appended = await self.uploads.append(up, request.content.iter_any(), limit)
         if limit is not None and appended != limit:
-            raise RegistryError("SIZE_INVALID", detail={"declared": limit, "received": appended})
+            raise RegistryError(Code.SIZE_INVALID, detail={"declared": limit, "received": appended})
         return appended
 
     def _check_range(self, request: web.Request, up: Upload) -> None:
@@ -510,12 +497,12 @@ class Registry:
         m = _CONTENT_RANGE.match(cr.strip())
         if not m:
             raise RegistryError(
-                "RANGE_INVALID", "malformed Content-Range", detail={"Content-Range": cr}
+                Code.RANGE_INVALID, "malformed Content-Range", detail={"Content-Range": cr}
             )
         start, end = int(m.group(1)), int(m.group(2))
         if start != up.size or end < start:
             raise RegistryError(
-                "RANGE_INVALID",
+                Code.RANGE_INVALID,
                 f"chunk must start at offset {up.size}",
                 detail={"Content-Range": cr, "offset": up.size},
                 headers={
@@ -527,7 +514,7 @@ class Registry:
         length = request.content_length
         if length is not None and length != end - start + 1:
             raise RegistryError(
-                "RANGE_INVALID",
+                Code.RANGE_INVALID,
                 "Content-Length does not match Content-Range",
                 detail={"Content-Range": cr, "Content-Length": length},
             )
@@ -541,7 +528,7 @@ class Registry:
     async def finish_upload(self, request: web.Request, up: Upload) -> web.Response:
         digest = request.query.get("digest")
         if not digest:
-            raise RegistryError("DIGEST_INVALID", "digest query parameter is required")
+            raise RegistryError(Code.DIGEST_INVALID, "digest query parameter is required")
         parse_digest(digest)
         async with up.lock:
             if up.committed is None:

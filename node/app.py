@@ -17,11 +17,12 @@ from cluster.kv import KVStore, KVUnavailable
 from cluster.membership import keep_registered
 from cluster.namespace import Namespace, RegionInfo
 from cluster.runtime import setup_logging, wait_for_stop_signal
-from node.api import API_HEADER, Registry, map_store_errors
+from node.api import Registry, map_store_errors
 from node.blobstore import FilesystemBlobStore
 from node.config import NodeConfig
-from node.errors import RegistryError
 from node.uploads import UploadManager
+from ocidist.errors import Code, RegistryError
+from ocidist.paths import API_HEADERS
 
 log = logging.getLogger("meridian.node")
 
@@ -37,7 +38,7 @@ REGISTRY_KEY = web.AppKey("registry", Registry)
 
 
 def _error_response(err: RegistryError, request_id: str) -> web.Response:
-    headers = {**API_HEADER, **err.headers, "X-Request-Id": request_id}
+    headers = {**API_HEADERS, **err.headers, "X-Request-Id": request_id}
     return web.Response(
         status=err.status, body=err.body(), content_type="application/json", headers=headers
     )
@@ -50,15 +51,15 @@ def make_middleware(access_log: bool):  # noqa: ANN201 - aiohttp middleware type
         start = time.perf_counter()
         try:
             resp = await handler(request)
-            resp.headers.update(API_HEADER)
+            resp.headers.update(API_HEADERS)
         except RegistryError as e:
             resp = _error_response(e, request_id)
         except web.HTTPException as e:
-            e.headers.update(API_HEADER)
+            e.headers.update(API_HEADERS)
             raise
         except (ConnectionResetError, asyncio.IncompleteReadError) as e:
             resp = _error_response(
-                RegistryError("BLOB_UPLOAD_INVALID", "request body ended early", str(e)),
+                RegistryError(Code.BLOB_UPLOAD_INVALID, "request body ended early", str(e)),
                 request_id,
             )
         except Exception as e:
@@ -72,7 +73,7 @@ def make_middleware(access_log: bool):  # noqa: ANN201 - aiohttp middleware type
                         "path": request.path,
                     },
                 )
-                mapped = RegistryError("UNAVAILABLE", "internal error", status=500)
+                mapped = RegistryError(Code.UNAVAILABLE, "internal error", status=500)
             resp = _error_response(mapped, request_id)
         elapsed = time.perf_counter() - start
         REQUESTS.labels(request.method, str(resp.status)).inc()

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from node.digests import parse_digest
+from ocidist.digests import parse_digest
 
 READ_CHUNK = 1 << 20
 

@@ -42,7 +42,7 @@ from prometheus_client import Counter, Gauge
 
 from cluster.namespace import Namespace
 from node.blobstore import FilesystemBlobStore
-from node.digests import is_digest
+from ocidist.digests import is_digest
 from proto import replication_pb2 as pb
 from proto import replication_pb2_grpc as pb_grpc
 

@@ -12,32 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.namespace import MAX_RECORD_ANNOTATIONS, ManifestRecord
-from node.digests import parse_digest
-from node.errors import RegistryError, manifest_invalid
+from ocidist import mediatypes as mt
+from ocidist.digests import parse_digest
+from ocidist.errors import Code, RegistryError, manifest_invalid
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-IMAGE_TYPES = {OCI_MANIFEST, DOCKER_MANIFEST}
-INDEX_TYPES = {OCI_INDEX, DOCKER_LIST}
-SUPPORTED = IMAGE_TYPES | INDEX_TYPES
-SCHEMA1 = {
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-}
-OCI_EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_RECORD_SIZE = 1 << 20  # under etcd's 1.5 MiB request limit
-
-# Layers a registry need not hold: pulled from their ``urls`` instead.
-NON_DISTRIBUTABLE = {
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +37,7 @@ def _descriptor(d: Any, where: str) -> dict[str, Any]:
         raise manifest_invalid(f"{where}.mediaType missing")
     if not isinstance(digest, str):
         raise manifest_invalid(f"{where}.digest missing")
-    parse_digest(digest, code="MANIFEST_INVALID")
+    parse_digest(digest, code=Code.MANIFEST_INVALID)
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise manifest_invalid(f"{where}.size must be a non-negative integer")
     urls = d.get("urls")
@@ -88,27 +68,27 @@ def parse(body: bytes, content_type: str | None, digest: str) -> Parsed:
     body_mt = doc.get("mediaType")
     if body_mt is not None and not isinstance(body_mt, str):
         raise manifest_invalid("mediaType must be a string")
-    if ct in SCHEMA1 or body_mt in SCHEMA1 or doc.get("schemaVersion") == 1:
+    if ct in mt.SCHEMA1 or body_mt in mt.SCHEMA1 or doc.get("schemaVersion") == 1:
         raise RegistryError(
-            "MANIFEST_INVALID", "Docker schema1 manifests are not supported", status=400
+            Code.MANIFEST_INVALID, "Docker schema1 manifests are not supported", status=400
         )
-    if ct in SUPPORTED:
+    if ct in mt.MANIFEST_TYPES:
         media_type = ct
         if body_mt and body_mt != ct:
             raise manifest_invalid(f"mediaType {body_mt!r} does not match Content-Type {ct!r}")
-    elif body_mt in SUPPORTED:
+    elif body_mt in mt.MANIFEST_TYPES:
         media_type = body_mt
     elif not ct or ct in ("application/json", "application/octet-stream"):
         # No usable type given: OCI allows an unset mediaType, infer it.
         if "manifests" in doc:
-            media_type = OCI_INDEX
+            media_type = mt.OCI_INDEX
         elif "config" in doc:
-            media_type = OCI_MANIFEST
+            media_type = mt.OCI_MANIFEST
         else:
             raise manifest_invalid("cannot tell the manifest's media type")
     else:
         raise RegistryError(
-            "MANIFEST_INVALID",
+            Code.MANIFEST_INVALID,
             f"unsupported manifest media type {ct!r}",
             detail={"mediaType": ct},
         )
@@ -127,26 +107,25 @@ def parse(body: bytes, content_type: str | None, digest: str) -> Parsed:
     required_blobs: list[str] = []
     children: list[str] = []
 
-    if media_type in IMAGE_TYPES:
+    if media_type in mt.IMAGE_TYPES:
         if "manifests" in doc:
             raise manifest_invalid("an image manifest has no 'manifests'")
         config = _descriptor(doc.get("config"), "config")
         layers = doc.get("layers", [])
         if not isinstance(layers, list):
             raise manifest_invalid("layers must be a list")
-        if media_type == DOCKER_MANIFEST and not layers:
+        if media_type == mt.DOCKER_MANIFEST and not layers:
             raise manifest_invalid("a Docker image manifest needs at least one layer")
         blobs.append(config["digest"])
         required_blobs.append(config["digest"])
         for i, layer in enumerate(layers):
             layer = _descriptor(layer, f"layers[{i}]")
             blobs.append(layer["digest"])
-            if layer.get("urls") and (
-                layer["mediaType"] in NON_DISTRIBUTABLE or "nondistributable" in layer["mediaType"]
-            ):
+            lmt = layer["mediaType"]
+            if layer.get("urls") and (lmt in mt.NON_DISTRIBUTABLE or "nondistributable" in lmt):
                 continue  # fetched from its urls, not from the registry
             required_blobs.append(layer["digest"])
-        if artifact_type is None and media_type == OCI_MANIFEST:
+        if artifact_type is None and media_type == mt.OCI_MANIFEST:
             # Referrers report an artifact's type as its config media type.
             artifact_type = config["mediaType"]
     else:
@@ -158,7 +137,7 @@ def parse(body: bytes, content_type: str | None, digest: str) -> Parsed:
         for i, m in enumerate(manifests):
             m = _descriptor(m, f"manifests[{i}]")
             children.append(m["digest"])
-        if media_type == OCI_INDEX:
+        if media_type == mt.OCI_INDEX:
             for i, b in enumerate(doc.get("blobs", []) or []):
                 b = _descriptor(b, f"blobs[{i}]")
                 blobs.append(b["digest"])

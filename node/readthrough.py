@@ -46,10 +46,10 @@ from prometheus_client import Counter
 
 from cluster.namespace import Namespace
 from node.blobstore import FilesystemBlobStore
-from node.digests import parse_digest
-from node.errors import RegistryError, unavailable
 from node.grpc_service import MAX_CHUNK, Peers
 from node.sendfile import BlobFileResponse
+from ocidist.digests import parse_digest
+from ocidist.errors import Code, RegistryError, unavailable
 from proto import replication_pb2 as pb
 
 log = logging.getLogger("meridian.replication")
@@ -563,7 +563,7 @@ def _parse_range(value: str | None, size: int) -> tuple[int, int] | None:
     end = min(end, size - 1)
     if start > end:
         raise RegistryError(
-            "RANGE_INVALID",
+            Code.RANGE_INVALID,
             "range not satisfiable",
             detail={"Range": value, "size": size},
             headers={"Content-Range": f"bytes */{size}"},

@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from node.blobstore import DigestMismatch, FilesystemBlobStore, file_digest
-from node.digests import parse_digest
-from node.errors import RegistryError, upload_unknown
+from ocidist.digests import parse_digest
+from ocidist.errors import Code, RegistryError, upload_unknown
 
 WRITE_BATCH = 4 << 20
 
@@ -143,10 +143,10 @@ class UploadManager:
             async for chunk in chunks:
                 total += len(chunk)
                 if limit is not None and total > limit:
-                    raise RegistryError("SIZE_INVALID", "body longer than declared length")
+                    raise RegistryError(Code.SIZE_INVALID, "body longer than declared length")
                 if self.max_blob_size and start + total > self.max_blob_size:
                     raise RegistryError(
-                        "SIZE_INVALID", "blob larger than this registry accepts", status=413
+                        Code.SIZE_INVALID, "blob larger than this registry accepts", status=413
                     )
                 batch.append(chunk)
                 batched += len(chunk)
@@ -171,7 +171,7 @@ class UploadManager:
         if up.committed is not None:
             if up.committed[0] != digest:
                 raise RegistryError(
-                    "DIGEST_INVALID",
+                    Code.DIGEST_INVALID,
                     detail={"expected": digest, "actual": up.committed[0]},
                 )
             return up.committed[1]
@@ -182,11 +182,11 @@ class UploadManager:
         else:
             actual = await loop.run_in_executor(None, file_digest, up.data_path, alg)
         if actual != digest:
-            raise RegistryError("DIGEST_INVALID", detail={"expected": digest, "actual": actual})
+            raise RegistryError(Code.DIGEST_INVALID, detail={"expected": digest, "actual": actual})
         try:
             await self.store.commit_file(up.data_path, digest, verified=True)
         except DigestMismatch as e:  # pragma: no cover - verified above
-            raise RegistryError("DIGEST_INVALID", detail=str(e)) from e
+            raise RegistryError(Code.DIGEST_INVALID, detail=str(e)) from e
         size = up.size
         marker = json.dumps({"digest": digest, "size": size})
         await loop.run_in_executor(None, _write_file, os.path.join(up.dir, "committed"), marker)

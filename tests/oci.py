@@ -24,18 +24,20 @@ import pytest
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from ocidist.mediatypes import (  # noqa: F401 - the tests' vocabulary, re-exported
+    DOCKER_CONFIG,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_CONFIG,
+    OCI_EMPTY,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
+from ocidist.mediatypes import DOCKER_LAYER_GZIP as DOCKER_LAYER
+from ocidist.mediatypes import OCI_LAYER_GZIP as OCI_LAYER
 from tests.procs import NodeProcess
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 OCI_NONDIST_LAYER = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 EMPTY_JSON = b"{}"
 MIB = 1 << 20
 

@@ -23,7 +23,7 @@ def _path(repo: str, d: str) -> str:
 async def _referrers(api: Client, repo: str, d: str, **params: str) -> oci.Resp:
     r = await api.get(_path(repo, d), params=params or None)
     assert r.status == 200, r
-    assert r.headers["Content-Type"].split(";")[0] == OCI_INDEX, r
+    assert r.headers["Content-Type"] == OCI_INDEX, r
     body = r.json()
     assert body["schemaVersion"] == 2, r
     assert body["mediaType"] == OCI_INDEX, r

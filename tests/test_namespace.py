@@ -13,6 +13,7 @@ from cluster.embedded import EmbeddedKV
 from cluster.etcd import EtcdKV
 from cluster.kv import KVStore
 from cluster.namespace import Conflict, ManifestRecord, Namespace
+from ocidist.mediatypes import OCI_MANIFEST
 from tests.etcd_server import EtcdServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -26,7 +27,7 @@ REG = "default"
 def rec(digest: str, subject: str | None = None, artifact_type: str | None = None):
     return ManifestRecord(
         digest=digest,
-        media_type="application/vnd.oci.image.manifest.v1+json",
+        media_type=OCI_MANIFEST,
         size=100,
         blobs=(L1,),
         subject=subject,

@@ -16,10 +16,11 @@ from prometheus_client import REGISTRY
 from cluster.embedded import EmbeddedKV
 from cluster.namespace import ManifestRecord, Namespace, RegionInfo
 from node.blobstore import FilesystemBlobStore
-from node.errors import RegistryError
 from node.grpc_service import GrpcServer, Peers, ReplicationService
 from node.readthrough import Fetcher, FetchError, _parse_range
 from node.replicator import BLOB, IMAGE, INDEX, backlog, status_rows
+from ocidist.errors import RegistryError
+from ocidist.mediatypes import OCI_MANIFEST
 from proto import replication_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,7 +53,7 @@ async def ns(tmp_path: Path) -> AsyncIterator[Namespace]:
 def rec(digest: str, blobs: tuple[str, ...] = (), manifests: tuple[str, ...] = (), t=1.0):
     return ManifestRecord(
         digest=digest,
-        media_type="application/vnd.oci.image.manifest.v1+json",
+        media_type=OCI_MANIFEST,
         size=100,
         blobs=blobs,
         manifests=manifests,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from node.errors import RegistryError
+from ocidist.errors import Code, RegistryError
 
 # Registered algorithms we accept, with the exact length of the hex encoding.
 ALGORITHMS = {"sha256": 64, "sha512": 128}
@@ -22,7 +22,7 @@ TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
 NAME_MAX = 255
 
 
-def parse_digest(value: str, *, code: str = "DIGEST_INVALID") -> tuple[str, str]:
+def parse_digest(value: str, *, code: Code = Code.DIGEST_INVALID) -> tuple[str, str]:
     """Split and validate ``alg:hex``; raise the given error code if malformed
     or of an algorithm we do not support."""
     m = _DIGEST.match(value or "")
@@ -54,11 +54,11 @@ def compute(data: bytes, algorithm: str = "sha256") -> str:
 
 def check_name(name: str) -> str:
     if len(name) > NAME_MAX or not NAME_RE.match(name):
-        raise RegistryError("NAME_INVALID", detail={"name": name})
+        raise RegistryError(Code.NAME_INVALID, detail={"name": name})
     return name
 
 
 def check_tag(tag: str) -> str:
     if not TAG_RE.match(tag):
-        raise RegistryError("TAG_INVALID", "invalid tag", detail={"tag": tag}, status=400)
+        raise RegistryError(Code.TAG_INVALID, "invalid tag", detail={"tag": tag}, status=400)
     return tag

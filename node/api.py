@@ -16,7 +16,7 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from cluster.kv import KVUnavailable
-from cluster.namespace import MAX_TAGS_PER_PUSH, Conflict, ManifestRecord, Namespace
+from cluster.namespace import MAX_TAGS_PER_PUSH, ManifestRecord, Namespace
 from node import manifests as mf
 from node.blobstore import FilesystemBlobStore
 from node.sendfile import BlobFileResponse
@@ -343,14 +343,7 @@ class Registry:
                 detail={"blobs": missing_blobs, "manifests": missing_manifests},
             )
         await self.store.put_bytes(digest, body)
-        try:
-            await self.ns.put_manifest(reg, name, parsed.record, tags)
-        except Conflict:
-            raise RegistryError(
-                Code.CONFLICT,
-                "the tag was moved by a concurrent push; retry to overwrite it",
-                detail={"tags": tags},
-            ) from None
+        await self.ns.put_manifest(reg, name, parsed.record, tags)
         self.manifest_cache.put(digest, body)
         headers = {
             "Location": f"/v2/{name}/manifests/{digest}",

@@ -388,7 +388,7 @@ async def _alive_is(etcd: EtcdServer, expected: dict[str, bool]) -> None:
     assert {r: rows[r]["alive"] for r in expected if r in rows} == expected, rows
 
 
-# -- compare-and-swap tag moves ----------------------------------------------
+# -- racing tag moves ----------------------------------------------
 
 
 async def test_racing_pushes_of_one_tag_through_two_nodes(trio: Cluster) -> None:
@@ -407,18 +407,12 @@ async def test_racing_pushes_of_one_tag_through_two_nodes(trio: Cluster) -> None
         answers = await asyncio.gather(
             *(c.put_manifest(repo, "latest", m.body) for c, m in candidates)
         )
+        # Every push is accepted; the later one in etcd's order wins the tag.
         won: dict[str, tuple[Client, oci.Manifest]] = {}
-        lost: list[oci.Manifest] = []
         for (c, m), r in zip(candidates, answers, strict=True):
-            assert r.status in (201, 409), r
-            if r.status == 201:
-                assert r.headers["Docker-Content-Digest"] == m.digest, r
-                won[m.digest] = (c, m)
-            else:
-                assert_error(r, 409, "CONFLICT")
-                lost.append(m)
-        assert won, "no PUT won the tag"
-        assert lost, "every PUT won: the pushes did not race"
+            assert r.status == 201, r
+            assert r.headers["Docker-Content-Digest"] == m.digest, r
+            won[m.digest] = (c, m)
 
         entry = await kv.get(tag_key(REG, repo, "latest"))
         assert entry is not None
@@ -438,11 +432,9 @@ async def test_racing_pushes_of_one_tag_through_two_nodes(trio: Cluster) -> None
 
             await eventually(agrees, f"{node.region} resolves latest to {final}")
 
-        # Nothing half-written: every winner is recorded, no loser is.
+        # Every acknowledged push is recorded whole.
         for d in won:
             assert await kv.get(manifest_key(REG, repo, d)) is not None, d
-        for m in lost:
-            assert await kv.get(manifest_key(REG, repo, m.digest)) is None, m.digest
         await assert_consistent(kv, repo)
     assert_no_500s(mark, east, west)
 

@@ -12,7 +12,7 @@ import pytest
 from cluster.embedded import EmbeddedKV
 from cluster.etcd import EtcdKV
 from cluster.kv import KVStore
-from cluster.namespace import Conflict, ManifestRecord, Namespace
+from cluster.namespace import ManifestRecord, Namespace
 from ocidist.mediatypes import OCI_MANIFEST
 from tests.etcd_server import EtcdServer
 
@@ -126,16 +126,18 @@ async def test_writes_reach_other_nodes_and_survive_reload(namespaces) -> None:
     assert c.tag(REG, "app", "v1") is None
 
 
-async def test_racing_tag_push_one_wins(namespaces) -> None:
+async def test_racing_tag_push_later_write_wins(namespaces) -> None:
+    """b's cache has not seen a's push (no watch): b's push is accepted all
+    the same and, being later in the store's order, wins everywhere."""
     a = await namespaces("eastus", watch=False)
     b = await namespaces("westeurope", watch=False)
     await a.put_manifest(REG, "app", rec(D1), ["latest"])
-    with pytest.raises(Conflict):
-        await b.put_manifest(REG, "app", rec(D2), ["latest"])
+    await b.put_manifest(REG, "app", rec(D2), ["latest"])
     fresh = await namespaces("southeastasia")
-    assert fresh.tag(REG, "app", "latest") == D1
-    # the loser's manifest record was not half-written either
-    assert fresh.manifest(REG, "app", D2) is None
+    assert fresh.tag(REG, "app", "latest") == D2
+    # both pushes are whole: each record is there
+    assert fresh.manifest(REG, "app", D1) == rec(D1)
+    assert fresh.manifest(REG, "app", D2) == rec(D2)
 
 
 async def test_delete_manifest_removes_its_tags_only(namespaces) -> None:

@@ -13,7 +13,10 @@ with a nested repository name):
     /meridian/reg/<registry>/config                     registry settings (JSON)
     /meridian/reg/<registry>/repo/<repo>/_t/<tag>       tag -> manifest digest
     /meridian/reg/<registry>/repo/<repo>/_m/<digest>    manifest record (JSON)
-    /meridian/reg/<registry>/repo/<repo>/_b/<digest>    blob link (JSON {"size"})
+    /meridian/reg/<registry>/repo/<repo>/_b/<digest>    blob link (JSON {"size",
+                                                        "t": unix time linked})
+    /meridian/reg/<registry>/repo/<repo>/_g/pushes      bumped by every manifest
+                                                        push (guards link GC)
     /meridian/reg/<registry>/place/<digest>/<region>    bytes of <digest> held in
                                                         <region> (JSON {"size"})
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -60,11 +64,21 @@ MAX_TAGS_PER_PUSH = TXN_BATCH
 MAX_RECORD_ANNOTATIONS = 256 << 10
 # A cache miss is checked against the store this long at most (a read).
 FRESH_READ_TIMEOUT = 0.5
+PUSH_ATTEMPTS = 8  # a manifest push re-reads links that changed under it this often
 STORE_CHECK_TIMEOUT = 2.0  # the periodic liveness read
 
 
 class Conflict(Exception):
     """A compare-and-swap lost: someone else changed the key first."""
+
+
+class BlobsGone(Exception):
+    """A manifest push references blob links that were removed (by online
+    garbage collection or a blob DELETE) since they were checked."""
+
+    def __init__(self, digests: list[str]) -> None:
+        super().__init__(", ".join(digests))
+        self.digests = digests
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +128,10 @@ def manifest_key(reg: str, repo: str, digest: str) -> str:
 
 def blob_key(reg: str, repo: str, digest: str) -> str:
     return f"{REG}{reg}/repo/{repo}/_b/{digest}"
+
+
+def pushes_key(reg: str, repo: str) -> str:
+    return f"{REG}{reg}/repo/{repo}/_g/pushes"
 
 
 def place_key(reg: str, digest: str, region: str) -> str:
@@ -469,7 +487,8 @@ class Namespace:
         ops: list[Op] = []
         rs = self.repo(reg, repo)
         if rs is None or rs.blobs.get(digest) != size:
-            ops.append(Put(blob_key(reg, repo, digest), _size(size)))
+            link = json.dumps({"size": size, "t": round(time.time(), 3)}).encode()
+            ops.append(Put(blob_key(reg, repo, digest), link))
         if self.region not in self.placements(reg, digest):
             ops.append(Put(place_key(reg, digest, self.region), _size(size)))
         if ops:
@@ -489,7 +508,12 @@ class Namespace:
         return True
 
     async def put_manifest(
-        self, reg: str, repo: str, rec: ManifestRecord, tags: Iterable[str]
+        self,
+        reg: str,
+        repo: str,
+        rec: ManifestRecord,
+        tags: Iterable[str],
+        blobs: Iterable[str] = (),
     ) -> None:
         """Record a manifest, its placement here and its tags in one
         transaction. Racing pushes of one tag are all accepted: the store
@@ -497,15 +521,47 @@ class Namespace:
         every region converges on the same digest (as ACR and Distribution
         behave; a CI pipeline must not fail because another pushed too).
         Writing the record again with every tag move is what lets
-        ``delete_manifest``'s compare on the record catch a racing move."""
+        ``delete_manifest``'s compare on the record catch a racing move.
+
+        ``blobs`` are the repository's blob links the manifest needs: the
+        transaction holds only if each is still there, and it bumps the
+        repository's push counter, so online garbage collection
+        (``cluster.gc``), which removes a link only if that counter did not
+        move since it found the link unreferenced, can never remove a link
+        a committed manifest references. Raises ``BlobsGone`` when a link
+        was removed meanwhile."""
         tags = list(dict.fromkeys(tags))
         if len(tags) > MAX_TAGS_PER_PUSH:
             raise ValueError(f"at most {MAX_TAGS_PER_PUSH} tags per push")
-        ops: list[Op] = [Put(manifest_key(reg, repo, rec.digest), rec.to_json())]
+        links = [blob_key(reg, repo, d) for d in dict.fromkeys(blobs)]
+        ops: list[Op] = [
+            Put(manifest_key(reg, repo, rec.digest), rec.to_json()),
+            Put(pushes_key(reg, repo), rec.digest.encode()),
+        ]
         if self.region not in self.placements(reg, rec.digest):
             ops.append(Put(place_key(reg, rec.digest, self.region), _size(rec.size)))
         ops += [Put(tag_key(reg, repo, t), rec.digest.encode()) for t in tags]
-        await self._commit([], ops)
+        for _ in range(PUSH_ATTEMPTS):
+            # Past etcd's compare limit the links are checked by the fresh
+            # read below only (an image of over 100 blobs).
+            compares = [Compare(k, self._rev(k)) for k in links] if len(links) <= TXN_BATCH else []
+            if compares and all(c.mod_revision for c in compares):
+                try:
+                    await self._commit(compares, ops)
+                    return
+                except Conflict:
+                    pass  # a link changed: look again
+            fresh = [await self.kv.get(k) for k in links]
+            gone = [k.rpartition("/")[2] for k, e in zip(links, fresh, strict=True) if e is None]
+            if gone:
+                raise BlobsGone(gone)
+            for e in fresh:
+                assert e is not None
+                self.cache.apply(e.key, e.value, e.mod_revision)
+            if not compares:
+                await self._commit([], ops)
+                return
+        raise Conflict()
 
     async def delete_tag(self, reg: str, repo: str, tag: str) -> bool:
         key = tag_key(reg, repo, tag)
@@ -542,6 +598,68 @@ class Namespace:
             )
         await self._commit([guard], [Delete(mkey)])
         return True
+
+    async def collect_links(self, grace: float) -> int:
+        """Online garbage collection of blob links: remove every link that no
+        manifest of its repository references and that is older than
+        ``grace`` seconds (an upload links its blob before the manifest that
+        uses it is pushed). Returns how many were removed.
+
+        Safe while pushes run: each removal is one transaction that holds
+        only if the link and the repository's push counter are unchanged
+        since the fresh read it was decided on, and every manifest push
+        bumps that counter while requiring its links to exist
+        (``put_manifest``). So in the store's order either the push comes
+        first (the counter moved: the removal fails and waits for the next
+        pass) or the removal does (the push finds the link gone and answers
+        MANIFEST_BLOB_UNKNOWN; nothing references a missing link).
+
+        Once a blob has no link and no manifest referencing it anywhere in
+        the registry, replication stops copying it and each region's
+        reclaimer removes its bytes."""
+        entries, _ = await self.kv.range(REG)
+        now = time.time()
+        repos: dict[tuple[str, str], _RepoScan] = {}
+        for e in entries:
+            reg, _, rest = e.key[len(REG) :].partition("/")
+            if not rest.startswith("repo/"):
+                continue
+            head, _, leaf = rest[len("repo/") :].rpartition("/")
+            repo, _, kind = head.rpartition("/")
+            scan = repos.setdefault((reg, repo), _RepoScan())
+            if kind == "_b":
+                try:
+                    linked = float(json.loads(e.value).get("t", 0.0))
+                except (ValueError, TypeError, AttributeError):
+                    linked = 0.0
+                scan.links[leaf] = (e.key, e.mod_revision, linked)
+            elif kind == "_m":
+                try:
+                    scan.referenced.update(ManifestRecord.from_json(e.value).blobs)
+                except (ValueError, TypeError, KeyError):
+                    scan.unreadable = True  # keep every link of this repository
+            elif kind == "_g":
+                scan.pushes_rev = e.mod_revision
+        removed = 0
+        for (reg, repo), scan in repos.items():
+            if scan.unreadable:
+                continue
+            garbage = [
+                (key, rev)
+                for d, (key, rev, linked) in scan.links.items()
+                if d not in scan.referenced and now - linked >= grace
+            ]
+            guard = Compare(pushes_key(reg, repo), scan.pushes_rev)
+            for i in range(0, len(garbage), TXN_BATCH - 1):
+                batch = garbage[i : i + TXN_BATCH - 1]
+                try:
+                    await self._commit(
+                        [guard, *(Compare(k, r) for k, r in batch)], [Delete(k) for k, _ in batch]
+                    )
+                except Conflict:
+                    break  # a push or an upload raced this pass: look again next time
+                removed += len(batch)
+        return removed
 
     async def set_registry_config(self, reg: str, config: dict) -> None:
         await self._commit([], [Put(config_key(reg), json.dumps(config).encode())])
@@ -597,11 +715,20 @@ class Namespace:
         return entries
 
 
+@dataclass
+class _RepoScan:
+    links: dict[str, tuple[str, int, float]] = field(default_factory=dict)  # key, rev, linked
+    referenced: set[str] = field(default_factory=set)
+    pushes_rev: int = 0
+    unreadable: bool = False
+
+
 def _size(size: int) -> bytes:
     return json.dumps({"size": size}).encode()
 
 
 __all__ = [
+    "BlobsGone",
     "Cache",
     "Conflict",
     "KVUnavailable",

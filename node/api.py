@@ -16,7 +16,7 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from cluster.kv import KVUnavailable
-from cluster.namespace import MAX_TAGS_PER_PUSH, ManifestRecord, Namespace
+from cluster.namespace import MAX_TAGS_PER_PUSH, BlobsGone, ManifestRecord, Namespace
 from node import manifests as mf
 from node.blobstore import FilesystemBlobStore
 from node.sendfile import BlobFileResponse
@@ -343,7 +343,12 @@ class Registry:
                 detail={"blobs": missing_blobs, "manifests": missing_manifests},
             )
         await self.store.put_bytes(digest, body)
-        await self.ns.put_manifest(reg, name, parsed.record, tags)
+        try:
+            await self.ns.put_manifest(reg, name, parsed.record, tags, parsed.required_blobs)
+        except BlobsGone as e:
+            raise RegistryError(
+                Code.MANIFEST_BLOB_UNKNOWN, detail={"blobs": e.digests, "manifests": []}
+            ) from None
         self.manifest_cache.put(digest, body)
         headers = {
             "Location": f"/v2/{name}/manifests/{digest}",

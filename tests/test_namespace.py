@@ -12,7 +12,7 @@ import pytest
 from cluster.embedded import EmbeddedKV
 from cluster.etcd import EtcdKV
 from cluster.kv import KVStore
-from cluster.namespace import ManifestRecord, Namespace
+from cluster.namespace import BlobsGone, ManifestRecord, Namespace
 from ocidist.mediatypes import OCI_MANIFEST
 from tests.etcd_server import EtcdServer
 
@@ -166,3 +166,65 @@ async def test_empty_repo_disappears(namespaces) -> None:
     assert ns.repos(REG) == []  # the catalog lists repositories with manifests
     await ns.unlink_blob(REG, "gone", L1)
     assert not ns.repo_exists(REG, "gone")
+
+
+# -- online garbage collection of blob links ----------------------------------
+
+L2 = "sha256:" + "b" * 64
+
+
+async def test_collect_links_removes_only_old_unreferenced_links(namespaces) -> None:
+    ns = await namespaces()
+    await ns.link_blob(REG, "app", L1, 5)  # referenced by D1 below
+    await ns.link_blob(REG, "app", L2, 7)  # uploaded, never used
+    await ns.put_manifest(REG, "app", rec(D1), ["v1"], [L1])
+    assert await ns.collect_links(grace=3600) == 0  # L2 is young: an upload may need it
+    assert ns.blob_size(REG, "app", L2) == 7
+    assert await ns.collect_links(grace=0) == 1
+    assert ns.blob_size(REG, "app", L2) is None
+    assert ns.blob_size(REG, "app", L1) == 5
+    # deleting the manifest leaves its layer unreferenced: collected next
+    assert await ns.delete_manifest(REG, "app", D1)
+    assert await ns.collect_links(grace=0) == 1
+    assert ns.blob_size(REG, "app", L1) is None
+    fresh = await namespaces("westeurope")
+    assert fresh.repo_exists(REG, "app") is False
+
+
+async def test_push_after_link_collected_is_refused(namespaces) -> None:
+    """The push's transaction requires its links: a link collected after
+    the API checked it makes the push fail whole (MANIFEST_BLOB_UNKNOWN)."""
+    a = await namespaces("eastus", watch=False)  # its cache still has the link
+    b = await namespaces("westeurope")
+    await b.link_blob(REG, "app", L1, 5)
+    await a._reload()
+    assert a.blob_size(REG, "app", L1) == 5
+    assert await b.collect_links(grace=0) == 1
+    with pytest.raises(BlobsGone) as gone:
+        await a.put_manifest(REG, "app", rec(D1), ["v1"], [L1])
+    assert gone.value.digests == [L1]
+    fresh = await namespaces("southeastasia")
+    assert fresh.manifest(REG, "app", D1) is None and fresh.tag(REG, "app", "v1") is None
+
+
+async def test_collection_racing_a_push_keeps_the_link(namespaces) -> None:
+    """A push that lands between the collector's read and its removal
+    moves the repository's push counter: the removal does not happen."""
+    ns = await namespaces()
+    pusher = await namespaces("westeurope")
+    await ns.link_blob(REG, "app", L1, 5)
+    real_range = ns.kv.range
+
+    async def range_then_push(prefix: str):  # noqa: ANN202
+        snapshot = await real_range(prefix)
+        await pusher.put_manifest(REG, "app", rec(D1), ["v1"], [L1])
+        return snapshot
+
+    ns.kv.range = range_then_push  # type: ignore[method-assign]
+    try:
+        assert await ns.collect_links(grace=0) == 0
+    finally:
+        ns.kv.range = real_range  # type: ignore[method-assign]
+    fresh = await namespaces("southeastasia")
+    assert fresh.blob_size(REG, "app", L1) == 5
+    assert fresh.tag(REG, "app", "v1") == D1

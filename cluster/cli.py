@@ -36,7 +36,7 @@ def _router(argv: list[str]) -> int:
 
 
 def _up(argv: list[str]) -> int:
-    from cluster.up import up_main
+    from localcluster.up import up_main
 
     return up_main(argv)
 

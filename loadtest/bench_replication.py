@@ -8,7 +8,7 @@ far region, against the link's physical floor.
 Real processes only, all on loopback, each stopped by PID at the end:
 
 - one etcd (``start_etcd`` of ``loadtest.bench_namespace``);
-- the WAN emulator (``python -m loadtest.wan --config``, a process) with one
+- the WAN emulator (``python -m localcluster.wan --config``, a process) with one
   link into each region's gRPC service -- ``--rtt-ms``/2 each way and a
   ``--bandwidth`` cap per direction -- plus a calibration link;
 - two ``meridian node`` processes, eastus (A) and westeurope (B), each with
@@ -238,7 +238,7 @@ def start_cluster(
         wan = _spawn(
             "wan",
             [
-                sys.executable, "-m", "loadtest.wan",
+                sys.executable, "-m", "localcluster.wan",
                 "--config", str(wan_dir / "links.json"),
                 "--control", c.control,
             ],

@@ -181,7 +181,7 @@ def make_targets(
             if kind == "cluster":
                 topology = cluster_topology(run) if hasattr(args, "regions") else None
                 if topology is None:
-                    from cluster import topology as topo
+                    from localcluster import topology as topo
 
                     topology = topo.default(1)
                 sites = [r.name for r in topology.regions] if sc.needs_cluster else None

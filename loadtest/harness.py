@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cluster import topology as topo
 from loadtest import loadgen
 from loadtest.bench_node import host_info
 from loadtest.ocipush import OciClient
@@ -52,6 +51,7 @@ from loadtest.reference import Server, start_target
 from loadtest.samples import MIB, Rows, stats, stats_by_op, timeseries
 from loadtest.sites import LocalCluster
 from loadtest.workers import Job, WorkerResult, require_loopback, run_jobs, session, split
+from localcluster import topology as topo
 
 SCHEMA = "meridian.loadtest/1"
 GIB = 1 << 30

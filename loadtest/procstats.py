@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest.reference import process_tree_cpu_seconds, process_tree_fds, process_tree_rss_bytes
-from loadtest.wan import _owns, _proc_addr
+from localcluster.wan import _owns, _proc_addr
 
 MIB = 1 << 20
 

@@ -18,7 +18,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from cluster import topology as topo
 from loadtest.harness import (
     HarnessError,
     Job,
@@ -47,6 +46,7 @@ from loadtest.ocipush import (
 from loadtest.procstats import flatness
 from loadtest.samples import MIB, Rows, stats
 from loadtest.sites import site_name
+from localcluster import topology as topo
 
 SCENARIOS: dict[str, type[Scenario]] = {}
 

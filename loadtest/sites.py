@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster import topology as topo
-from cluster.up import Child, Cluster, _get_json, _wait
 from loadtest.reference import free_port
+from localcluster import topology as topo
+from localcluster.up import Child, Cluster, _get_json, _wait
 
 ROUTER_ENTRY = "import sys; from cluster.cli import main; sys.exit(main(sys.argv[3:]))"
 

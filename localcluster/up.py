@@ -7,7 +7,7 @@ On loopback, as child processes of this one (each with its own log under
 - **regions** -- one ``meridian node`` per region (``--region <name>`` on its
   command line), data in ``<data>/regions/<name>``, HTTP and gRPC on their
   own ports;
-- **a WAN emulator** (``python -m loadtest.wan --config``, run as a process,
+- **a WAN emulator** (``python -m localcluster.wan --config``, run as a process,
   not imported) -- a TCP proxy per region between "this site" and the region
   (the region's RTT from here), and one into each region's gRPC service whose
   latency depends on which region connects (the inter-region RTTs). Nodes
@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from cluster import topology as topo
 from cluster.etcd import single_member_argv
 from cluster.runtime import free_port
+from localcluster import topology as topo
 
 ETCD_HINT = "etcd not found: apt-get install -y etcd-server (or put etcd on PATH)"
 STOP_GRACE = 10.0
@@ -280,7 +280,15 @@ class Cluster:
         child = self._spawn(
             "wan",
             1,
-            [sys.executable, "-m", "loadtest.wan", "--config", str(wan_cfg), "--control", control],
+            [
+                sys.executable,
+                "-m",
+                "localcluster.wan",
+                "--config",
+                str(wan_cfg),
+                "--control",
+                control,
+            ],
         )
         _wait(
             "the WAN emulator",

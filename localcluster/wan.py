@@ -24,7 +24,7 @@ own thread, as tests do):
 
 From the command line (one link, runs until interrupted)::
 
-    python -m loadtest.wan --listen 127.0.0.1:9000 --target 127.0.0.1:50051 \\
+    python -m localcluster.wan --listen 127.0.0.1:9000 --target 127.0.0.1:50051 \\
         --latency 40ms --bandwidth 10M
 
 Per-source latency (a link into one region, reached from several): when a
@@ -37,7 +37,7 @@ its own round-trip time.
 
 Many links with an HTTP control API (what ``meridian up`` runs)::
 
-    python -m loadtest.wan --config links.json --control 127.0.0.1:9100
+    python -m localcluster.wan --config links.json --control 127.0.0.1:9100
 
 ``links.json``: ``{"links": [{"name", "listen", "target", "latency",
 "bandwidth", "source_latency": {source: seconds}, "identify": bool}],
@@ -581,7 +581,9 @@ def _duration(v: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.wan", description="one emulated WAN link")
+    p = argparse.ArgumentParser(
+        prog="python -m localcluster.wan", description="one emulated WAN link"
+    )
     p.add_argument("--listen", default="127.0.0.1:0")
     p.add_argument("--target", help="host:port to forward to (one-link mode)")
     p.add_argument("--latency", type=_duration, default=0.0, help="one-way, e.g. 40ms")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.wan import Link, Wan
+from localcluster.wan import Link, Wan
 from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.images import build_image
 from tests.procs import free_port

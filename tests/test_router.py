@@ -32,7 +32,7 @@ import pytest
 
 from cluster.namespace import RegionInfo
 from cluster.router_table import Region, RegionTable, TableSettings, normalize_base
-from loadtest.wan import Link, Wan
+from localcluster.wan import Link, Wan
 from tests import images as im
 from tests.containerd import Containerd
 from tests.etcd_server import EtcdServer

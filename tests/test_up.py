@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from cluster import topology as topo
+from localcluster import topology as topo
 from tests import images as im
 from tests.procs import ROOT, free_port
 

@@ -7,6 +7,10 @@ Key tree (every registry key is scoped by the registry's name; repository
 path components never start with ``_``, so the ``_x`` markers cannot clash
 with a nested repository name):
 
+    /meridian/auth/...                                  cluster identities and
+                                                        token signing keys (JSON,
+                                                        cluster.auth)
+    /meridian/reg/<registry>/auth/...                   the registry's identities
     /meridian/regions/<region>                          region info (JSON)
     /meridian/alive/<region>                            liveness (leased: gone
                                                         when the region stops)
@@ -53,6 +57,7 @@ ROOT = "/meridian/"
 REGIONS = ROOT + "regions/"
 ALIVE = ROOT + "alive/"
 REG = ROOT + "reg/"
+AUTH = ROOT + "auth/"
 
 
 # etcd refuses a txn of more than 128 compares or ops (its default limit);
@@ -191,6 +196,8 @@ class Cache:
         self.registries: dict[str, RegistryState] = {}
         self.regions: dict[str, RegionInfo] = {}
         self.alive: set[str] = set()
+        # identities and keys (cluster.auth), by full key: few, read by key
+        self.records: dict[str, bytes] = {}
         self.revs: dict[str, int] = {}  # key -> mod revision (live keys)
         self.tombstones: dict[str, int] = {}  # deleted key -> revision of the delete
         self.revision = 0  # highest revision applied from the store
@@ -229,7 +236,16 @@ class Cache:
             if len(self.tombstones) > 4096:
                 self.tombstones = {k: r for k, r in self.tombstones.items() if r > revision}
 
+    def _record(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self.records.pop(key, None)
+        else:
+            self.records[key] = value
+
     def _apply(self, key: str, value: bytes | None) -> None:
+        if key.startswith(AUTH):
+            self._record(key, value)
+            return
         if key.startswith(ALIVE):
             name = key[len(ALIVE) :]
             if value is None:
@@ -248,6 +264,9 @@ class Cache:
         if not key.startswith(REG):
             return
         reg, _, rest = key[len(REG) :].partition("/")
+        if rest.startswith("auth/"):
+            self._record(key, value)
+            return
         st = self.registry(reg)
         if rest == "config":
             st.config = json.loads(value) if value is not None else {}
@@ -660,6 +679,36 @@ class Namespace:
                     break  # a push or an upload raced this pass: look again next time
                 removed += len(batch)
         return removed
+
+    # -- records (identities, signing keys: cluster.auth) --------------------
+
+    def record(self, key: str) -> bytes | None:
+        return self.cache.records.get(key)
+
+    def records(self, prefix: str) -> dict[str, bytes]:
+        return {k: v for k, v in self.cache.records.items() if k.startswith(prefix)}
+
+    async def fresh_record(self, key: str) -> bytes | None:
+        """A record the cache lacks (written an instant ago elsewhere)."""
+        return self.record(key) or await self._fresh(key)
+
+    async def put_record(self, key: str, value: bytes, *, create: bool = False) -> None:
+        """Write a record; with ``create``, only if it does not exist yet
+        (raises ``Conflict`` otherwise, also when this node's cache is behind)."""
+        await self._commit([Compare(key, 0)] if create else [], [Put(key, value)])
+
+    async def replace_record(self, key: str, value: bytes, expect: bytes | None) -> None:
+        """Write a record only if it still holds ``expect`` as this node saw
+        it (compare on its revision); raises ``Conflict`` otherwise."""
+        if self.record(key) != expect:
+            raise Conflict()
+        await self._commit([Compare(key, self._rev(key))], [Put(key, value)])
+
+    async def delete_record(self, key: str) -> bool:
+        if self.record(key) is None and await self._fresh(key) is None:
+            return False
+        await self._commit([], [Delete(key)])
+        return True
 
     async def set_registry_config(self, reg: str, config: dict) -> None:
         await self._commit([], [Put(config_key(reg), json.dumps(config).encode())])

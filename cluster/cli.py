@@ -30,7 +30,7 @@ def _replication(argv: list[str]) -> int:
 
 
 def _router(argv: list[str]) -> int:
-    from cluster.router import router_main
+    from cluster.router.app import router_main
 
     return router_main(argv)
 

@@ -17,6 +17,8 @@ from cluster.kv import KVStore, KVUnavailable
 from cluster.membership import keep_registered
 from cluster.namespace import Namespace, RegionInfo
 from cluster.runtime import setup_logging, wait_for_stop_signal
+from cluster.status import PATH as STATUS_PATH
+from cluster.status import NodeStatus
 from node.api import Registry, map_store_errors
 from node.blobstore import FilesystemBlobStore
 from node.config import NodeConfig
@@ -35,6 +37,8 @@ LATENCY = Histogram(
 )
 
 REGISTRY_KEY = web.AppKey("registry", Registry)
+# node.replicator.Replication, when regions share a namespace (set before start)
+REPLICATION_KEY = web.AppKey("replication", object)
 
 
 def _error_response(err: RegistryError, request_id: str) -> web.Response:
@@ -117,6 +121,22 @@ async def regions(request: web.Request) -> web.Response:
     return web.json_response({"regions": out})
 
 
+async def status(request: web.Request) -> web.Response:
+    """``GET /meridian/v1/status``: the contract in ``cluster/status.py``."""
+    ns = request.app[REGISTRY_KEY].ns
+    replication = request.app.get(REPLICATION_KEY)
+    peers = getattr(replication, "peers", None)
+    replicator = getattr(replication, "replicator", None)
+    doc = NodeStatus(
+        region=ns.region,
+        peers_rtt_s=peers.rtts() if peers is not None else {},
+        backlog_items=len(replicator.plan) if replicator is not None else None,
+        backlog_bytes=replicator.pending_bytes if replicator is not None else None,
+        namespace_synced=ns.synced.is_set(),
+    )
+    return web.Response(body=doc.to_json(), content_type="application/json")
+
+
 def make_kv(cfg: NodeConfig) -> KVStore:
     if cfg.etcd:
         from cluster.etcd import EtcdKV
@@ -138,6 +158,7 @@ def build_app(cfg: NodeConfig, ns: Namespace) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/meridian/v1/regions", regions)
+    app.router.add_get(STATUS_PATH, status)
 
     async def purge_uploads(app: web.Application):  # noqa: ANN202
         async def loop() -> None:
@@ -181,6 +202,7 @@ async def serve(cfg: NodeConfig) -> None:
             reclaim_grace=cfg.reclaim_grace,
         )
         replication.attach(app, registry)
+        app[REPLICATION_KEY] = replication
         await replication.start()
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

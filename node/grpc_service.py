@@ -9,9 +9,10 @@ never a partial download.
 
 Client: ``Peers`` keeps one channel per remote region (address from the
 namespace's region records), pings every region on an interval to keep an
-RTT estimate (EWMA) and a health mark, and ranks candidate source regions
-nearest first; a failed transfer marks a peer down until a ping succeeds
-again (or a short hold-off passes).
+RTT estimate (EWMA) and a health mark (``cluster.health.Health``, the
+tracker the router uses too), and ranks candidate source regions nearest
+first; a failed transfer holds a peer off until a ping succeeds again or its
+back-off passes.
 
 Transport settings, chosen deliberately:
 
@@ -35,11 +36,11 @@ import os
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
 
 import grpc
 from prometheus_client import Counter, Gauge
 
+from cluster.health import Health
 from cluster.namespace import Namespace
 from node.blobstore import FilesystemBlobStore
 from ocidist.digests import is_digest
@@ -204,16 +205,23 @@ class GrpcServer:
 # -- client ------------------------------------------------------------------
 
 
-@dataclass
-class Peer:
-    region: str
-    address: str
-    channel: grpc.aio.Channel
-    stub: pb_grpc.ReplicationStub
-    rtt: float | None = None  # seconds, EWMA
-    up: bool = True
-    down_until: float = 0.0  # monotonic; after a failed transfer
-    failures: int = 0
+class Peer(Health):
+    """One other region's gRPC endpoint: its channel, and its RTT, health and
+    hold-off (``cluster.health.Health``). Optimistic: up until a ping fails;
+    one good ping brings it back."""
+
+    def __init__(
+        self,
+        region: str,
+        address: str,
+        channel: grpc.aio.Channel,
+        stub: pb_grpc.ReplicationStub,
+    ) -> None:
+        super().__init__(region, up=True, reason="not pinged yet", up_after=1)
+        self.region = region
+        self.address = address
+        self.channel = channel
+        self.stub = stub
 
 
 def open_channel(address: str) -> grpc.aio.Channel:
@@ -275,19 +283,23 @@ class Peers:
                 pb.PingRequest(from_region=self.region, sent_unix_nanos=time.time_ns()),
                 timeout=self.ping_timeout,
             )
-        except grpc.aio.AioRpcError:
-            p.up = False
+        except grpc.aio.AioRpcError as e:
+            p.probe_failed(f"ping failed: {e.code().name}")
             PEER_UP.labels(region).set(0)
             return None
         rtt = time.perf_counter() - start
         if reply.region and reply.region != region:
             log.warning("region %s answered as %s at %s", region, reply.region, p.address)
-        p.rtt = rtt if p.rtt is None else 0.7 * p.rtt + 0.3 * rtt
-        p.up = True
-        p.down_until = 0.0
+        p.probe_ok(rtt)
         PEER_UP.labels(region).set(1)
-        PEER_RTT.labels(region).set(p.rtt)
+        if p.srtt is not None:
+            PEER_RTT.labels(region).set(p.srtt)
         return rtt
+
+    def rtts(self) -> dict[str, float]:
+        """Smoothed RTT (seconds) to every region reached now (its last ping
+        answered): the ``peers_rtt_s`` of the node's status."""
+        return {r: p.srtt for r, p in self.peers.items() if p.up and p.srtt is not None}
 
     async def _ping_loop(self) -> None:
         while True:
@@ -306,16 +318,15 @@ class Peers:
             pass
 
     def report_failure(self, region: str) -> None:
+        """A transfer from ``region`` failed: hold it off (back-off)."""
         p = self.peers.get(region)
         if p is not None:
-            p.failures += 1
-            p.down_until = time.monotonic() + min(0.5 * 2 ** min(p.failures, 5), 10.0)
+            p.transfer_failed()
 
     def report_success(self, region: str) -> None:
         p = self.peers.get(region)
         if p is not None:
-            p.failures = 0
-            p.down_until = 0.0
+            p.transfer_ok()
 
     def ranked(self, candidates: Iterable[str]) -> list[str]:
         """Candidate source regions, best first: reachable and alive before
@@ -329,8 +340,8 @@ class Peers:
             p = self.peer(r)
             if p is None:
                 continue
-            held = p.down_until > now
-            rtt = p.rtt if p.rtt is not None else 1e9
+            held = p.held(now)
+            rtt = p.srtt if p.srtt is not None else 1e9
             scored.append(((held, not p.up, r not in alive, rtt, r), r))
         scored.sort()
         return [r for _, r in scored]

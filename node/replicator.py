@@ -184,6 +184,7 @@ class Replicator:
     debounce: float = 0.05
     hooks: list[Callable[[ReplicatedEvent], None]] = field(default_factory=list)
     plan: list[Item] = field(default_factory=list)
+    pending_bytes: int = 0  # of ``plan``, not on disk yet (as PENDING_BYTES)
     inflight: dict[str, Item] = field(default_factory=dict)
     _backoff: dict[tuple[str, str], _Backoff] = field(default_factory=dict)
     _announce: set[tuple[str, str]] = field(default_factory=set)
@@ -270,6 +271,7 @@ class Replicator:
             pending += max(it.size - (t.written if t else 0), 0)
             oldest = min(oldest, it.created)
         PENDING_ITEMS.set(len(self.plan))
+        self.pending_bytes = pending
         PENDING_BYTES.set(pending)
         OLDEST.set(time.time() - oldest if oldest != math.inf else 0)
         self._check_announcements()

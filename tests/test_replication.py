@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from cluster.etcd import EtcdKV
+from cluster.status import PATH as STATUS_PATH
+from cluster.status import NodeStatus
 from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.images import Image, Index, Registry, build_image, build_index
 from tests.procs import ROOT, NodeProcess, free_port
@@ -80,6 +82,11 @@ class RegionNode(NodeProcess):
 
     def registry(self) -> Registry:
         return Registry(self.url)
+
+    def status(self) -> NodeStatus:
+        """What the node says about itself to the router (``cluster.status``)."""
+        with urllib.request.urlopen(self.url + STATUS_PATH, timeout=5) as resp:
+            return NodeStatus.from_json(resp.read())
 
 
 def scrape(base_url: str) -> dict[str, float]:
@@ -247,6 +254,12 @@ def test_push_in_one_region_appears_in_the_others(etcd: EtcdServer, cluster_dir:
             assert n.metrics().get("meridian_replication_images_total") == 4
             assert n.metrics().get("meridian_replication_lag_seconds_count") == 4
             assert n.metrics()["meridian_replication_pending_items"] == 0
+            st = n.status()
+            assert st.region == n.region and st.namespace_synced
+            assert (st.backlog_items, st.backlog_bytes) == (0, 0)
+            others = {o.region for o in nodes if o is not n}
+            assert set(st.peers_rtt_s) == others, st
+            assert all(rtt > 0 for rtt in st.peers_rtt_s.values()), st
         for b in image.all_blobs():
             assert file_digest(west.blob_path(b.digest)) == b.digest
         east.stop()
@@ -296,6 +309,9 @@ def test_pull_reads_through_from_a_region_that_has_the_bytes(
             30,
         )
         m = west.metrics()
+        st = west.status()
+        assert st.backlog_items is None and st.backlog_bytes is None  # no replicator there
+        assert set(st.peers_rtt_s) == {"eastus"}
         assert m.get('meridian_replication_readthrough_total{kind="blob"}', 0) >= 1
         assert m.get('meridian_replication_readthrough_total{kind="manifest"}', 0) >= 1
         # Now local: eastus can go, westeurope still serves.

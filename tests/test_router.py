@@ -31,7 +31,7 @@ import aiohttp
 import pytest
 
 from cluster.namespace import RegionInfo
-from cluster.router_table import Region, RegionTable, TableSettings, normalize_base
+from cluster.router.table import Region, RegionTable, TableSettings, normalize_base
 from localcluster.wan import Link, Wan
 from tests import images as im
 from tests.containerd import Containerd

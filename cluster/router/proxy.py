@@ -1,9 +1,5 @@
-"""``meridian router``: the latency-aware endpoint clients pull from.
-
-The router learns the regions from the namespace (a watch on etcd; with etcd
-unreachable it keeps the last table it had), keeps their health and latency
-(``cluster/router_table.py``) and sends every OCI Distribution request to
-the region that will serve it fastest:
+"""What the router does with one request: proxying, retries, hedging, blob
+redirects, upload pinning.
 
 - **blob GET**: ``307 Temporary Redirect`` to the chosen region's own URL, so
   the bytes never pass through the router. Before answering, the router asks
@@ -24,26 +20,23 @@ the region that will serve it fastest:
   ``meridian_region`` parameter, else a table of recent sessions, else by
   asking the regions).
 
+The router selects the registry from ``Host`` as the node does
+(``ocidist.paths.registry_for_host``): a label that is no registry name is
+``400 NAME_INVALID``, answered by the router itself.
+
 Registries selected by host name (``--domain``): the client's ``Host`` is
 forwarded unchanged (and ``X-Forwarded-Host`` set to it), so a node picks the
 registry exactly as it would for a direct request. A redirect or a direct
 upload URL would reach the region under the region's own host name, so for a
 registry named by the host the router proxies blob GETs and keeps upload
 URLs pointing at itself (still pinned to the session's region).
-
-Own endpoints: ``/healthz``, ``/metrics`` (``meridian_router_*``) and
-``/meridian/v1/router`` (the table as JSON).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,34 +46,25 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import Counter
 from yarl import URL
 
-from cluster import runtime
-from cluster.kv import KVStore
-from cluster.namespace import ALIVE, REGIONS, Namespace, place_key, tag_key
-from cluster.router_table import Region, RegionTable, TableSettings
-from cluster.runtime import setup_logging, split_hostport, wait_for_stop_signal
+from cluster.namespace import Namespace, place_key, tag_key
+from cluster.router.config import RouterConfig
+from cluster.router.table import Region, RegionTable
+from ocidist import paths
+from ocidist.digests import is_digest
+from ocidist.errors import Code, RegistryError
+from ocidist.paths import API_HEADERS, normalize_domain, registry_for_host
 
 log = logging.getLogger("meridian.router")
 
 PIN = "meridian_region"  # query parameter naming the region an URL belongs to
-API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 BUFFER_MAX = 4 << 20  # responses up to this size are read whole (retryable)
 MANIFEST_MAX = 4 << 20
 STREAM_CHUNK = 256 << 10
 FRESH_READ_TIMEOUT = 0.5  # a cache miss may ask etcd, this long at most
 
-_PATH = re.compile(
-    r"^/v2/(?P<name>.+)/(?:"
-    r"(?P<tags>tags/list)"
-    r"|manifests/(?P<ref>[^/]+)"
-    r"|blobs/uploads/?(?P<upload>[^/]*)"
-    r"|blobs/(?P<digest>[^/]+)"
-    r"|referrers/(?P<subject>[^/]+)"
-    r")$"
-)
-_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$")
 _HOP = frozenset(
     {
         "connection",
@@ -111,110 +95,19 @@ FAILED = Counter(
 )
 
 
-# -- configuration -------------------------------------------------------------
-
-
-@dataclass
-class RouterConfig:
-    etcd: str = ""
-    listen: str = "127.0.0.1:5000"
-    registry: str = "default"  # registry of a Host that names none (as the nodes')
-    domain: str = ""  # <registry>.<domain> selects a registry (as the nodes')
-    probe_interval: float = 0.5
-    probe_timeout: float = 1.0
-    connect_timeout: float = 1.0
-    request_timeout: float = 30.0  # longest wait for a region's response headers
-    read_timeout: float = 60.0  # longest silence while streaming a body
-    hedge: bool = True
-    verify_redirects: bool = True
-    redirect_blobs: bool = True
-    direct_uploads: bool = True
-    loop: str = "uvloop"
-    access_log: bool = False
-    log_level: str = "info"
-
-    @property
-    def host(self) -> str:
-        return split_hostport(self.listen)[0]
-
-    @property
-    def port(self) -> int:
-        return split_hostport(self.listen)[1]
-
-    def table_settings(self) -> TableSettings:
-        return TableSettings(
-            probe_interval=self.probe_interval,
-            probe_timeout=self.probe_timeout,
-            connect_timeout=self.connect_timeout,
-            read_timeout=self.read_timeout,
-        )
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get("MERIDIAN_" + name.upper().replace("-", "_"), default)
-
-
-def _flag(name: str, default: bool) -> bool:
-    raw = _env(name, "")
-    return default if raw == "" else raw.lower() not in ("0", "false", "no", "off")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = RouterConfig()
-    p.add_argument("--etcd", default=_env("etcd", d.etcd), help="etcd endpoints (comma-separated)")
-    p.add_argument("--listen", default=_env("router_listen", d.listen), help="HTTP host:port")
-    p.add_argument("--registry", default=_env("registry", d.registry))
-    p.add_argument("--domain", default=_env("domain", d.domain))
-    for name, help_ in (
-        ("probe-interval", "seconds between health probes of a region"),
-        ("probe-timeout", "a probe without an answer in this many seconds fails"),
-        ("connect-timeout", "TCP connect timeout to a region"),
-        ("request-timeout", "longest wait for a region's response headers"),
-        ("read-timeout", "longest silence while streaming a body"),
-    ):
-        attr = name.replace("-", "_")
-        p.add_argument(
-            f"--{name}", type=float, default=float(_env(attr, str(getattr(d, attr)))), help=help_
-        )
-    for name, help_ in (
-        ("hedge", "ask the next region when the first is slower than its p95"),
-        ("verify-redirects", "HEAD the chosen region before redirecting a blob GET to it"),
-        ("redirect-blobs", "answer blob GETs with a redirect (else proxy the bytes)"),
-        ("direct-uploads", "point upload URLs at the chosen region itself"),
-    ):
-        attr = name.replace("-", "_")
-        p.add_argument(
-            f"--{name}",
-            action=argparse.BooleanOptionalAction,
-            default=_flag(attr, getattr(d, attr)),
-            help=help_,
-        )
-    p.add_argument("--loop", choices=["asyncio", "uvloop"], default=_env("loop", d.loop))
-    p.add_argument("--access-log", action="store_true", default=_flag("access_log", False))
-    p.add_argument("--log-level", default=_env("log_level", d.log_level))
-
-
-def from_args(ns: argparse.Namespace) -> RouterConfig:
-    return RouterConfig(**{k: getattr(ns, k) for k in RouterConfig.__dataclass_fields__})
-
-
-# -- helpers ------------------------------------------------------------------
-
-
-def _error(status: int, code: str, message: str, detail: object = None) -> web.Response:
-    FAILED.labels(code).inc()
-    err: dict[str, object] = {"code": code, "message": message}
-    if detail is not None:
-        err["detail"] = detail
-    headers = dict(API_HEADERS)
-    if status == 503:
-        headers["Retry-After"] = "1"
+def error_response(err: RegistryError) -> web.Response:
+    """The router's own answer: the OCI error body (counted by code)."""
+    FAILED.labels(str(err.code)).inc()
+    headers = {**API_HEADERS, **err.headers}
+    if err.status == 503:
+        headers.setdefault("Retry-After", "1")
     return web.Response(
-        status=status,
-        body=json.dumps({"errors": [err]}).encode(),
-        content_type="application/json",
-        headers=headers,
+        status=err.status, body=err.body(), content_type="application/json", headers=headers
     )
+
+
+def _error(status: int, code: Code, message: str, detail: object = None) -> web.Response:
+    return error_response(RegistryError(code, message, detail, status=status))
 
 
 class _Body:
@@ -262,123 +155,74 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-# -- the router ----------------------------------------------------------------
+# -- the proxy -----------------------------------------------------------------
 
 
-class Router:
+class Proxy:
+    """Routes requests to regions (see the module docstring). The namespace
+    state it reads (``synced_once``, ``etcd_ok``) is kept up to date by the
+    application (``cluster.router.app.Router``)."""
+
     def __init__(self, cfg: RouterConfig, ns: Namespace, table: RegionTable) -> None:
         self.cfg = cfg
         self.ns = ns
         self.table = table
-        self.domain = cfg.domain.lower().lstrip(".")
+        self.domain = normalize_domain(cfg.domain)
         self.uploads: OrderedDict[str, str] = OrderedDict()  # upload id -> region
-        self.started = time.time()
         self.synced_once = False
+        self.etcd_ok: bool | None = None  # did the last check reach the namespace store?
         self.requests = 0
         self.retries = 0
         self.hedges = 0
         self.errors = 0
         self._routed: dict[tuple[str, str], Counter] = {}
-        self._sync_pending = False
-        self.etcd_ok: bool | None = None  # did the last check reach the namespace store?
-        self.etcd_checked = 0.0
 
-    # -- namespace ---------------------------------------------------------
-
-    def on_change(self, key: str, _value: bytes | None) -> None:
-        if key.startswith((REGIONS, ALIVE)) and not self._sync_pending:
-            self._sync_pending = True
-            asyncio.get_running_loop().call_soon(self.sync_regions)
-
-    def sync_regions(self) -> None:
-        self._sync_pending = False
-        self.table.sync(self.ns.regions(), self.ns.alive_regions())
-
-    async def start_namespace(self) -> None:
-        """Load the namespace, retrying until etcd answers; meanwhile the
-        router answers 503."""
-        self.ns.cache.listeners.append(self.on_change)
-        delay = 0.2
-        while True:
-            try:
-                await self.ns.start()
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("namespace unreachable, retrying: %s", e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        self.synced_once = True
-        self.sync_regions()
-        log.info("namespace loaded: %d regions", len(self.table.regions))
-
-    async def check_store(self, interval: float = 2.0) -> None:
-        """Whether the namespace store answers (the watch itself resumes
-        silently, so this is what status and health report). Runs until
-        cancelled."""
-        while True:
-            try:
-                await asyncio.wait_for(self.ns.kv.get(REGIONS), timeout=interval)
-                ok = True
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                ok = False
-            if ok != self.etcd_ok:
-                log.log(
-                    logging.INFO if ok else logging.WARNING,
-                    "namespace store %s",
-                    "reachable" if ok else "unreachable: routing on the last known table",
-                )
-            self.etcd_ok, self.etcd_checked = ok, time.time()
-            await asyncio.sleep(interval)
-
-    # -- registry selection (as node/api.py Registry.registry_for) -----------
+    # -- registry selection (as the node's) -----------------------------------
 
     def registry_for(self, request: web.Request) -> str:
-        if self.domain:
-            host = (request.host or "").rsplit(":", 1)[0].lower()
-            suffix = "." + self.domain
-            if host.endswith(suffix) and host != suffix[1:]:
-                return host[: -len(suffix)]
-        return self.cfg.registry
+        """The registry the request is for (``RegistryError`` NAME_INVALID for
+        a Host whose label is no registry name)."""
+        return registry_for_host(request.host, self.domain, self.cfg.registry)
 
     # -- entry point -------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        try:
+            return await self._handle(request)
+        except RegistryError as e:
+            return error_response(e)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         if not self.table.regions:
             why = "no regions known yet" if self.synced_once else "namespace not loaded yet"
-            return _error(503, "UNAVAILABLE", f"the router has {why}; retry shortly")
+            return _error(503, Code.UNAVAILABLE, f"the router has {why}; retry shortly")
         path = request.path
         method = request.method
-        reg = self.registry_for(request)
+        route = paths.parse(path[len(paths.PREFIX) :]) if path.startswith(paths.PREFIX) else None
+        kind = route.kind if route is not None else "base"
+        reg = self.registry_for(request) if kind != "base" else self.cfg.registry
         host_named = reg != self.cfg.registry
         pin = request.query.get(PIN)
-        m = _PATH.match(path)
-        if m is None:  # /v2/, /v2/_catalog, or a path the region will reject
+        if route is None or kind in ("base", "catalog"):
+            # /v2/, /v2/_catalog, or a path the region will reject
             return await self._read_or_write(request, self._pinned(pin, self.table.nearest()))
-        name = m.group("name")
-        upload = m.group("upload")
-        if upload is not None:
-            if upload == "":
-                if method == "POST":
-                    return await self._start_upload(request, reg, pin, host_named)
-            else:
-                return await self._upload(request, name, upload, pin, host_named)
+        if kind == "uploads":
+            if method == "POST":
+                return await self._start_upload(request, reg, pin, host_named)
             return await self._read_or_write(request, self.table.nearest())
+        if kind == "upload":
+            return await self._upload(request, route.name, route.arg, pin, host_named)
         holders: list[str] | None = None
-        digest = m.group("digest")
-        ref = m.group("ref")
-        if digest is not None:
-            holders = await self._holders(reg, digest)
-        elif ref is not None and method in ("GET", "HEAD"):
-            found = ref if ":" in ref else await self._tag(reg, name, ref)
+        if kind == "blob":
+            holders = await self._holders(reg, route.arg)
+        elif kind == "manifest" and method in ("GET", "HEAD"):
+            ref = route.arg
+            found = ref if ":" in ref else await self._tag(reg, route.name, ref)
             if found:
                 holders = await self._holders(reg, found)
         cands = self._pinned(pin, self.table.ranked(holders))
-        if digest is not None and method == "GET" and self.cfg.redirect_blobs and not host_named:
+        if kind == "blob" and method == "GET" and self.cfg.redirect_blobs and not host_named:
             return await self._redirect_blob(request, cands, holders)
         return await self._read_or_write(request, cands, holders)
 
@@ -401,7 +245,7 @@ class Router:
         places = self.ns.placements(reg, digest)
         if places:
             return list(places)
-        if not _DIGEST.match(digest):
+        if not is_digest(digest):
             return None
         prefix = place_key(reg, digest, "")
         entries = await self._fresh(self.ns.refresh(prefix))
@@ -653,7 +497,7 @@ class Router:
                 cands, send, hedge=self.cfg.hedge, retry_404=retry_404, latency_sample=True
             )
             if up is None:
-                return _error(503, "UNAVAILABLE", "no region could answer; retry shortly", why)
+                return _error(503, Code.UNAVAILABLE, "no region could answer; retry shortly", why)
             return await self._respond(request, up)
         return await self._write(request, cands)
 
@@ -710,7 +554,7 @@ class Router:
                     raise
                 return _error(
                     502 if sent else 503,
-                    "UNAVAILABLE",
+                    Code.UNAVAILABLE,
                     f"region {r.name} failed during the request; retry",
                     why,
                 )
@@ -719,16 +563,16 @@ class Router:
             else:
                 self.table.report_error(r, f"{r.name} answered {up.resp.status}", fatal=False)
             return await self._respond(request, up, rewrite=rewrite(up) if rewrite else None)
-        return _error(503, "UNAVAILABLE", "no region could take the request; retry shortly", why)
+        return _error(503, Code.UNAVAILABLE, "no region could take the request; retry shortly", why)
 
     # -- blobs ---------------------------------------------------------------
 
     async def _redirect_blob(
         self, request: web.Request, cands: list[Region], holders: list[str] | None
     ) -> web.StreamResponse:
-        target: Region | None = None
+        dest: Region | None = None
         if not self.cfg.verify_redirects:
-            target = next((r for r in cands if r.up), cands[0] if cands else None)
+            dest = next((r for r in cands if r.up), cands[0] if cands else None)
         else:
             held = set(holders or ())
 
@@ -742,24 +586,24 @@ class Router:
                 cands, send, hedge=self.cfg.hedge, retry_404=retry_404, latency_sample=True
             )
             if up is None:
-                return _error(503, "UNAVAILABLE", "no region could answer; retry shortly", why)
+                return _error(503, Code.UNAVAILABLE, "no region could answer; retry shortly", why)
             if up.resp.status == 200:
-                target = up.region
+                dest = up.region
             else:
                 # Not there (404) or refused: let the region answer the GET
                 # itself, with its error body.
                 return await self._read_or_write(
                     request, [up.region] + [r for r in cands if r is not up.region]
                 )
-        if target is None:
-            return _error(503, "UNAVAILABLE", "no region is known", None)
-        self._count(target, "redirect")
+        if dest is None:
+            return _error(503, Code.UNAVAILABLE, "no region is known", None)
+        self._count(dest, "redirect")
         return web.Response(
             status=307,
             headers={
                 **API_HEADERS,
-                "Location": target.base + request.raw_path,
-                "X-Meridian-Region": target.name,
+                "Location": dest.base + request.raw_path,
+                "X-Meridian-Region": dest.name,
                 "Content-Length": "0",
             },
         )
@@ -819,7 +663,7 @@ class Router:
             if owner is None or not owner.base:
                 return _error(
                     404,
-                    "BLOB_UPLOAD_UNKNOWN",
+                    Code.BLOB_UPLOAD_UNKNOWN,
                     "the upload URL names a region this router does not know",
                     {"uuid": upload_id, "region": pin},
                 )
@@ -830,7 +674,7 @@ class Router:
                 owner = await self._find_upload(request, name, upload_id)
             if owner is None:
                 return _error(
-                    404, "BLOB_UPLOAD_UNKNOWN", "no region has this upload", {"uuid": upload_id}
+                    404, Code.BLOB_UPLOAD_UNKNOWN, "no region has this upload", {"uuid": upload_id}
                 )
         return await self._write(request, [owner], self._location_rewriter(host_named), strict=True)
 
@@ -860,130 +704,6 @@ class Router:
                 return r
         return None
 
-    # -- own endpoints ---------------------------------------------------------
-
-    def status(self) -> dict:
-        return {
-            "namespace_loaded": self.synced_once,
-            "namespace_reachable": self.etcd_ok,
-            "namespace_revision": self.ns.cache.revision,
-            "uptime_s": round(time.time() - self.started, 1),
-            "requests": self.requests,
-            "retries": self.retries,
-            "hedges": self.hedges,
-            "nearest": [r.name for r in self.table.nearest() if r.up],
-            "regions": self.table.status(),
-        }
-
-    async def status_handler(self, _: web.Request) -> web.Response:
-        return web.json_response(self.status())
-
-    async def healthz(self, _: web.Request) -> web.Response:
-        up = sum(1 for r in self.table.regions.values() if r.up)
-        body = {
-            "status": "ok" if up else "no region in rotation",
-            "role": "router",
-            "regions_up": up,
-            "regions": len(self.table.regions),
-            "namespace_loaded": self.synced_once,
-            "namespace_reachable": self.etcd_ok,
-        }
-        return web.json_response(body, status=200 if up else 503)
-
-    async def metrics(self, _: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest())
-        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-        return resp
-
-    async def not_found(self, request: web.Request) -> web.Response:
-        return _error(404, "NAME_INVALID", "no such endpoint", {"path": request.path})
-
 
 def _chunked(request: web.Request) -> bool:
     return "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-
-
-# -- assembly -----------------------------------------------------------------
-
-
-def make_kv(cfg: RouterConfig) -> KVStore:
-    from cluster.etcd import EtcdKV
-
-    return EtcdKV.from_flag(cfg.etcd)
-
-
-def build_app(router: Router) -> web.Application:
-    app = web.Application(client_max_size=0)
-    app.router.add_route("*", "/v2", router.handle)
-    app.router.add_route("*", "/v2/{tail:.*}", router.handle)
-    app.router.add_get("/healthz", router.healthz)
-    app.router.add_get("/metrics", router.metrics)
-    app.router.add_get("/meridian/v1/router", router.status_handler)
-    app.router.add_route("*", "/{tail:.*}", router.not_found)
-    return app
-
-
-def make_access_log_middleware():  # noqa: ANN201 - aiohttp middleware type
-    @web.middleware
-    async def access(request: web.Request, handler):  # noqa: ANN001, ANN202
-        t0 = time.perf_counter()
-        resp = await handler(request)
-        log.info(
-            "request",
-            extra={
-                "method": request.method,
-                "path": request.path_qs,
-                "status": resp.status,
-                "ms": round((time.perf_counter() - t0) * 1000, 2),
-            },
-        )
-        return resp
-
-    return access
-
-
-async def serve(cfg: RouterConfig, ready: Callable[[Router], None] | None = None) -> None:
-    if not cfg.etcd:
-        raise SystemExit("meridian router: --etcd is required (or MERIDIAN_ETCD)")
-    ns = Namespace(make_kv(cfg), region="")
-    table = RegionTable(cfg.table_settings())
-    router = Router(cfg, ns, table)
-    app = build_app(router)
-    if cfg.access_log:
-        app.middlewares.append(make_access_log_middleware())
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, backlog=1024)
-    await site.start()
-    starter = asyncio.create_task(router.start_namespace(), name="namespace-start")
-    checker = asyncio.create_task(router.check_store(), name="namespace-check")
-    print(f"meridian router listening on http://{cfg.listen} (etcd {cfg.etcd})", flush=True)
-    if ready is not None:
-        ready(router)
-    await wait_for_stop_signal()
-    for task in (starter, checker):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-    await runner.cleanup()
-    await table.close()
-    await ns.close()
-
-
-def run(cfg: RouterConfig) -> None:
-    setup_logging(cfg.log_level)
-    runtime.run(serve(cfg), cfg.loop)
-
-
-def router_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="meridian router",
-        description="the latency-aware endpoint clients pull from: routes every request "
-        "to the region that serves it fastest",
-    )
-    add_arguments(p)
-    cfg = from_args(p.parse_args(argv))
-    if not cfg.etcd:
-        p.error("--etcd is required (or MERIDIAN_ETCD)")
-    run(cfg)
-    return 0

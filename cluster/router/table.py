@@ -17,11 +17,12 @@
   timeouts take a region out at once, repeated 5xx answers after three in a
   row, and the latency of small requests feeds the same estimate as probes;
 - a smoothed round-trip time (EWMA, like TCP's SRTT/RTTVAR) and a p95 over
-  the last 64 samples (the hedging delay);
-- what the region says about itself on ``/metrics`` (scraped every
-  ``scrape_interval``): its gRPC round-trip time to every other region
-  (``meridian_replication_peer_rtt_seconds``) and its replication backlog
-  (``meridian_replication_pending_items``).
+  the last 64 samples (the hedging delay) -- with the health above, the
+  tracker ``cluster.health.Health`` that the nodes use for their peers too;
+- what the region says about itself (``GET /meridian/v1/status``, the
+  contract in ``cluster/status.py``, read every ``status_interval``): its
+  gRPC round-trip time to every other region it reaches and its
+  replication backlog.
 
 ``ranked(holders)`` orders the regions for one request: healthy regions by
 the expected time to serve it, then (as a last resort) the regions out of
@@ -39,10 +40,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
-import re
 import time
-from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -50,7 +48,10 @@ from urllib.parse import urlsplit
 import aiohttp
 from prometheus_client import Gauge
 
+from cluster.health import Health
 from cluster.namespace import RegionInfo
+from cluster.status import PATH as STATUS_PATH
+from cluster.status import NodeStatus
 
 log = logging.getLogger("meridian.router")
 
@@ -61,12 +62,6 @@ REGION_RTT = Gauge(
 
 READTHROUGH_PENALTY = 0.002  # seconds: a fetch-through does more work than a local read
 UNKNOWN_RTT = 1.0  # cost of a region never measured (ranks after every measured one)
-_SAMPLES = 64
-
-_PEER_RTT = re.compile(
-    r'^meridian_replication_peer_rtt_seconds\{[^}]*region="([^"]+)"[^}]*\}\s+([0-9.eE+-]+|NaN)'
-)
-_PENDING = re.compile(r"^meridian_replication_pending_items(?:\{[^}]*\})?\s+([0-9.eE+-]+)")
 
 
 @dataclass
@@ -75,7 +70,7 @@ class TableSettings:
     probe_timeout: float = 1.0
     connect_timeout: float = 1.0
     read_timeout: float = 60.0
-    scrape_interval: float = 2.0
+    status_interval: float = 2.0
     up_after: int = 2  # consecutive good probes to come back
     fail_after: int = 3  # consecutive 5xx answers to go out
     pool_size: int = 512
@@ -99,51 +94,37 @@ def normalize_base(url: str) -> tuple[str, str]:
     return f"{u.scheme}://{netloc}{u.path.rstrip('/')}", ""
 
 
-class Region:
-    """One region as the router sees it."""
+class Region(Health):
+    """One region as the router sees it: its endpoint and session, and its
+    health and latency (``cluster.health.Health``)."""
 
     def __init__(self, info: RegionInfo, settings: TableSettings) -> None:
-        self.name = info.name
+        base, invalid = normalize_base(info.http)
+        super().__init__(
+            info.name,
+            up=False,
+            reason=invalid or "not probed yet",
+            up_after=settings.up_after,
+            fail_after=settings.fail_after,
+        )
         self.info = info
         self.settings = settings
-        self.base, self.invalid = normalize_base(info.http)
+        self.base, self.invalid = base, invalid
         self.session: aiohttp.ClientSession | None = None
-        self.up = False
-        self.reason = self.invalid or "not probed yet"
-        self.changed = time.time()
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-        self.samples: deque[float] = deque(maxlen=_SAMPLES)
-        self._p95: float | None = None
-        self._since_p95 = 0
-        self.oks = 0  # consecutive good probes
-        self.fails = 0  # consecutive failed requests (passive, 5xx)
         self.alive = False  # its leased liveness key exists
         self.peers: dict[str, float] = {}  # region -> its gRPC RTT there (s)
-        self.backlog: float | None = None
+        self.backlog: int | None = None
+        self.backlog_bytes: int | None = None
         self.routed = 0
         self.redirected = 0
-        self.errors = 0
-        self.probes = 0
-        self.probe_failures = 0
-        self.last_ok = 0.0
         self._gauges = (REGION_UP.labels(self.name), REGION_RTT.labels(self.name))
 
     # -- latency -----------------------------------------------------------
 
     def observe(self, seconds: float) -> None:
-        if self.srtt is None:
-            self.srtt, self.rttvar = seconds, seconds / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - seconds)
-            self.srtt = 0.7 * self.srtt + 0.3 * seconds
-        self.samples.append(seconds)
-        self._since_p95 += 1
-        if self._p95 is None or self._since_p95 >= 8:
-            self._since_p95 = 0
-            s = sorted(self.samples)
-            self._p95 = s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)]
-        self._gauges[1].set(self.srtt)
+        super().observe(seconds)
+        if self.srtt is not None:
+            self._gauges[1].set(self.srtt)
 
     @property
     def cost(self) -> float:
@@ -154,7 +135,7 @@ class Region:
         its p95 latency (never less than 1.5 x its smoothed RTT + 1 ms)."""
         if self.srtt is None:
             return 0.25
-        return max(self._p95 or 0.0, 1.5 * self.srtt) + 0.001
+        return max(self.p95 or 0.0, 1.5 * self.srtt) + 0.001
 
     def attempt_timeout(self, last: float) -> float:
         """How long one attempt may wait for response headers before the
@@ -167,23 +148,8 @@ class Region:
     # -- health ------------------------------------------------------------
 
     def set_up(self, up: bool, reason: str) -> bool:
-        self.reason = reason
-        if up == self.up:
+        if not super().set_up(up, reason):
             return False
-        if up and self.samples:
-            # Back: start from the best of the probes that brought it back, not
-            # from the stalls that took it out (a hung region's queued
-            # requests finish late, all at once).
-            seed = min(self.samples)
-            self.samples.clear()
-            self.srtt = None
-            self.observe(seed)
-        elif not up:
-            self.samples.clear()
-            self._p95 = None
-            self.srtt = None
-        self.up = up
-        self.changed = time.time()
         self._gauges[0].set(1 if up else 0)
         log.info("region %s %s: %s", self.name, "in rotation" if up else "out of rotation", reason)
         return True
@@ -198,10 +164,11 @@ class Region:
             "alive": self.alive,
             "since": round(self.changed, 3),
             "rtt_ms": None if self.srtt is None else round(self.srtt * 1000, 3),
-            "p95_ms": None if self._p95 is None else round(self._p95 * 1000, 3),
+            "p95_ms": None if self.p95 is None else round(self.p95 * 1000, 3),
             "hedge_ms": round(self.hedge_delay() * 1000, 3),
             "peers_rtt_ms": {k: round(v * 1000, 3) for k, v in sorted(self.peers.items())},
             "backlog": self.backlog,
+            "backlog_bytes": self.backlog_bytes,
             "routed": self.routed,
             "redirected": self.redirected,
             "errors": self.errors,
@@ -327,55 +294,49 @@ class RegionTable:
 
     # -- signals -----------------------------------------------------------
 
-    def _changed(self, r: Region, up: bool, reason: str) -> None:
-        if r.set_up(up, reason):
-            self._reorder()
-            self.changed.set()
+    def _after_change(self) -> None:
+        self._reorder()
+        self.changed.set()
 
     def report_ok(self, r: Region, latency: float | None) -> None:
         """A request to ``r`` was answered (below 500)."""
-        r.fails = 0
-        r.last_ok = time.monotonic()
+        r.request_ok(latency)
         if latency is not None:
-            r.observe(latency)
             self._reorder()
 
     def report_slow(self, r: Region, waited: float) -> None:
         """A request to ``r`` lost to a hedge (or was abandoned) after
         ``waited`` seconds: it is at least that slow. A lower bound only ever
         raises the estimate."""
-        if r.srtt is None or waited > r.srtt:
-            r.observe(waited)
+        if r.slow(waited):
             self._reorder()
 
     def report_error(self, r: Region, why: str, *, fatal: bool) -> None:
         """A request to ``r`` failed: ``fatal`` (connection error, timeout)
         takes it out of rotation now; other failures (5xx) after
-        ``fail_after`` in a row."""
-        r.errors += 1
-        r.fails += 1
-        r.oks = 0
-        if r.up and (fatal or r.fails >= self.settings.fail_after):
-            self._changed(r, False, why)
+        ``fail_after`` in a row. Only for failures of the region: an error
+        the router made itself is never reported."""
+        if r.request_failed(why, fatal=fatal):
+            self._after_change()
 
     # -- probing -----------------------------------------------------------
 
     async def _probe_loop(self, r: Region) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
-        next_scrape = 0.0
-        scrape: asyncio.Task[None] | None = None
+        next_status = 0.0
+        reading: asyncio.Task[None] | None = None
         try:
             while True:
                 started = loop.time()
                 await self.probe(r)
-                if started >= next_scrape and (scrape is None or scrape.done()) and r.up:
-                    next_scrape = started + s.scrape_interval
-                    scrape = asyncio.create_task(self._scrape(r))
+                if started >= next_status and (reading is None or reading.done()) and r.up:
+                    next_status = started + s.status_interval
+                    reading = asyncio.create_task(self.read_status(r))
                 await asyncio.sleep(max(0.0, s.probe_interval - (loop.time() - started)))
         finally:
-            if scrape is not None:
-                scrape.cancel()
+            if reading is not None:
+                reading.cancel()
 
     async def probe(self, r: Region) -> bool:
         assert r.session is not None
@@ -410,57 +371,35 @@ class RegionTable:
             why = f"cannot connect: {e.os_error or e}"
         except (aiohttp.ClientError, OSError, ValueError) as e:
             why = f"probe failed: {type(e).__name__}: {e}"
-        r.probes += 1
         if why:
-            r.probe_failures += 1
-            r.oks = 0
-            self._changed(r, False, why)
+            if r.probe_failed(why):
+                self._after_change()
             return False
-        r.oks += 1
-        r.last_ok = time.monotonic()
-        r.observe(elapsed)
-        if not r.up and (r.oks >= s.up_after or r.probes == r.oks):
-            # Back after ``up_after`` good probes; at first sight at once.
-            r.fails = 0
-            self._changed(r, True, "healthy")
+        if r.probe_ok(elapsed):
+            self._after_change()
         else:
-            if r.up:
-                r.reason = "healthy"
             self._reorder()
         return True
 
-    async def _scrape(self, r: Region) -> None:
-        """Read the region's view of its peers and its backlog from /metrics."""
+    async def read_status(self, r: Region) -> None:
+        """Read what the region says about itself (``cluster.status``): its
+        peers' RTTs and its backlog. A node that does not answer one (an
+        older one, or a failure) leaves what was known before."""
         assert r.session is not None
         try:
             async with r.session.get(
-                r.base + "/metrics", timeout=aiohttp.ClientTimeout(total=2.0)
+                r.base + STATUS_PATH, timeout=aiohttp.ClientTimeout(total=2.0)
             ) as resp:
                 if resp.status != 200:
                     return
-                text = (await resp.read()).decode("utf-8", "replace")
-        except (aiohttp.ClientError, OSError, TimeoutError):
+                st = NodeStatus.from_json(await resp.read())
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
             return
-        peers: dict[str, float] = {}
-        backlog: float | None = None
-        for line in text.splitlines():
-            if not line.startswith("meridian_replication_"):
-                continue
-            m = _PEER_RTT.match(line)
-            if m:
-                try:
-                    v = float(m.group(2))
-                except ValueError:
-                    continue
-                if v > 0 and math.isfinite(v):
-                    peers[m.group(1)] = v
-                continue
-            m = _PENDING.match(line)
-            if m:
-                with contextlib.suppress(ValueError):
-                    backlog = float(m.group(1))
-        r.peers = peers
-        r.backlog = backlog
+        if st.region != r.name:
+            return  # the probe takes such an endpoint out of rotation
+        r.peers = st.peers_rtt_s
+        r.backlog = st.backlog_items
+        r.backlog_bytes = st.backlog_bytes
 
 
 def _cost_key(r: Region) -> tuple[float, str]:

@@ -1,0 +1,63 @@
+"""Configuration of the router: every setting declared once, with its flag,
+its ``MERIDIAN_*`` twin, help and default (``cluster.settings``). The
+server-side limits (client header/body timeouts, keep-alive, connection
+cap) come from ``cluster.httpserver.ServerLimits``."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from cluster import settings
+from cluster.httpserver import ServerLimits
+from cluster.router.table import TableSettings
+from cluster.runtime import split_hostport
+from cluster.settings import setting
+
+
+@dataclass
+class RouterConfig(ServerLimits):
+    etcd: str = setting("", "etcd endpoints, comma-separated (required)")
+    listen: str = setting("127.0.0.1:5000", "HTTP host:port", env="MERIDIAN_ROUTER_LISTEN")
+    registry: str = setting("default", "registry of a Host that names none (as the nodes')")
+    domain: str = setting("", "<registry>.<domain> in Host selects a registry (as the nodes')")
+    probe_interval: float = setting(0.5, "seconds between health probes of a region")
+    probe_timeout: float = setting(1.0, "a probe without an answer in this many seconds fails")
+    connect_timeout: float = setting(1.0, "TCP connect timeout to a region")
+    request_timeout: float = setting(30.0, "longest wait for a region's response headers")
+    read_timeout: float = setting(60.0, "longest silence while streaming a region's body")
+    hedge: bool = setting(True, "ask the next region when the first is slower than its p95")
+    verify_redirects: bool = setting(
+        True, "HEAD the chosen region before redirecting a blob GET to it"
+    )
+    redirect_blobs: bool = setting(True, "answer blob GETs with a redirect (else proxy the bytes)")
+    direct_uploads: bool = setting(True, "point upload URLs at the chosen region itself")
+    loop: str = setting("uvloop", "event loop", choices=("asyncio", "uvloop"))
+    access_log: bool = setting(False, "log every request")
+    log_level: str = setting(
+        "info", "log level", parse=str.lower, choices=("debug", "info", "warning", "error")
+    )
+
+    @property
+    def host(self) -> str:
+        return split_hostport(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_hostport(self.listen)[1]
+
+    def table_settings(self) -> TableSettings:
+        return TableSettings(
+            probe_interval=self.probe_interval,
+            probe_timeout=self.probe_timeout,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+        )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    settings.add_arguments(p, RouterConfig)
+
+
+def from_args(ns: argparse.Namespace) -> RouterConfig:
+    return settings.from_args(RouterConfig, ns)

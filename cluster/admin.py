@@ -1,4 +1,5 @@
-"""Management verbs of the ``meridian`` CLI that read the namespace."""
+"""Management verbs of the ``meridian`` CLI that read the namespace:
+``meridian regions`` and ``meridian replication``."""
 
 from __future__ import annotations
 
@@ -100,4 +101,57 @@ def regions_main(argv: list[str]) -> int:
         rtt = f"{r['rtt_ms']:.1f}ms" if r["rtt_ms"] is not None else "-"
         alive = "yes" if r["alive"] else "no"
         print(f"{r['region']:<16} {alive:<6} {rtt:>9}  {r['http']:<28} {r['grpc'] or '-'}")
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+async def _replication_rows(etcd: str) -> list[dict]:
+    # The backlog is computed as the nodes compute it; the CLI imports the
+    # node's planning code only when this verb runs (as ``meridian node``).
+    from cluster.etcd import EtcdKV
+    from cluster.namespace import Namespace
+    from node.replication.plan import status_rows
+
+    ns = Namespace(EtcdKV.from_flag(etcd), "")
+    await ns.start()
+    try:
+        return status_rows(ns)
+    finally:
+        await ns.close()
+
+
+def replication_main(argv: list[str]) -> int:
+    """``meridian replication list``: per region status, items and bytes
+    pending, lag -- read from the namespace (``--etcd``) or from a node's
+    management API (``--node``)."""
+    import urllib.request
+
+    p = argparse.ArgumentParser(
+        prog="meridian replication", description="replication status of a cluster"
+    )
+    p.add_argument("verb", choices=["list"], nargs="?", default="list")
+    namespace_args(p)
+    args = p.parse_args(argv)
+    if args.etcd:
+        rows = asyncio.run(_replication_rows(args.etcd))
+    else:
+        url = args.node.rstrip("/") + "/meridian/v1/replication"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            rows = json.loads(resp.read())["regions"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'REGION':<16} {'STATUS':<12} {'ITEMS':>7} {'BYTES':>10} {'LAG':>9}")
+    for r in rows:
+        print(
+            f"{r['region']:<16} {r['status']:<12} {r['pending_items']:>7} "
+            f"{_human(r['pending_bytes']):>10} {r['lag_seconds']:>8.1f}s"
+        )
     return 0

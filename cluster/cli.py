@@ -24,7 +24,7 @@ def _regions(argv: list[str]) -> int:
 
 
 def _replication(argv: list[str]) -> int:
-    from node.replicator import replication_main
+    from cluster.admin import replication_main
 
     return replication_main(argv)
 

@@ -7,10 +7,11 @@ validates the name before anything else, and calls the handler.
 
 from __future__ import annotations
 
+import asyncio
 import json
-import re
+import logging
 from collections import OrderedDict
-from typing import Any
+from typing import IO
 from urllib.parse import quote, urlencode
 
 from aiohttp import web
@@ -18,8 +19,9 @@ from aiohttp import web
 from cluster.kv import KVUnavailable
 from cluster.namespace import MAX_TAGS_PER_PUSH, BlobsGone, ManifestRecord, Namespace
 from node import manifests as mf
-from node.blobstore import FilesystemBlobStore
-from node.sendfile import BlobFileResponse
+from node import ranges
+from node.sendfile import send_file_range
+from node.storage.base import BlobNotFound, BlobStore, BlobUnavailable
 from node.uploads import Upload, UploadManager
 from ocidist import mediatypes as mt
 from ocidist import paths
@@ -35,7 +37,8 @@ from ocidist.errors import (
 )
 from ocidist.paths import API_HEADERS, normalize_domain, registry_for_host
 
-_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+log = logging.getLogger("meridian.node")
+
 MAX_PAGE = 10000
 
 
@@ -94,7 +97,7 @@ class Registry:
     def __init__(
         self,
         ns: Namespace,
-        store: FilesystemBlobStore,
+        store: BlobStore,
         uploads: UploadManager,
         *,
         default_registry: str = "default",
@@ -106,9 +109,6 @@ class Registry:
         self.default_registry = default_registry
         self.domain = normalize_domain(domain)
         self.manifest_cache = ManifestCache()
-        # node.readthrough.Fetcher when regions share a namespace: fetches
-        # bytes the namespace knows but this region does not hold yet.
-        self.readthrough: Any = None
 
     # -- routing -----------------------------------------------------------
 
@@ -149,7 +149,7 @@ class Registry:
                 return await self.start_upload(request, reg, name)
             raise unsupported(method)
         if kind == "upload":
-            up = self.uploads.get(route.arg, reg, name)
+            up = await self.uploads.get(route.arg, reg, name)
             if method == "GET":
                 async with up.lock:  # settle a PATCH still writing
                     return self._upload_status(up, 204)
@@ -158,7 +158,7 @@ class Registry:
             if method == "PUT":
                 return await self.finish_upload(request, up)
             if method == "DELETE":
-                self.uploads.cancel(up)
+                await self.uploads.cancel(up)
                 return web.Response(status=204)
             raise unsupported(method)
         if kind == "blob":
@@ -242,16 +242,9 @@ class Registry:
         if body is None:
             try:
                 body = await self.store.read_all(rec.digest)
-            except FileNotFoundError:
-                if self.readthrough is not None:
-                    try:
-                        body = await self.readthrough.fetch_bytes(rec.digest, rec.size)
-                    except Exception as e:
-                        raise unavailable(
-                            f"manifest bytes are not in this region and fetching failed: {e}"
-                        ) from e
-                    self.manifest_cache.put(rec.digest, body)
-                    return body
+            except BlobUnavailable as e:
+                raise unavailable(f"manifest {e}") from e
+            except BlobNotFound:
                 raise RegistryError(
                     Code.MANIFEST_UNKNOWN,
                     "manifest bytes are not in this region yet",
@@ -380,37 +373,110 @@ class Registry:
     async def get_blob(
         self, request: web.Request, reg: str, name: str, digest: str
     ) -> web.StreamResponse:
+        """A blob GET or HEAD. Every answer -- from the local disk with
+        ``sendfile``, or streamed while read-through fetches the bytes --
+        takes its status, Range and validators from ``node.ranges``."""
         parse_digest(digest)
         size = self.ns.blob_size(reg, name, digest)
         if size is None:
             raise blob_unknown(digest)
+        etag = f'"{digest}"'
         headers = {
+            **API_HEADERS,
             "Docker-Content-Digest": digest,
             "Content-Type": mt.BLOB,
             "Accept-Ranges": "bytes",
-            "ETag": f'"{digest}"',
+            "ETag": etag,
             "Cache-Control": "max-age=31536000",
         }
-        if request.method == "HEAD" and "Range" not in request.headers:
+        if ranges.none_match(request.headers.get("If-None-Match"), etag):
+            return web.Response(status=304, headers=headers)
+        rng = ranges.select_range(
+            request.headers.get("Range"), request.headers.get("If-Range"), size, etag
+        )
+        if request.method == "HEAD" and rng is None:
             headers["Content-Length"] = str(size)
             return web.Response(status=200, headers=headers)
+        if rng is not None:
+            headers["Content-Range"] = rng.content_range(size)
+        status = 200 if rng is None else 206
+        offset, length = (0, size) if rng is None else (rng.start, rng.length)
+        if request.method == "HEAD":
+            if await self.store.stat(digest) is None:
+                raise self._bytes_elsewhere(digest)
+            headers["Content-Length"] = str(length)
+            return web.Response(status=status, headers=headers)
+        url = await self.store.redirect_url(digest)
+        if url is not None:
+            return web.Response(status=307, headers={**headers, "Location": url})
+        fobj = await self._open_local(digest)
+        if fobj is not None:
+            with fobj:
+                return await self._send_file(request, status, headers, fobj, offset, length)
+        return await self._send_stream(request, status, headers, digest, offset, length)
+
+    @staticmethod
+    def _bytes_elsewhere(digest: str) -> RegistryError:
+        return RegistryError(
+            Code.BLOB_UNKNOWN,
+            "blob bytes are not in this region yet",
+            detail={"digest": digest},
+        )
+
+    async def _open_local(self, digest: str) -> IO[bytes] | None:
         path = self.store.local_path(digest)
-        if path is None or self.store.stat_sync(digest) is None:
-            if self.readthrough is not None:
-                return await self.readthrough.serve_blob(request, reg, digest, size, headers)
-            raise RegistryError(
-                Code.BLOB_UNKNOWN,
-                "blob bytes are not in this region yet",
-                detail={"digest": digest},
-            )
-        resp = BlobFileResponse(path, headers={**headers, **API_HEADERS})
-        rng = request.headers.get("Range")
-        if rng is not None and not rng.lstrip().lower().startswith("bytes"):
-            # RFC 9110 14.2: a range unit the server does not know is ignored.
-            plain = request.headers.copy()
-            del plain["Range"]
-            await resp.prepare(request.clone(headers=plain))
+        if path is None:
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, open, path, "rb")
+        except FileNotFoundError:
+            return None
+
+    async def _send_file(
+        self,
+        request: web.Request,
+        status: int,
+        headers: dict[str, str],
+        fobj: IO[bytes],
+        offset: int,
+        length: int,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = length
+        await resp.prepare(request)
+        await send_file_range(request, resp, fobj, offset, length)
+        await resp.write_eof()
         return resp
+
+    async def _send_stream(
+        self,
+        request: web.Request,
+        status: int,
+        headers: dict[str, str],
+        digest: str,
+        offset: int,
+        length: int,
+    ) -> web.StreamResponse:
+        try:
+            async with self.store.open(digest, offset, length) as reader:
+                resp = web.StreamResponse(status=status, headers=headers)
+                resp.content_length = reader.length
+                await resp.prepare(request)
+                try:
+                    async for data in reader:
+                        await resp.write(data)
+                except BlobUnavailable as e:
+                    # Headers are gone: the only honest signal left is a short body.
+                    log.warning("read-through of %s failed mid-stream: %s", digest, e)
+                    if request.transport is not None:
+                        request.transport.close()
+                    return resp
+                await resp.write_eof()
+                return resp
+        except BlobNotFound:
+            raise self._bytes_elsewhere(digest) from None
+        except BlobUnavailable as e:
+            raise unavailable(str(e)) from e
 
     async def delete_blob(self, reg: str, name: str, digest: str) -> web.Response:
         parse_digest(digest)
@@ -455,7 +521,12 @@ class Registry:
                 size = self.ns.blob_size(reg, repo, digest)
                 if size is not None:
                     break
-        if size is None or await self.store.stat(digest) is None:
+        # Only bytes held here: linking records this region's placement.
+        # (The store may read through to other regions; its ``stat`` then
+        # answers for bytes held elsewhere too.)
+        if size is None or self.ns.region not in self.ns.placements(reg, digest):
+            return False
+        if await self.store.stat(digest) is None:
             return False
         await self.ns.link_blob(reg, name, digest, size)
         return True
@@ -468,15 +539,15 @@ class Registry:
         digest = request.query.get("digest")
         if digest is not None:
             parse_digest(digest)
-            up = self.uploads.create(reg, name)
+            up = await self.uploads.create(reg, name)
             try:
                 await self._append(request, up)
                 size = await self.uploads.finish(up, digest)
                 await self.ns.link_blob(reg, name, digest, size)
             finally:
-                self.uploads.cancel(up)  # no session URL was given out
+                await self.uploads.cancel(up)  # no session URL was given out
             return self._created(name, digest)
-        up = self.uploads.create(reg, name)
+        up = await self.uploads.create(reg, name)
         return self._upload_status(up, 202)
 
     async def _append(self, request: web.Request, up: Upload) -> int:
@@ -492,12 +563,12 @@ class Registry:
         cr = request.headers.get("Content-Range")
         if cr is None:
             return
-        m = _CONTENT_RANGE.match(cr.strip())
-        if not m:
+        m = ranges.parse_content_range(cr)
+        if m is None:
             raise RegistryError(
                 Code.RANGE_INVALID, "malformed Content-Range", detail={"Content-Range": cr}
             )
-        start, end = int(m.group(1)), int(m.group(2))
+        start, end = m.start, m.end
         if start != up.size or end < start:
             raise RegistryError(
                 Code.RANGE_INVALID,
@@ -535,7 +606,7 @@ class Registry:
                     await self._append(request, up)
             size = await self.uploads.finish(up, digest)
             await self.ns.link_blob(up.registry, up.repo, digest, size)
-            self.uploads.cancel(up)
+            await self.uploads.cancel(up)
         return self._created(up.repo, digest)
 
 

@@ -20,8 +20,10 @@ from cluster.runtime import setup_logging, wait_for_stop_signal
 from cluster.status import PATH as STATUS_PATH
 from cluster.status import NodeStatus
 from node.api import Registry, map_store_errors
-from node.blobstore import FilesystemBlobStore
 from node.config import NodeConfig
+from node.replication.plan import status_rows
+from node.storage.base import BlobStore
+from node.storage.filesystem import FilesystemBlobStore
 from node.uploads import UploadManager
 from ocidist.errors import Code, RegistryError
 from ocidist.paths import API_HEADERS
@@ -37,7 +39,7 @@ LATENCY = Histogram(
 )
 
 REGISTRY_KEY = web.AppKey("registry", Registry)
-# node.replicator.Replication, when regions share a namespace (set before start)
+# node.replication.service.Replication, when regions share a namespace (set before start)
 REPLICATION_KEY = web.AppKey("replication", object)
 
 
@@ -147,8 +149,15 @@ def make_kv(cfg: NodeConfig) -> KVStore:
     return EmbeddedKV(os.path.join(cfg.data, "namespace.sqlite"))
 
 
-def build_app(cfg: NodeConfig, ns: Namespace) -> web.Application:
-    store = FilesystemBlobStore(cfg.data)
+async def replication_status(request: web.Request) -> web.Response:
+    """``GET /meridian/v1/replication``: every region's backlog and lag
+    (``status_rows``), from this node's cache of the namespace."""
+    return web.json_response({"regions": status_rows(request.app[REGISTRY_KEY].ns)})
+
+
+def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Application:
+    """The node's HTTP app over ``store`` (the region's blob store, or one
+    reading through to the other regions)."""
     uploads = UploadManager(cfg.data, store, cfg.max_blob_size)
     registry = Registry(ns, store, uploads, default_registry=cfg.registry, domain=cfg.domain)
     # Manifests are read with their own 4 MiB limit; blob bodies are streamed.
@@ -163,7 +172,10 @@ def build_app(cfg: NodeConfig, ns: Namespace) -> web.Application:
     async def purge_uploads(app: web.Application):  # noqa: ANN202
         async def loop() -> None:
             while True:
-                await asyncio.to_thread(uploads.purge_older_than, cfg.upload_ttl)
+                try:
+                    await uploads.purge_older_than(cfg.upload_ttl)
+                except Exception:
+                    log.exception("purging upload sessions failed")
                 await asyncio.sleep(min(3600, max(cfg.upload_ttl / 4, 1)))
 
         task = asyncio.create_task(loop())
@@ -184,24 +196,27 @@ async def serve(cfg: NodeConfig) -> None:
         except KVUnavailable as e:
             log.warning("namespace store unreachable, retrying: %s", e)
             await asyncio.sleep(1)
-    app = build_app(cfg, ns)
+    local = FilesystemBlobStore(cfg.data)
+    store: BlobStore = local
     replication = None
     if cfg.etcd or cfg.grpc_listen:
-        # Regions share a namespace: serve and fetch bytes over gRPC.
-        from node.replicator import Replication
+        # Regions share a namespace: serve and fetch bytes over gRPC, and
+        # read through to the other regions what is not here yet.
+        from node.replication.service import Replication
 
-        registry = app[REGISTRY_KEY]
         replication = Replication(
             ns,
-            registry.store,
-            cfg.data,
+            local,
             grpc_listen=cfg.grpc_listen,
             concurrency=cfg.replication_concurrency,
             bandwidth=cfg.replication_bandwidth,
             reclaim_interval=cfg.reclaim_interval,
             reclaim_grace=cfg.reclaim_grace,
         )
-        replication.attach(app, registry)
+        store = replication.store
+    app = build_app(cfg, ns, store)
+    if replication is not None:
+        app.router.add_get("/meridian/v1/replication", replication_status)
         app[REPLICATION_KEY] = replication
         await replication.start()
     runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterable
@@ -42,7 +41,7 @@ from prometheus_client import Counter, Gauge
 
 from cluster.health import Health
 from cluster.namespace import Namespace
-from node.blobstore import FilesystemBlobStore
+from node.storage.base import BlobNotFound, BlobStore
 from ocidist.digests import is_digest
 from proto import replication_pb2 as pb
 from proto import replication_pb2_grpc as pb_grpc
@@ -52,6 +51,7 @@ log = logging.getLogger("meridian.grpc")
 MAX_CHUNK = 1 << 20
 MAX_MESSAGE = 4 << 20
 MAX_STAT_DIGESTS = 1000
+CRC_INLINE = 256 << 10  # larger chunks are checksummed off the event loop
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -97,13 +97,17 @@ PEER_UP = Gauge("meridian_replication_peer_up", "1 when the region answers Ping"
 # -- server ------------------------------------------------------------------
 
 
-def _read_chunk(fd: int, n: int, offset: int) -> tuple[bytes, int]:
-    data = os.pread(fd, n, offset)
-    return data, zlib.crc32(data)
+async def _crc32(data: bytes) -> int:
+    if len(data) < CRC_INLINE:
+        return zlib.crc32(data)
+    return await asyncio.get_running_loop().run_in_executor(None, zlib.crc32, data)
 
 
 class ReplicationService(pb_grpc.ReplicationServicer):
-    def __init__(self, region: str, store: FilesystemBlobStore) -> None:
+    """Serves the region's own store (never a read-through one: only bytes
+    held here, whole)."""
+
+    def __init__(self, region: str, store: BlobStore) -> None:
         self.region = region
         self.store = store
         self.active = 0
@@ -127,7 +131,7 @@ class ReplicationService(pb_grpc.ReplicationServicer):
             )
         out = []
         for d in request.digests:
-            size = self.store.stat_sync(d) if is_digest(d) else None
+            size = await self.store.stat(d) if is_digest(d) else None
             out.append(pb.BlobStat(digest=d, present=size is not None, size=size or 0))
         return pb.StatReply(blobs=out)
 
@@ -138,50 +142,42 @@ class ReplicationService(pb_grpc.ReplicationServicer):
         if not is_digest(digest):
             SERVED_FETCHES.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid digest {digest!r}")
-        path = self.store.local_path(digest)
-        loop = asyncio.get_running_loop()
-        try:
-            fd = await loop.run_in_executor(None, os.open, path, os.O_RDONLY)
-        except (FileNotFoundError, TypeError):
-            SERVED_FETCHES.labels("not_found").inc()
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"{digest} is not in {self.region}")
+        chunk = min(request.chunk_size or MAX_CHUNK, MAX_CHUNK)
+        length = request.length if request.length > 0 else None
         self.active += 1
         outcome = "error"
         try:
-            size = os.fstat(fd).st_size
-            offset = request.offset
-            if offset < 0 or offset > size:
-                outcome = "out_of_range"
-                await context.abort(
-                    grpc.StatusCode.OUT_OF_RANGE, f"offset {offset} outside 0..{size}"
-                )
-            end = size if request.length <= 0 else min(size, offset + request.length)
-            chunk = min(request.chunk_size or MAX_CHUNK, MAX_CHUNK)
-            if offset == end:
-                yield pb.Chunk(offset=offset, data=b"", crc32=0, total_size=size)
-            while offset < end:
-                data, crc = await loop.run_in_executor(
-                    None, _read_chunk, fd, min(chunk, end - offset), offset
-                )
-                if not data:
-                    raise OSError(f"{digest} shrank while being served")
-                yield pb.Chunk(offset=offset, data=data, crc32=crc, total_size=size)
-                SERVED_BYTES.inc(len(data))
-                offset += len(data)
+            async with self.store.open(digest, request.offset, length) as reader:
+                size, offset = reader.size, reader.offset
+                if reader.length == 0:
+                    yield pb.Chunk(offset=offset, data=b"", crc32=0, total_size=size)
+                async for block in reader:
+                    for i in range(0, len(block), chunk):
+                        data = block[i : i + chunk] if len(block) > chunk else block
+                        yield pb.Chunk(
+                            offset=offset, data=data, crc32=await _crc32(data), total_size=size
+                        )
+                        SERVED_BYTES.inc(len(data))
+                        offset += len(data)
             outcome = "ok"
+        except BlobNotFound:
+            outcome = "not_found"
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{digest} is not in {self.region}")
+        except ValueError as e:
+            outcome = "out_of_range"
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(e))
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         finally:
             self.active -= 1
-            os.close(fd)
             SERVED_FETCHES.labels(outcome).inc()
 
 
 class GrpcServer:
     """The region's gRPC server, started and stopped on the running loop."""
 
-    def __init__(self, listen: str, region: str, store: FilesystemBlobStore) -> None:
+    def __init__(self, listen: str, region: str, store: BlobStore) -> None:
         self.listen = listen
         self.service = ReplicationService(region, store)
         self.server: grpc.aio.Server | None = None

@@ -15,10 +15,11 @@ from prometheus_client import REGISTRY
 
 from cluster.embedded import EmbeddedKV
 from cluster.namespace import ManifestRecord, Namespace, RegionInfo
-from node.blobstore import FilesystemBlobStore
 from node.grpc_service import GrpcServer, Peers, ReplicationService
-from node.readthrough import Fetcher, FetchError, _parse_range
-from node.replicator import BLOB, IMAGE, INDEX, backlog, status_rows
+from node.ranges import parse_range
+from node.replication.plan import BLOB, IMAGE, INDEX, backlog, status_rows
+from node.replication.transfer import Fetcher, FetchError
+from node.storage.filesystem import FilesystemBlobStore
 from ocidist.errors import RegistryError
 from ocidist.mediatypes import OCI_MANIFEST
 from proto import replication_pb2 as pb
@@ -32,8 +33,9 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _exists(path: str) -> bool:
-    return os.path.exists(path)
+def _part_exists(store: FilesystemBlobStore, digest: str) -> bool:
+    alg, hexa = digest.split(":", 1)
+    return os.path.exists(os.path.join(store.root, "replicating", f"{alg}-{hexa}.part"))
 
 
 def metric(name: str, **labels: str) -> float:
@@ -153,7 +155,7 @@ async def test_corrupt_chunk_is_refetched_never_written(ns: Namespace, tmp_path:
     server = await _source(tmp_path, ns, CorruptOnce, data)
     peers = Peers(ns, "westeurope")
     store = FilesystemBlobStore(str(tmp_path / "dst"))
-    fetcher = Fetcher(ns, store, peers, str(tmp_path / "dst"))
+    fetcher = Fetcher(ns, store, peers)
     before = metric("meridian_replication_errors_total", kind="corrupt_chunk")
     try:
         await fetcher.fetch(REG, d, len(data), reason="replicate")
@@ -161,7 +163,7 @@ async def test_corrupt_chunk_is_refetched_never_written(ns: Namespace, tmp_path:
         assert metric("meridian_replication_errors_total", kind="corrupt_chunk") == before + 1
         assert await store.read_all(d) == data
         assert "westeurope" in ns.placements(REG, d)
-        assert not _exists(fetcher.part_path(d))
+        assert not _part_exists(store, d)
     finally:
         await peers.close()
         await server.stop()
@@ -175,14 +177,14 @@ async def test_bytes_that_do_not_match_the_digest_are_never_stored(
     server = await _source(tmp_path, ns, Liar, data)
     peers = Peers(ns, "westeurope")
     store = FilesystemBlobStore(str(tmp_path / "dst"))
-    fetcher = Fetcher(ns, store, peers, str(tmp_path / "dst"))
+    fetcher = Fetcher(ns, store, peers)
     before = metric("meridian_replication_errors_total", kind="digest_mismatch")
     try:
         with pytest.raises(FetchError, match="digest mismatch"):
             await fetcher.fetch(REG, d, len(data), reason="replicate")
         assert metric("meridian_replication_errors_total", kind="digest_mismatch") == before + 1
-        assert store.stat_sync(d) is None
-        assert not _exists(fetcher.part_path(d))
+        assert await store.stat(d) is None
+        assert not _part_exists(store, d)
         assert "westeurope" not in ns.placements(REG, d)
     finally:
         await peers.close()
@@ -224,12 +226,16 @@ async def test_fetch_blob_rejects_bad_requests(tmp_path: Path) -> None:
 
 
 def test_range_parsing() -> None:
-    assert _parse_range(None, 100) is None
-    assert _parse_range("bytes=0-9", 100) == (0, 9)
-    assert _parse_range("bytes=90-", 100) == (90, 99)
-    assert _parse_range("bytes=-10", 100) == (90, 99)
-    assert _parse_range("bytes=50-1000", 100) == (50, 99)
-    assert _parse_range("items=1-2", 100) is None
-    assert _parse_range("bytes=0-1,5-6", 100) is None
+    def span(value: str | None) -> tuple[int, int] | None:
+        r = parse_range(value, 100)
+        return None if r is None else (r.start, r.end)
+
+    assert span(None) is None
+    assert span("bytes=0-9") == (0, 9)
+    assert span("bytes=90-") == (90, 99)
+    assert span("bytes=-10") == (90, 99)
+    assert span("bytes=50-1000") == (50, 99)
+    assert span("items=1-2") is None
+    assert span("bytes=0-1,5-6") is None
     with pytest.raises(RegistryError):
-        _parse_range("bytes=200-", 100)
+        span("bytes=200-")

@@ -1,0 +1,131 @@
+"""Removing local bytes no registry references any more.
+
+The reclaimer works on the blob store's interface only: it lists the
+store's blobs (with their times) and staged transfer parts, and deletes
+with the store's conditional delete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from prometheus_client import Counter
+
+from cluster.kv import Entry
+from cluster.namespace import REG, ManifestRecord, Namespace
+from node.replication.transfer import PART_PREFIX, Fetcher, part_digest
+from node.storage.base import BlobStore
+
+log = logging.getLogger("meridian.replication")
+
+RECLAIMED = Counter(
+    "meridian_replication_reclaimed_blobs_total", "Local blobs no registry references, removed"
+)
+
+
+def referenced_digests(entries: list[Entry]) -> set[str]:
+    """Every digest some registry still references, from a fresh read of
+    ``/meridian/reg/``: linked blobs, manifests, and what manifests reference."""
+    refs: set[str] = set()
+    for e in entries:
+        rest = e.key[len(REG) :]
+        _, _, rest = rest.partition("/")
+        if not rest.startswith("repo/"):
+            continue
+        head, _, leaf = rest.rpartition("/")
+        kind = head.rpartition("/")[2]
+        if kind == "_b":
+            refs.add(leaf)
+        elif kind == "_m":
+            refs.add(leaf)
+            try:
+                rec = ManifestRecord.from_json(e.value)
+            except (ValueError, TypeError, KeyError):
+                continue
+            refs.update(rec.blobs)
+            refs.update(rec.manifests)
+            if rec.subject:
+                refs.add(rec.subject)
+    return refs
+
+
+@dataclass
+class Reclaimer:
+    """Removes local bytes no registry references any more, safely:
+
+    - only while the namespace is in sync, from a fresh (linearizable) read,
+      never from the cache;
+    - only blobs last written more than ``grace`` seconds ago (an upload
+      commits its blob a moment before it links it), and never one being
+      fetched;
+    - candidates are read against the namespace a second time, this region's
+      placements of the rest dropped, then each deleted only if it was not
+      written again since the listing (the store's conditional delete: a
+      push or a manifest put racing the pass keeps its bytes).
+
+    Stale partial downloads of unreferenced digests go too."""
+
+    ns: Namespace
+    store: BlobStore  # the region's own store
+    fetcher: Fetcher
+    interval: float
+    grace: float
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="reclaimer")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if not self.ns.synced.is_set():
+                continue
+            try:
+                await self.reclaim_once()
+            except Exception as e:
+                log.warning("reclaim pass failed: %s", e)
+
+    async def _drop_stale_parts(self, refs: set[str], cutoff: float) -> None:
+        async for info in self.store.list_staged(PART_PREFIX):
+            digest = part_digest(info.name)
+            if digest is None or digest in refs or digest in self.fetcher.transfers:
+                continue
+            if info.mtime < cutoff:
+                w = await self.store.writer(info.name, resume=True)
+                await w.abort()
+
+    async def reclaim_once(self) -> int:
+        """One pass; returns how many blobs were deleted."""
+        refs = referenced_digests(await self.ns.refresh(REG))
+        cutoff = time.time() - self.grace
+        candidates = []
+        async for info in self.store.list_blobs():
+            d = info.name
+            if d in refs or d in self.fetcher.transfers or info.mtime >= cutoff:
+                continue
+            candidates.append(d)
+        await self._drop_stale_parts(refs, cutoff)
+        if not candidates:
+            return 0
+        refs = referenced_digests(await self.ns.refresh(REG))  # anything new?
+        deleted = 0
+        for d in candidates:
+            if d in refs or d in self.fetcher.transfers:
+                continue
+            for reg, st in list(self.ns.cache.registries.items()):
+                if self.ns.region in st.placements.get(d, {}):
+                    await self.ns.remove_placement(reg, d)
+            if await self.store.delete(d, older_than=cutoff):
+                deleted += 1
+        if deleted:
+            RECLAIMED.inc(deleted)
+            log.info("reclaimed %d unreferenced blobs", deleted)
+        return deleted

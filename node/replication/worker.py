@@ -1,0 +1,373 @@
+"""The replicator of a region: copies what this region lacks.
+
+The plan is the region's backlog (``node.replication.plan``). On start that
+scan is the resume point after a crash; afterwards a listener on the
+namespace cache marks it dirty on every change and a planner recomputes it
+(at the first change, then debounced, and at least every
+``rescan_interval`` seconds).
+
+A manifest is placed here only when everything it references is here, so a
+manifest placed here by the replicator means the whole image is here.
+
+Workers (``concurrency``) take ready items, fetch through the ``Fetcher``
+(nearest source, resumable, verified; placement recorded only after the
+bytes are durable), and on failure retry with exponential back-off
+(``cluster.backoff``: 0.5 s doubling to 60 s; 5 s when the bytes are here
+and only the namespace write failed). Bytes that are here but not recorded
+(a placement write failed while etcd was down) are recorded on the next pass.
+
+Removing this region from a registry's replicas stops new work and cancels
+background transfers nobody is reading.
+
+When a manifest and everything it references (recursively) is here, the
+replicator emits a ``replicated`` event: a log line, the
+``meridian_replication_images_total`` counter, the lag histogram (push time
+to fully here), and the in-process ``hooks``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from cluster.backoff import Backoff
+from cluster.namespace import REG, ManifestRecord, Namespace
+from node.replication.plan import BLOB, Item, backlog, find_manifest
+from node.replication.transfer import ERRORS, Fetcher
+from node.storage.base import BlobStore
+
+log = logging.getLogger("meridian.replication")
+
+PENDING_ITEMS = Gauge(
+    "meridian_replication_pending_items", "Manifests and blobs this region still lacks"
+)
+PENDING_BYTES = Gauge(
+    "meridian_replication_pending_bytes", "Bytes this region still lacks (minus partial files)"
+)
+INFLIGHT = Gauge("meridian_replication_inflight", "Background transfers running now")
+OLDEST = Gauge(
+    "meridian_replication_oldest_pending_seconds",
+    "Age of the oldest image not yet fully here (0 when none)",
+)
+IMAGES = Counter(
+    "meridian_replication_images_total", "Images (manifest + everything it references) now here"
+)
+LAG = Histogram(
+    "meridian_replication_lag_seconds",
+    "From the push of a manifest to it and everything it references being here",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),
+)
+
+RETRY_BASE = 0.5
+RETRY_CAP = 60.0
+RETRY_CAP_LOCAL = 5.0  # bytes already here only wait for the namespace
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicatedEvent:
+    registry: str
+    digest: str
+    repos: tuple[str, ...]
+    media_type: str
+    bytes: int
+    lag: float  # seconds since the push
+
+
+@dataclass
+class Replicator:
+    ns: Namespace
+    store: BlobStore  # the region's own store (never a read-through one)
+    fetcher: Fetcher
+    concurrency: int = 4
+    rescan_interval: float = 10.0
+    debounce: float = 0.05
+    hooks: list[Callable[[ReplicatedEvent], None]] = field(default_factory=list)
+    plan: list[Item] = field(default_factory=list)
+    pending_bytes: int = 0  # of ``plan``, not on disk yet (as PENDING_BYTES)
+    inflight: dict[str, Item] = field(default_factory=dict)
+    _backoff: dict[tuple[str, str], Backoff] = field(default_factory=dict)
+    _announce: set[tuple[str, str]] = field(default_factory=set)
+    _presence: dict[str, bool] = field(default_factory=dict)
+    _announced: set[tuple[str, str]] = field(default_factory=set)
+    _fetched: set[str] = field(default_factory=set)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _landed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _planned: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def region(self) -> str:
+        return self.ns.region
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self.ns.cache.listeners.append(self._on_change)
+        self.fetcher.on_local.append(self._on_local)
+        self._dirty.set()
+        self._tasks.append(asyncio.create_task(self._plan_loop(), name="replicator-plan"))
+        for i in range(self.concurrency):
+            self._tasks.append(asyncio.create_task(self._worker(), name=f"replicator-{i}"))
+
+    async def close(self) -> None:
+        try:
+            self.ns.cache.listeners.remove(self._on_change)
+        except ValueError:
+            pass
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def _on_change(self, key: str, value: bytes | None) -> None:
+        # Called inside Cache.apply (possibly on a cache being reloaded): only
+        # note that something changed; the planner reads the namespace.
+        if key.startswith(REG) and "/_t/" in key:
+            return  # tag moves change nothing this region must hold
+        self._dirty.set()
+
+    def _on_local(self, digest: str, size: int) -> None:
+        self._presence[digest] = True
+        self._fetched.add(digest)
+        self._dirty.set()
+        self._wake.set()
+
+    # -- planning ----------------------------------------------------------------
+
+    async def _plan_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._dirty.wait(), self.rescan_interval)
+            except TimeoutError:
+                pass
+            # Replan at the first change (an idle region starts copying at
+            # once); the pause after it coalesces a burst of changes.
+            self._dirty.clear()
+            try:
+                await self.replan()
+            except Exception:
+                log.exception("replication planning failed")
+            await asyncio.sleep(self.debounce)
+
+    async def replan(self) -> None:
+        self._presence = {}
+        self.plan = backlog(self.ns, self.region)
+        wanted = {it.digest for it in self.plan}
+        # Stop background transfers nobody needs any more (the region was
+        # removed from the registry's replicas, or the content was deleted).
+        for d, t in list(self.fetcher.transfers.items()):
+            if t.reason == "replicate" and not t.interactive and t.readers == 0:
+                if d not in wanted and t.task is not None:
+                    log.info("stopping replication of %s: no longer wanted here", d)
+                    t.task.cancel()
+        for key in [k for k in self._backoff if k[1] not in wanted]:
+            del self._backoff[key]
+        pending = 0
+        oldest = math.inf
+        for it in self.plan:
+            t = self.fetcher.transfers.get(it.digest)
+            pending += max(it.size - (t.written if t else 0), 0)
+            oldest = min(oldest, it.created)
+        PENDING_ITEMS.set(len(self.plan))
+        self.pending_bytes = pending
+        PENDING_BYTES.set(pending)
+        OLDEST.set(time.time() - oldest if oldest != math.inf else 0)
+        self._planned.set()
+        self._wake.set()
+        await self._check_announcements()
+
+    async def _local(self, digest: str) -> bool:
+        return await self.store.stat(digest) is not None
+
+    async def _present(self, digest: str) -> bool:
+        """``_local`` through a per-plan cache (bytes only ever arrive while
+        a plan is current; a reclaim removes bytes nothing references)."""
+        known = self._presence.get(digest)
+        if known is None:
+            known = self._presence[digest] = await self._local(digest)
+        return known
+
+    async def _deps_state(self, it: Item) -> str:
+        """ "ready" when everything ``it`` references is here, "inflight"
+        when the rest is being copied now, else "blocked"."""
+        places = self.ns.cache.registries.get(it.reg)
+        state = "ready"
+        for d in it.deps:
+            if await self._present(d):
+                continue
+            if places is not None and not places.placements.get(d):
+                continue  # held nowhere (e.g. a non-distributable layer)
+            if d in self.inflight:
+                state = "inflight"
+                continue
+            return "blocked"
+        return state
+
+    async def _ready(self, it: Item) -> bool:
+        # A manifest's bytes may be fetched while its children are still in
+        # flight (saving a round trip); its placement waits for them.
+        if it.rank == BLOB or await self._present(it.digest):
+            return True
+        return await self._deps_state(it) != "blocked"
+
+    async def _pick(self) -> Item | None:
+        now = time.monotonic()
+        for it in self.plan:
+            if it.digest in self.inflight:
+                continue
+            b = self._backoff.get((it.reg, it.digest))
+            if b is not None and b.waiting(now):
+                continue
+            # Another worker may claim it while this one awaits a stat: look
+            # again right before returning it (no await in between).
+            if await self._ready(it) and it.digest not in self.inflight:
+                return it
+        return None
+
+    def _next_retry(self) -> float:
+        now = time.monotonic()
+        waits = [b.until - now for b in self._backoff.values() if b.until > now]
+        return max(min(waits, default=self.rescan_interval), 0.05)
+
+    # -- work ------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        await self._planned.wait()
+        # Let the first round of pings finish, so the first source is informed.
+        await self.fetcher.peers.wait_measured(2.0)
+        while True:
+            self._wake.clear()
+            it = await self._pick()
+            if it is None:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._next_retry())
+                except TimeoutError:
+                    pass
+                continue
+            self.inflight[it.digest] = it
+            INFLIGHT.set(len(self.inflight))
+            key = (it.reg, it.digest)
+            try:
+                await self._replicate(it)
+                self._presence[it.digest] = True
+                self._backoff.pop(key, None)
+                try:
+                    self.plan.remove(it)
+                except ValueError:
+                    pass
+            except Exception as e:
+                b = self._backoff.get(key)
+                if b is None:
+                    b = self._backoff[key] = Backoff(base=RETRY_BASE, cap=RETRY_CAP)
+                b.cap = RETRY_CAP_LOCAL if await self._local(it.digest) else RETRY_CAP
+                delay = b.failed()
+                ERRORS.labels("item").inc()
+                log.warning(
+                    "replication of %s (%s) failed (%d times), retrying in %.1fs: %s",
+                    it.digest,
+                    it.reg,
+                    b.failures,
+                    delay,
+                    e,
+                )
+            finally:
+                self.inflight.pop(it.digest, None)
+                INFLIGHT.set(len(self.inflight))
+                async with self._landed:
+                    self._landed.notify_all()
+                self._dirty.set()
+                self._wake.set()
+
+    async def _replicate(self, it: Item) -> None:
+        if not await self._local(it.digest):
+            await self.fetcher.fetch(it.reg, it.digest, it.size, reason="replicate")
+        if it.rank != BLOB:
+            # A placed manifest means the whole image is here: wait for the
+            # children copied alongside it.
+            async with self._landed:
+                while await self._deps_state(it) == "inflight":
+                    await self._landed.wait()
+            if await self._deps_state(it) == "blocked":
+                raise RuntimeError("a referenced blob or manifest is not here yet")
+        if self.region not in self.ns.placements(it.reg, it.digest):
+            # Bytes are here and verified; the placement write failed or is new.
+            await self.ns.record_placement(it.reg, it.digest, it.size)
+        if it.rank != BLOB:
+            self._announce.add((it.reg, it.digest))
+
+    # -- replicated events ---------------------------------------------------------------
+
+    async def _complete(self, reg: str, digest: str, depth: int = 0) -> bool:
+        if depth > 8 or not await self._local(digest):
+            return False
+        rec, _ = find_manifest(self.ns, reg, digest)
+        if rec is None:
+            return False
+        st = self.ns.cache.registries.get(reg)
+        for b in rec.blobs:
+            if st is not None and st.placements.get(b) and not await self._local(b):
+                return False
+        for c in rec.manifests:
+            if not await self._complete(reg, c, depth + 1):
+                return False
+        return True
+
+    async def _check_announcements(self) -> None:
+        # Manifests fetched by read-through: announce them too once whole.
+        for d in list(self._fetched):
+            self._fetched.discard(d)
+            for reg in self.ns.cache.registries:
+                if find_manifest(self.ns, reg, d)[0] is not None:
+                    self._announce.add((reg, d))
+        for reg, d in list(self._announce):
+            rec, repos = find_manifest(self.ns, reg, d)
+            if rec is None:
+                self._announce.discard((reg, d))
+                self._announced.discard((reg, d))
+                continue
+            if (reg, d) in self._announced:
+                self._announce.discard((reg, d))
+                continue
+            if not await self._complete(reg, d):
+                continue
+            if (reg, d) in self._announced:  # announced while this one awaited
+                continue
+            self._announce.discard((reg, d))
+            if len(self._announced) > 100_000:  # only guards against near duplicates
+                self._announced.clear()
+            self._announced.add((reg, d))
+            self._emit(reg, rec, repos)
+
+    def _emit(self, reg: str, rec: ManifestRecord, repos: list[str]) -> None:
+        st = self.ns.cache.registries.get(reg)
+        total = rec.size
+        if st is not None:
+            for b in rec.blobs:
+                p = st.placements.get(b)
+                if p:
+                    total += next(iter(p.values()))
+        lag = max(time.time() - rec.created, 0.0) if rec.created else 0.0
+        ev = ReplicatedEvent(reg, rec.digest, tuple(repos), rec.media_type, total, lag)
+        IMAGES.inc()
+        LAG.observe(lag)
+        log.info(
+            "replicated %s %s (%d bytes) in %s, %.3fs after push",
+            reg,
+            rec.digest,
+            total,
+            ",".join(repos),
+            lag,
+            extra={"path": f"{reg}/{','.join(repos)}@{rec.digest}"},
+        )
+        for fn in self.hooks:
+            try:
+                fn(ev)
+            except Exception:
+                log.exception("replicated hook failed")

@@ -1,0 +1,2 @@
+"""Blob storage: the interface (``base``) and its drivers (``filesystem``,
+``readthrough``)."""

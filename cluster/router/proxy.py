@@ -1,11 +1,18 @@
 """What the router does with one request: proxying, retries, hedging, blob
 redirects, upload pinning.
 
-- **blob GET**: ``307 Temporary Redirect`` to the chosen region's own URL, so
-  the bytes never pass through the router. Before answering, the router asks
-  that region ``HEAD`` for the blob (hedged like any read, below), so a
-  region that just died or hangs never gets a client sent to it
-  (``--no-verify-redirects`` saves that round trip);
+- **blob GET**: ``307 Temporary Redirect`` to a region's own URL, so the
+  bytes never pass through the router. The candidates are the healthy
+  regions that hold a complete copy per the namespace's placements, nearest
+  first (``RegionTable.holders_first``); the router asks the first ``HEAD``
+  for the blob (hedged like any read, below) and redirects to the first that
+  answers ``200``, so a client is never sent to a region that just died or
+  hangs (``--no-verify-redirects`` saves that round trip and trusts the
+  table). Only when no healthy region holds the blob per placements (the
+  router's copy of the namespace is behind, or every holder is out of
+  rotation) does the redirect go to the nearest region that answers
+  ``HEAD`` with ``200``, which may be reading the bytes through from a
+  holder it can still reach;
 - **every other read** (manifests, tags, catalog, referrers, ``/v2/``, blob
   HEAD): proxied, with retries on the next best region when a region fails
   (connection error, timeout, 5xx, or a 404 from a region that does not hold
@@ -216,14 +223,15 @@ class Proxy:
         holders: list[str] | None = None
         if kind == "blob":
             holders = await self._holders(reg, route.arg)
+            if method == "GET" and self.cfg.redirect_blobs and not host_named:
+                cands = self._pinned(pin, self.table.holders_first(holders))
+                return await self._redirect_blob(request, cands, holders)
         elif kind == "manifest" and method in ("GET", "HEAD"):
             ref = route.arg
             found = ref if ":" in ref else await self._tag(reg, route.name, ref)
             if found:
                 holders = await self._holders(reg, found)
         cands = self._pinned(pin, self.table.ranked(holders))
-        if kind == "blob" and method == "GET" and self.cfg.redirect_blobs and not host_named:
-            return await self._redirect_blob(request, cands, holders)
         return await self._read_or_write(request, cands, holders)
 
     async def _fresh(self, coro: Awaitable[object]) -> object:

@@ -32,6 +32,10 @@ read-through from its nearest healthy holder (the holder link's RTT as the
 region measures it, or -- unknown -- the router's own RTT to the holder) plus
 a small penalty. So the nearest healthy region wins unless the content is
 only elsewhere and fetching it through would be slower than going there.
+
+``holders_first(holders)`` is the order for a blob redirect, which must send
+the client to a complete copy: the healthy holders nearest first, then the
+rest as ``ranked`` orders them (see ``cluster.router.proxy``).
 """
 
 from __future__ import annotations
@@ -288,6 +292,21 @@ class RegionTable:
         return [first] + sorted(
             (r for r in order if r is not first), key=lambda r: (not r.up, r.name not in held)
         )
+
+    def holders_first(self, holders: Collection[str] | None) -> list[Region]:
+        """Candidates for a blob redirect: the healthy regions that hold the
+        blob per the namespace's placements (recorded only once a region's
+        copy is whole and verified), nearest first; then the others in
+        ``ranked`` order, for when no healthy holder answers. Never a region
+        that would read the blob through while a healthy holder exists."""
+        order = self.ranked(holders)
+        if not holders:
+            return order
+        held = holders if isinstance(holders, set | frozenset) else set(holders)
+        live = [r for r in self._order if r.up and r.name in held]
+        if not live:
+            return order
+        return live + [r for r in order if r not in live]
 
     def status(self) -> list[dict]:
         return [r.as_dict() for r in sorted(self.regions.values(), key=lambda r: r.name)]

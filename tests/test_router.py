@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -495,12 +496,67 @@ async def test_unknown_hosts(cluster: Cluster, everywhere: tuple[str, Manifest])
                 f"{cluster.router.url}/v2/{repo}/manifests/v1", headers={**h, "Host": host}
             ) as r:
                 assert r.status == 200, host
-        # Not the registry API at all.
-        async with s.get(f"{cluster.router.url}/etc/passwd") as r:
-            assert r.status == 404
+        # A Host label that is no registry name: refused as a node refuses it,
+        # by the router itself.
+        async with s.get(
+            f"{cluster.router.url}/v2/{repo}/manifests/v1",
+            headers={**h, "Host": f"bad_label.{DOMAIN}"},
+        ) as r:
+            assert r.status == 400 and "X-Meridian-Region" not in r.headers
             assert (await r.json())["errors"][0]["code"] == "NAME_INVALID"
+        # Not the registry API at all, or no endpoint of it: the router's own
+        # 404, never proxied.
+        for path in ("/etc/passwd", f"/v2/{repo}/nothing"):
+            async with s.get(f"{cluster.router.url}{path}") as r:
+                assert r.status == 404 and "X-Meridian-Region" not in r.headers
+                err = (await r.json())["errors"][0]
+                assert (err["code"], err["message"]) == ("UNSUPPORTED", "no such endpoint")
         async with s.get(f"{cluster.router.url}/v2/..%2f..%2fetc/manifests/x") as r:
             assert 400 <= r.status < 500
+
+
+def raw_request(base: str, request_line: str, headers: dict[str, str]) -> tuple[int, dict, bytes]:
+    """One HTTP/1.1 request written byte for byte on a socket (a request
+    target an HTTP client library would not send): status, headers, body."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = request_line + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall((head + "Connection: close\r\n\r\n").encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split(" ", 2)[1]), fields, body
+
+
+def test_absolute_form_request_target(cluster: Cluster, everywhere: tuple[str, Manifest]) -> None:
+    """RFC 9112 3.2.2: ``GET http://host/v2/... HTTP/1.1`` is a legal request;
+    it is served like the origin form, however often a client sends it, and
+    never costs a region its place in rotation."""
+    repo, m = everywhere
+    router = cluster.router
+    authority = router.url.removeprefix("http://")
+    before = regions_of(router.status())
+    for _ in range(20):
+        status, fields, body = raw_request(
+            router.url,
+            f"GET http://{authority}/v2/{repo}/manifests/v1 HTTP/1.1",
+            {"Host": authority, "Accept": m.media_type},
+        )
+        assert status == 200, body[:300]
+        assert body == m.body and fields["X-Meridian-Region"] == "near"
+    # Host is still required (RFC 9112 3.2), but the target's authority wins.
+    status, fields, _ = raw_request(
+        router.url, f"GET http://{authority}/v2/ HTTP/1.1", {"Host": "elsewhere.example"}
+    )
+    assert status == 200 and fields["X-Meridian-Region"] == "near"
+    after = regions_of(router.status())
+    assert {n for n, r in after.items() if r["up"]} == set(LATENCY)
+    assert {n: r["errors"] for n, r in after.items()} == {n: r["errors"] for n, r in before.items()}
+    with urllib.request.urlopen(router.url + "/healthz") as r:
+        assert r.status == 200
 
 
 # -- faults ----------------------------------------------------------------------

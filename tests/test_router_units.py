@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from cluster.embedded import EmbeddedKV
 from cluster.httpserver import start_server
 from cluster.namespace import Namespace, RegionInfo
+from cluster.router import proxy
 from cluster.router.app import Router, build_app
 from cluster.router.config import RouterConfig
 from cluster.router.table import RegionTable, TableSettings
@@ -110,6 +113,22 @@ async def harness(
             await f.runner.cleanup()
 
 
+async def raw_request(url: str, request_line: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """One HTTP/1.1 request written byte for byte (for request-target forms
+    an HTTP client library would not send)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        head = request_line + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write((head + "Connection: close\r\n\r\n").encode())
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    status = int(data.split(b" ", 2)[1])
+    return status, data.partition(b"\r\n\r\n")[2]
+
+
 # -- issue 15: a blob redirect goes to a complete copy ----------------------------
 
 
@@ -144,3 +163,70 @@ async def test_blob_redirect_prefers_a_complete_holder_over_a_read_through(
         async with aiohttp.ClientSession() as s:
             async with s.get(f"{h.url}/v2/app/blobs/{d}", allow_redirects=False) as r:
                 assert r.status == 307 and r.headers["X-Meridian-Region"] == "a"
+
+
+# -- issue 7: absolute-form targets; the router's own errors are its own ------------
+
+
+async def test_absolute_form_request_target_works_like_origin_form(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        h.set_rtts(a=0.005, b=0.040, c=0.120)
+        authority = h.url.removeprefix("http://")
+        for _ in range(10):
+            status, _ = await raw_request(
+                h.url, f"GET http://{authority}/v2/app/tags/list?n=1 HTTP/1.1", {"Host": "ignored"}
+            )
+            assert status == 200
+        # The region got the origin form, and the target's authority as the host.
+        assert h.regions["a"].seen[-1] == ("GET", "/v2/app/tags/list?n=1", authority)
+        assert h.counters() == {"a": (True, 0, 10), "b": (True, 0, 0), "c": (True, 0, 0)}
+        async with aiohttp.ClientSession() as s:
+            async with s.get(h.url + "/healthz") as r:
+                assert r.status == 200
+
+
+async def test_an_error_the_router_makes_is_never_held_against_a_region(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with harness(tmp_path) as h:
+
+        def broken_url(*_: object, **__: object) -> None:
+            raise RuntimeError("the router's own bug")
+
+        monkeypatch.setattr(proxy, "URL", broken_url)
+        async with aiohttp.ClientSession() as s:
+            for path in ("/v2/app/manifests/v1", "/v2/app/tags/list"):
+                for _ in range(5):
+                    async with s.get(h.url + path) as r:
+                        assert r.status == 500
+                        body = await r.json()
+                        assert body["errors"][0]["code"] == "UNAVAILABLE"
+            async with s.put(h.url + "/v2/app/manifests/v1", data=b"{}") as r:
+                assert r.status == 500
+            async with s.get(h.url + "/healthz") as r:
+                assert r.status == 200
+        assert all(up and errors == 0 for up, errors, _ in h.counters().values()), h.counters()
+
+
+# -- issue 8: unknown paths are the router's to answer ------------------------------
+
+
+async def test_unknown_paths_answer_404_unsupported_and_reach_no_region(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        async with aiohttp.ClientSession() as s:
+            for path in ("/etc/passwd", "/v2/app", "/v2/app/nothing/here", "/v3/", "/favicon.ico"):
+                for method in ("GET", "HEAD", "POST"):
+                    async with s.request(method, h.url + path) as r:
+                        assert r.status == 404, (method, path)
+                        assert "X-Meridian-Region" not in r.headers
+                        assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+                        if method != "HEAD":
+                            err = json.loads(await r.read())["errors"][0]
+                            assert err["code"] == "UNSUPPORTED", (method, path)
+                            assert err["message"] == "no such endpoint"
+            # Invalid names are refused as the node refuses them, here.
+            async with s.get(h.url + "/v2/Bad..Name/manifests/v1") as r:
+                assert r.status == 400
+                assert (await r.json())["errors"][0]["code"] == "NAME_INVALID"
+        assert all(f.seen == [] for f in h.regions.values())
+        assert h.counters() == {n: (True, 0, 0) for n in h.regions}

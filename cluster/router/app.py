@@ -9,7 +9,8 @@ region that will serve it fastest (``cluster.router.proxy``). It serves with
 the client-side limits of ``cluster.httpserver``.
 
 Own endpoints: ``/healthz``, ``/metrics`` (``meridian_router_*``) and
-``/meridian/v1/router`` (the table as JSON).
+``/meridian/v1/router`` (the table as JSON). Anything else that is not under
+``/v2/`` is ``404 UNSUPPORTED``, answered by the router itself.
 """
 
 from __future__ import annotations
@@ -136,8 +137,10 @@ class Router(Proxy):
         return resp
 
     async def not_found(self, request: web.Request) -> web.Response:
+        """Not the registry API and not the router's own: answered here, never
+        proxied, never counted against a region."""
         return error_response(
-            RegistryError(Code.NAME_INVALID, "no such endpoint", {"path": request.path}, status=404)
+            RegistryError(Code.UNSUPPORTED, "no such endpoint", {"path": request.path}, status=404)
         )
 
 

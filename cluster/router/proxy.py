@@ -27,9 +27,15 @@ redirects, upload pinning.
   ``meridian_region`` parameter, else a table of recent sessions, else by
   asking the regions).
 
-The router selects the registry from ``Host`` as the node does
-(``ocidist.paths.registry_for_host``): a label that is no registry name is
-``400 NAME_INVALID``, answered by the router itself.
+The router parses the request target with the OCI grammar
+(``ocidist.paths``) and answers what it can judge itself without asking a
+region: a path that names no endpoint (``404 UNSUPPORTED``), an invalid
+repository name or registry label in ``Host`` (``400 NAME_INVALID``). Such
+answers, and any error the router makes itself, never count against a
+region: only a region's own failures (transport errors, timeouts, 5xx) do.
+The request target may be in origin form (``/v2/...``) or absolute form
+(``http://host/v2/...``, RFC 9112 3.2.2); either way the region gets the
+origin form, and for the absolute form the target's authority is the host.
 
 Registries selected by host name (``--domain``): the client's ``Host`` is
 forwarded unchanged (and ``X-Forwarded-Host`` set to it), so a node picks the
@@ -60,7 +66,7 @@ from cluster.namespace import Namespace, place_key, tag_key
 from cluster.router.config import RouterConfig
 from cluster.router.table import Region, RegionTable
 from ocidist import paths
-from ocidist.digests import is_digest
+from ocidist.digests import TAG_RE, check_name, is_digest
 from ocidist.errors import Code, RegistryError
 from ocidist.paths import API_HEADERS, normalize_domain, registry_for_host
 
@@ -117,6 +123,22 @@ def _error(status: int, code: Code, message: str, detail: object = None) -> web.
     return error_response(RegistryError(code, message, detail, status=status))
 
 
+def target(request: web.Request) -> str:
+    """The request target in origin form (path and query, as encoded by the
+    client), whatever form the client sent it in."""
+    return request.rel_url.raw_path_qs
+
+
+def target_host(request: web.Request) -> str:
+    """The host the request is for: the authority of an absolute-form target
+    (RFC 9112 3.2.2: it overrides ``Host``), else ``Host``."""
+    if not request.raw_path.startswith("/"):
+        authority = request.url.raw_authority
+        if authority:
+            return authority
+    return request.host
+
+
 class _Body:
     """A request body forwarded as a stream; remembers whether any of it was
     read (a request whose body has started cannot be sent again)."""
@@ -162,6 +184,15 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+class _OwnError(Exception):
+    """An error the router made itself while sending to a region (a bug, a
+    URL it could not build): never the region's failure."""
+
+
+def _region_failure(e: BaseException) -> bool:
+    return isinstance(e, _TRANSPORT_ERRORS) and not isinstance(e, aiohttp.InvalidURL)
+
+
 # -- the proxy -----------------------------------------------------------------
 
 
@@ -189,7 +220,7 @@ class Proxy:
     def registry_for(self, request: web.Request) -> str:
         """The registry the request is for (``RegistryError`` NAME_INVALID for
         a Host whose label is no registry name)."""
-        return registry_for_host(request.host, self.domain, self.cfg.registry)
+        return registry_for_host(target_host(request), self.domain, self.cfg.registry)
 
     # -- entry point -------------------------------------------------------
 
@@ -199,27 +230,39 @@ class Proxy:
             return await self._handle(request)
         except RegistryError as e:
             return error_response(e)
+        except _OwnError as e:
+            # The router's own fault: logged, answered 500, held against no region.
+            self.errors += 1
+            log.error("%s %s: %s", request.method, request.path, e, exc_info=e.__cause__)
+            return _error(500, Code.UNAVAILABLE, "internal error in the router", str(e))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path == "/v2":
+            route: paths.Route | None = paths.Route("base")
+        elif path.startswith(paths.PREFIX):
+            route = paths.parse(path[len(paths.PREFIX) :])
+        else:
+            route = None
+        if route is None:
+            # Nothing a region would serve either: answered here, never proxied.
+            raise RegistryError(Code.UNSUPPORTED, "no such endpoint", {"path": path}, status=404)
+        kind = route.kind
+        # Judged here as the node judges them, in the same order.
+        name = check_name(route.name) if route.name else ""
+        reg = self.registry_for(request) if kind != "base" else self.cfg.registry
         if not self.table.regions:
             why = "no regions known yet" if self.synced_once else "namespace not loaded yet"
             return _error(503, Code.UNAVAILABLE, f"the router has {why}; retry shortly")
-        path = request.path
         method = request.method
-        route = paths.parse(path[len(paths.PREFIX) :]) if path.startswith(paths.PREFIX) else None
-        kind = route.kind if route is not None else "base"
-        reg = self.registry_for(request) if kind != "base" else self.cfg.registry
         host_named = reg != self.cfg.registry
         pin = request.query.get(PIN)
-        if route is None or kind in ("base", "catalog"):
-            # /v2/, /v2/_catalog, or a path the region will reject
-            return await self._read_or_write(request, self._pinned(pin, self.table.nearest()))
         if kind == "uploads":
             if method == "POST":
                 return await self._start_upload(request, reg, pin, host_named)
             return await self._read_or_write(request, self.table.nearest())
         if kind == "upload":
-            return await self._upload(request, route.name, route.arg, pin, host_named)
+            return await self._upload(request, name, route.arg, pin, host_named)
         holders: list[str] | None = None
         if kind == "blob":
             holders = await self._holders(reg, route.arg)
@@ -228,7 +271,7 @@ class Proxy:
                 return await self._redirect_blob(request, cands, holders)
         elif kind == "manifest" and method in ("GET", "HEAD"):
             ref = route.arg
-            found = ref if ":" in ref else await self._tag(reg, route.name, ref)
+            found = ref if ":" in ref else await self._tag(reg, name, ref)
             if found:
                 holders = await self._holders(reg, found)
         cands = self._pinned(pin, self.table.ranked(holders))
@@ -263,7 +306,7 @@ class Proxy:
 
     async def _tag(self, reg: str, name: str, tag: str) -> str | None:
         found = self.ns.tag(reg, name, tag)
-        if found is None:
+        if found is None and TAG_RE.match(tag):
             entry = await self._fresh(self.ns.kv.get(tag_key(reg, name, tag)))
             if entry is not None:
                 found = entry.value.decode(errors="replace")  # type: ignore[attr-defined]
@@ -284,7 +327,7 @@ class Proxy:
         for k, v in request.headers.items():
             if k.lower() not in _HOP:
                 h.add(k, v)
-        host = request.host
+        host = target_host(request)
         h["Host"] = host
         h["X-Forwarded-Host"] = host
         h["X-Forwarded-Proto"] = request.scheme
@@ -395,6 +438,10 @@ class Proxy:
                 for t in done:
                     r, started, _ = pending.pop(t)
                     exc = t.exception()
+                    if exc is not None and not _region_failure(exc):
+                        if fallback is not None and fallback.body is None:
+                            fallback.resp.release()
+                        raise _OwnError(f"sending to {r.name}: {_describe(exc)}") from exc
                     if exc is not None:
                         failed_now = True
                         fatal = isinstance(exc, _CONNECT_ERRORS + (TimeoutError,)) or isinstance(
@@ -500,7 +547,7 @@ class Proxy:
                 def retry_404(r: Region) -> bool:
                     return r.name not in held
 
-            send = self._sender(method, request.raw_path, self._headers(request))
+            send = self._sender(method, target(request), self._headers(request))
             up, why = await self._race(
                 cands, send, hedge=self.cfg.hedge, retry_404=retry_404, latency_sample=True
             )
@@ -545,21 +592,20 @@ class Proxy:
             if n:
                 self.retries += 1
                 RETRIES.labels("write").inc()
-            send = self._sender(method, request.raw_path, headers, data, expect100=body is not None)
+            send = self._sender(method, target(request), headers, data, expect100=body is not None)
             try:
                 up = await send(r)
             except Exception as e:
-                fatal = isinstance(e, _TRANSPORT_ERRORS)
                 why = f"{r.name}: {_describe(e)}"
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     raise  # the client went away: not the region's fault
-                self.table.report_error(r, why, fatal=fatal)
+                if not _region_failure(e):
+                    raise _OwnError(f"sending to {r.name}: {_describe(e)}") from e
+                self.table.report_error(r, why, fatal=True)
                 sent = body is not None and body.started
                 if not sent and isinstance(e, aiohttp.ClientConnectionError):
                     continue
-                if not isinstance(e, _TRANSPORT_ERRORS):
-                    raise
                 return _error(
                     502 if sent else 503,
                     Code.UNAVAILABLE,
@@ -589,7 +635,7 @@ class Proxy:
 
             headers = self._headers(request, with_length=False)
             headers.popall("Range", None)
-            send = self._sender("HEAD", request.raw_path, headers)
+            send = self._sender("HEAD", target(request), headers)
             up, why = await self._race(
                 cands, send, hedge=self.cfg.hedge, retry_404=retry_404, latency_sample=True
             )
@@ -610,7 +656,7 @@ class Proxy:
             status=307,
             headers={
                 **API_HEADERS,
-                "Location": dest.base + request.raw_path,
+                "Location": dest.base + target(request),
                 "X-Meridian-Region": dest.name,
                 "Content-Length": "0",
             },
@@ -689,7 +735,7 @@ class Proxy:
     async def _find_upload(self, request: web.Request, name: str, upload_id: str) -> Region | None:
         """Ask every region whether it has the session (GET of the upload URL)."""
         headers = self._headers(request, with_length=False)
-        path = request.raw_path.partition("?")[0]
+        path = request.rel_url.raw_path
 
         async def ask(r: Region) -> Region | None:
             assert r.session is not None

@@ -80,15 +80,74 @@ async def test_range_get(api: Client, range_header: str, start: int, end: int) -
     assert r.headers["Docker-Content-Digest"] == d
 
 
-@pytest.mark.parametrize("range_header", ["bytes=1000-", "bytes=5000-6000", "bytes=1000-1000"])
+@pytest.mark.parametrize(
+    "range_header", ["bytes=1000-", "bytes=5000-6000", "bytes=1000-1000", "bytes=-0", "BYTES=-0"]
+)
 async def test_range_unsatisfiable(api: Client, range_header: str) -> None:
+    """RFC 9110 14.1.1: a first-pos at or past the size, or a suffix of zero
+    bytes, is not satisfiable: 416 with ``bytes */size`` and the OCI error."""
     repo = oci.repo_name()
     data = oci.blob_bytes(1000)
     d = await api.push_blob(repo, data)
     r = await api.get(blob_path(repo, d), headers={"Range": range_header})
-    assert r.status == 416, r
+    assert_error(r, 416, "RANGE_INVALID")
     assert r.headers.get("Content-Range") == "bytes */1000", r
     assert data not in r.body
+    r = await api.head(blob_path(repo, d), headers={"Range": range_header})
+    assert r.status == 416 and r.headers.get("Content-Range") == "bytes */1000", r
+
+
+@pytest.mark.parametrize(
+    "range_header",
+    [
+        "bytes=5-2",  # last-pos before first-pos: invalid, ignored
+        "bytes=0-1,5-6",  # several ranges: ignored (no multipart answers)
+        "bytes=x-5",
+        "bytes=\u0661-2",  # non-ASCII digits are not digits
+        "bytes 0-5",
+        "bytes=",
+        "bytes=-",
+    ],
+)
+async def test_range_that_is_not_one_valid_range_is_ignored(api: Client, range_header: str) -> None:
+    repo = oci.repo_name()
+    data = oci.blob_bytes(100)
+    d = await api.push_blob(repo, data)
+    r = await api.get(blob_path(repo, d), headers={"Range": range_header})
+    assert r.status == 200 and r.body == data, r
+    assert "Content-Range" not in r.headers, r
+
+
+async def test_blob_etag_is_the_digest(api: Client) -> None:
+    """One validator for the blob, whatever the answer: its quoted digest."""
+    repo = oci.repo_name()
+    data = oci.blob_bytes(1000)
+    d = await api.push_blob(repo, data)
+    for method, headers, status in [
+        ("GET", {}, 200),
+        ("HEAD", {}, 200),
+        ("GET", {"Range": "bytes=10-19"}, 206),
+        ("HEAD", {"Range": "bytes=10-19"}, 206),
+    ]:
+        r = await api.req(method, blob_path(repo, d), headers=headers)
+        assert r.status == status, r
+        assert r.headers["ETag"] == f'"{d}"', r
+        assert "Last-Modified" not in r.headers, r
+
+
+async def test_blob_conditional_requests(api: Client) -> None:
+    repo = oci.repo_name()
+    data = oci.blob_bytes(1000)
+    d = await api.push_blob(repo, data)
+    r = await api.get(blob_path(repo, d), headers={"If-None-Match": f'"{d}"'})
+    assert r.status == 304 and r.body == b"", r
+    r = await api.get(blob_path(repo, d), headers={"If-None-Match": '"other"'})
+    assert r.status == 200 and r.body == data, r
+    # If-Range naming the blob keeps the range; anything else sends it whole.
+    r = await api.get(blob_path(repo, d), headers={"Range": "bytes=0-9", "If-Range": f'"{d}"'})
+    assert r.status == 206 and r.body == data[:10], r
+    r = await api.get(blob_path(repo, d), headers={"Range": "bytes=0-9", "If-Range": '"old"'})
+    assert r.status == 200 and r.body == data, r
 
 
 async def test_delete_blob(api: Client) -> None:

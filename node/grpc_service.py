@@ -4,7 +4,8 @@ own event loop beside the HTTP server.
 
 Server: ``Ping`` (latency, health), ``Stat`` (which blobs are here whole),
 ``FetchBlob`` (stream a blob from an offset in bounded chunks, each with a
-CRC-32 of its data). Only whole blobs are served: the blob store's files,
+CRC-32 of its data; the requested chunk size is clamped to ``MIN_CHUNK`` ..
+``MAX_CHUNK``). Only whole blobs are served: the blob store's files,
 never a partial download.
 
 Client: ``Peers`` keeps one channel per remote region (address from the
@@ -49,6 +50,10 @@ from proto import replication_pb2_grpc as pb_grpc
 log = logging.getLogger("meridian.grpc")
 
 MAX_CHUNK = 1 << 20
+# FetchBlob raises a smaller requested chunk_size to this (not an error: a
+# client asking for tiny chunks gets fewer, larger ones; one message per byte
+# would cost the server a gRPC message and a CRC per byte).
+MIN_CHUNK = 64 << 10
 MAX_MESSAGE = 4 << 20
 MAX_STAT_DIGESTS = 1000
 CRC_INLINE = 256 << 10  # larger chunks are checksummed off the event loop
@@ -142,7 +147,7 @@ class ReplicationService(pb_grpc.ReplicationServicer):
         if not is_digest(digest):
             SERVED_FETCHES.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid digest {digest!r}")
-        chunk = min(request.chunk_size or MAX_CHUNK, MAX_CHUNK)
+        chunk = min(max(request.chunk_size or MAX_CHUNK, MIN_CHUNK), MAX_CHUNK)
         length = request.length if request.length > 0 else None
         self.active += 1
         outcome = "error"

@@ -239,3 +239,32 @@ def test_range_parsing() -> None:
     assert span("bytes=0-1,5-6") is None
     with pytest.raises(RegistryError):
         span("bytes=200-")
+
+
+async def test_fetch_blob_enforces_a_minimum_chunk_size(tmp_path: Path) -> None:
+    """A tiny ``chunk_size`` (1 byte: a message per byte) is raised to
+    ``MIN_CHUNK``; larger requests are honoured up to ``MAX_CHUNK``."""
+    from node.grpc_service import MAX_CHUNK, MIN_CHUNK, open_channel
+    from proto import replication_pb2_grpc as pb_grpc
+
+    store = FilesystemBlobStore(str(tmp_path))
+    data = os.urandom(3 * MIN_CHUNK + 100)
+    d = digest_of(data)
+    await store.put_bytes(d, data)
+    server = GrpcServer("127.0.0.1:0", "eastus", store)
+    await server.start()
+    channel = open_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.ReplicationStub(channel)
+    try:
+        call = stub.FetchBlob(pb.FetchRequest(digest=d, chunk_size=1))
+        first = await call.read()
+        call.cancel()
+        assert len(first.data) == MIN_CHUNK
+        for asked, size in ((1, MIN_CHUNK), (MIN_CHUNK + 1, MIN_CHUNK + 1), (8 << 20, MAX_CHUNK)):
+            chunks = [c async for c in stub.FetchBlob(pb.FetchRequest(digest=d, chunk_size=asked))]
+            assert b"".join(c.data for c in chunks) == data
+            assert all(len(c.data) == size for c in chunks[:-1]), asked
+            assert 0 < len(chunks[-1].data) <= size
+    finally:
+        await channel.close()
+        await server.stop()

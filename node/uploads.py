@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from node.storage.base import BlobStore, BlobWriter, DigestMismatch
+from node.storage.base import BlobNotFound, BlobStore, BlobWriter, DigestMismatch
 from ocidist.errors import Code, RegistryError, upload_unknown
 
 WRITE_BATCH = 4 << 20
@@ -108,7 +108,9 @@ class UploadManager:
         """Stream ``chunks`` onto the end of the upload, the writer writing
         and hashing one batch on a worker thread while the next is read.
         Returns the number of bytes appended. Bytes written before a
-        disconnect stay (the client can resume from the new offset)."""
+        disconnect stay (the client can resume from the new offset). A
+        session cancelled meanwhile (DELETE) ends the append with
+        ``BLOB_UPLOAD_UNKNOWN``."""
         pending: asyncio.Future[None] | None = None
         batch: list[bytes] = []
         batched = 0
@@ -128,14 +130,26 @@ class UploadManager:
                 if batched >= WRITE_BATCH:
                     if pending is not None:
                         await pending
-                    pending = asyncio.ensure_future(up.writer.write(batch))
+                    pending = asyncio.ensure_future(self._write(up, batch))
                     batch, batched = [], 0
         finally:
             if pending is not None:
                 await pending
-            if batch:
-                await up.writer.write(batch)
+            if batch and not up.cancelled:
+                await self._write(up, batch)
+        if up.cancelled:
+            raise upload_unknown(up.id)
         return total
+
+    async def _write(self, up: Upload, batch: list[bytes]) -> None:
+        if up.cancelled:
+            raise upload_unknown(up.id)
+        try:
+            await up.writer.write(batch)
+        except (FileNotFoundError, BlobNotFound):
+            if up.cancelled:  # the session was deleted under this write
+                raise upload_unknown(up.id) from None
+            raise
 
     async def finish(self, up: Upload, digest: str) -> int:
         """Verify the whole upload against ``digest`` and commit it into the
@@ -150,8 +164,14 @@ class UploadManager:
                     detail={"expected": digest, "actual": up.committed[0]},
                 )
             return up.committed[1]
+        if up.cancelled:
+            raise upload_unknown(up.id)
         try:
             size = await up.writer.commit(digest)
+        except (FileNotFoundError, BlobNotFound):
+            if up.cancelled:
+                raise upload_unknown(up.id) from None
+            raise
         except DigestMismatch as e:
             raise RegistryError(
                 Code.DIGEST_INVALID, detail={"expected": digest, "actual": e.actual}

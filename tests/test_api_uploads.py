@@ -4,8 +4,10 @@ cancel, digest checks, unknown sessions, cross-repository mounts."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -608,3 +610,33 @@ async def test_concurrent_chunks_at_one_offset(api: Client) -> None:
     assert r.status == 202, r
     r = await api.put(r.location, params={"digest": oci.digest(data)})
     assert r.status == 201, r
+
+
+@pytest.mark.parametrize("cancel_after", [1, 5 << 20])
+async def test_delete_while_a_patch_streams(api: Client, cancel_after: int) -> None:
+    """DELETE of the session while a PATCH is still streaming into it: the
+    DELETE wins (204), the PATCH ends with 404 BLOB_UPLOAD_UNKNOWN (never a
+    500), and the session stays gone."""
+    repo = oci.repo_name()
+    loc = (await api.start_upload(repo)).location
+    sent = asyncio.Event()
+    deleted = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield os.urandom(cancel_after)  # 5 MiB: more than one write batch
+        sent.set()
+        await deleted.wait()
+        for _ in range(3):
+            yield os.urandom(1 << 20)
+
+    patch = asyncio.create_task(
+        api.patch(loc, data=body(), headers={"Content-Type": "application/octet-stream"})
+    )
+    await sent.wait()
+    await asyncio.sleep(0.2)  # let the PATCH take the session (ordering, not a threshold)
+    r = await api.delete(loc)
+    assert r.status == 204, r
+    deleted.set()
+    assert_error(await patch, 404, "BLOB_UPLOAD_UNKNOWN")
+    assert_error(await api.get(loc), 404, "BLOB_UPLOAD_UNKNOWN")
+    assert_error(await api.patch(loc, data=b"x"), 404, "BLOB_UPLOAD_UNKNOWN")

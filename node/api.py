@@ -335,6 +335,21 @@ class Registry:
                 Code.MANIFEST_BLOB_UNKNOWN,
                 detail={"blobs": missing_blobs, "manifests": missing_manifests},
             )
+        stored = {d: self.ns.blob_size(reg, name, d) for d in parsed.required_blobs}
+        for d in parsed.required_manifests:
+            rec = self.ns.manifest(reg, name, d)
+            stored[d] = rec.size if rec is not None else None
+        wrong = [
+            {"digest": d, "size": parsed.sizes[d], "stored": size}
+            for d, size in stored.items()
+            if size != parsed.sizes[d]
+        ]
+        if wrong:
+            raise RegistryError(
+                Code.MANIFEST_BLOB_UNKNOWN,
+                "a descriptor's size does not match the content stored under its digest",
+                detail={"sizes": wrong},
+            )
         await self.store.put_bytes(digest, body)
         try:
             await self.ns.put_manifest(reg, name, parsed.record, tags, parsed.required_blobs)
@@ -587,6 +602,16 @@ class Registry:
                 "Content-Length does not match Content-Range",
                 detail={"Content-Range": cr, "Content-Length": length},
             )
+        if m.total is not None:
+            # A total (not ``*``) must hold this chunk and agree with the
+            # total an earlier chunk of the session declared.
+            if m.total <= end or (up.total is not None and m.total != up.total):
+                raise RegistryError(
+                    Code.RANGE_INVALID,
+                    "Content-Range total contradicts the chunk or an earlier total",
+                    detail={"Content-Range": cr, "total": up.total},
+                )
+            up.total = m.total
 
     async def patch_upload(self, request: web.Request, up: Upload) -> web.Response:
         async with up.lock:

@@ -18,6 +18,7 @@ from ocidist.errors import Code, RegistryError, manifest_invalid
 
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_RECORD_SIZE = 1 << 20  # under etcd's 1.5 MiB request limit
+MAX_DESCRIPTOR_SIZE = (1 << 63) - 1  # image-spec: an int64
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,9 @@ class Parsed:
     record: ManifestRecord
     required_blobs: tuple[str, ...]
     required_manifests: tuple[str, ...]
+    # The size each required digest's descriptor declares (checked against
+    # what the registry stores under that digest).
+    sizes: dict[str, int]
 
 
 def _descriptor(d: Any, where: str) -> dict[str, Any]:
@@ -40,6 +44,8 @@ def _descriptor(d: Any, where: str) -> dict[str, Any]:
     parse_digest(digest, code=Code.MANIFEST_INVALID)
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise manifest_invalid(f"{where}.size must be a non-negative integer")
+    if size > MAX_DESCRIPTOR_SIZE:
+        raise manifest_invalid(f"{where}.size is larger than a blob can be")
     urls = d.get("urls")
     if urls is not None and not (isinstance(urls, list) and all(isinstance(u, str) for u in urls)):
         raise manifest_invalid(f"{where}.urls must be a list of strings")
@@ -66,8 +72,8 @@ def parse(body: bytes, content_type: str | None, digest: str) -> Parsed:
         raise manifest_invalid("manifest must be a JSON object")
     ct = (content_type or "").split(";")[0].strip()
     body_mt = doc.get("mediaType")
-    if body_mt is not None and not isinstance(body_mt, str):
-        raise manifest_invalid("mediaType must be a string")
+    if body_mt is not None and (not isinstance(body_mt, str) or not body_mt):
+        raise manifest_invalid("mediaType must be a non-empty string when present")
     if ct in mt.SCHEMA1 or body_mt in mt.SCHEMA1 or doc.get("schemaVersion") == 1:
         raise RegistryError(
             Code.MANIFEST_INVALID, "Docker schema1 manifests are not supported", status=400
@@ -106,6 +112,13 @@ def parse(body: bytes, content_type: str | None, digest: str) -> Parsed:
     blobs: list[str] = []
     required_blobs: list[str] = []
     children: list[str] = []
+    sizes: dict[str, int] = {}
+
+    def require(desc: dict[str, Any], where: str) -> str:
+        d, size = desc["digest"], desc["size"]
+        if sizes.setdefault(d, size) != size:
+            raise manifest_invalid(f"{where} gives {d} another size than an earlier descriptor")
+        return d
 
     if media_type in mt.IMAGE_TYPES:
         if "manifests" in doc:
@@ -117,14 +130,14 @@ def parse(body: bytes, content_type: str | None, digest: str) -> Parsed:
         if media_type == mt.DOCKER_MANIFEST and not layers:
             raise manifest_invalid("a Docker image manifest needs at least one layer")
         blobs.append(config["digest"])
-        required_blobs.append(config["digest"])
+        required_blobs.append(require(config, "config"))
         for i, layer in enumerate(layers):
             layer = _descriptor(layer, f"layers[{i}]")
             blobs.append(layer["digest"])
             lmt = layer["mediaType"]
             if layer.get("urls") and (lmt in mt.NON_DISTRIBUTABLE or "nondistributable" in lmt):
                 continue  # fetched from its urls, not from the registry
-            required_blobs.append(layer["digest"])
+            required_blobs.append(require(layer, f"layers[{i}]"))
         if artifact_type is None and media_type == mt.OCI_MANIFEST:
             # Referrers report an artifact's type as its config media type.
             artifact_type = config["mediaType"]
@@ -136,12 +149,12 @@ def parse(body: bytes, content_type: str | None, digest: str) -> Parsed:
             raise manifest_invalid("manifests must be a list")
         for i, m in enumerate(manifests):
             m = _descriptor(m, f"manifests[{i}]")
-            children.append(m["digest"])
+            children.append(require(m, f"manifests[{i}]"))
         if media_type == mt.OCI_INDEX:
             for i, b in enumerate(doc.get("blobs", []) or []):
                 b = _descriptor(b, f"blobs[{i}]")
                 blobs.append(b["digest"])
-                required_blobs.append(b["digest"])
+                required_blobs.append(require(b, f"blobs[{i}]"))
 
     annotations_elided = False
     if annotations and len(json.dumps(annotations)) > MAX_RECORD_ANNOTATIONS:
@@ -160,7 +173,9 @@ def parse(body: bytes, content_type: str | None, digest: str) -> Parsed:
     )
     if len(record.to_json()) > MAX_RECORD_SIZE:
         raise manifest_invalid("the manifest references more items than a registry record holds")
-    return Parsed(record, tuple(dict.fromkeys(required_blobs)), tuple(dict.fromkeys(children)))
+    return Parsed(
+        record, tuple(dict.fromkeys(required_blobs)), tuple(dict.fromkeys(children)), sizes
+    )
 
 
 def referrer_descriptor(rec: ManifestRecord, body: bytes | None = None) -> dict[str, Any]:

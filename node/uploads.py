@@ -45,6 +45,7 @@ class Upload:
     # has not recorded them yet: a retried final PUT then only records.
     committed: tuple[str, int] | None = None
     cancelled: bool = False
+    total: int | None = None  # the blob size a chunk's Content-Range declared
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property

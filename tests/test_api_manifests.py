@@ -720,3 +720,51 @@ async def test_concurrent_pushes_of_different_manifests_to_one_tag(api: Client) 
     assert r.headers["Docker-Content-Digest"] in {m.digest for m in ms}
     for m in ms:
         _check_served(await api.get(manifest_path(repo, m.digest)), m)
+
+
+@pytest.mark.parametrize("size", [10**30, 2**63, -1, 1.5, "12"])
+async def test_descriptor_size_out_of_range(api: Client, size: object) -> None:
+    """A size no blob can have (beyond a signed 64-bit integer, negative, not
+    an integer) is a malformed manifest."""
+    repo = oci.repo_name()
+    m = oci.image(1)
+    for b in m.blobs:
+        await api.push_blob(repo, b)
+    doc = m.doc
+    doc["layers"][0]["size"] = size
+    r = await api.put_manifest(repo, "v1", oci.encode(doc))
+    assert_error(r, 400, "MANIFEST_INVALID")
+    assert_error(await api.get(manifest_path(repo, "v1")), 404)
+
+
+@pytest.mark.parametrize("where", ["config", "layer", "child"])
+async def test_descriptor_size_must_match_the_stored_content(api: Client, where: str) -> None:
+    """A descriptor whose size disagrees with the blob (or child manifest)
+    stored under its digest does not describe anything the registry holds."""
+    repo = oci.repo_name()
+    child = oci.image(1)
+    await api.push(repo, child)
+    if where == "child":
+        doc = oci.index([child]).doc
+        doc["manifests"][0]["size"] += 1
+    else:
+        doc = child.doc
+        target = doc["config"] if where == "config" else doc["layers"][0]
+        target["size"] -= 1
+    body = oci.encode(doc)
+    mt = OCI_INDEX if where == "child" else OCI_MANIFEST
+    r = await api.put_manifest(repo, oci.digest(body), body, mt)
+    assert_error(r, 400, "MANIFEST_BLOB_UNKNOWN")
+    assert_error(await api.get(manifest_path(repo, oci.digest(body))), 404)
+
+
+@pytest.mark.parametrize("content_type", [OCI_MANIFEST, None])
+async def test_empty_media_type_is_rejected(api: Client, content_type: str | None) -> None:
+    repo = oci.repo_name()
+    m = oci.image(1)
+    for b in m.blobs:
+        await api.push_blob(repo, b)
+    doc = m.doc
+    doc["mediaType"] = ""
+    r = await api.put_manifest(repo, "v1", oci.encode(doc), content_type)
+    assert_error(r, 400, "MANIFEST_INVALID")

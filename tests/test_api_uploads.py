@@ -640,3 +640,41 @@ async def test_delete_while_a_patch_streams(api: Client, cancel_after: int) -> N
     assert_error(await patch, 404, "BLOB_UPLOAD_UNKNOWN")
     assert_error(await api.get(loc), 404, "BLOB_UPLOAD_UNKNOWN")
     assert_error(await api.patch(loc, data=b"x"), 404, "BLOB_UPLOAD_UNKNOWN")
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("0-9/5", None),  # the chunk runs past the total it declares
+        ("0-9/10", "10-19/20"),  # the total changed between chunks
+        ("0-9/100", "10-19/50"),
+    ],
+)
+async def test_content_range_total_is_checked(api: Client, first: str, second: str | None) -> None:
+    """``Content-Range: <start>-<end>/<total>``: a total that contradicts
+    the chunk, or an earlier chunk's total, is 416 RANGE_INVALID; ``*``
+    or no total is not checked."""
+    repo = oci.repo_name()
+    loc = (await api.start_upload(repo)).location
+    ct = {"Content-Type": "application/octet-stream"}
+    r = await api.patch(loc, data=b"x" * 10, headers={**ct, "Content-Range": first})
+    if second is None:
+        assert_error(r, 416, "RANGE_INVALID")
+        assert (await api.get(loc)).headers["Range"] == "0-0"  # nothing appended
+        return
+    assert r.status == 202, r
+    r = await api.patch(r.location, data=b"y" * 10, headers={**ct, "Content-Range": second})
+    assert_error(r, 416, "RANGE_INVALID")
+    assert (await api.get(loc)).headers["Range"] == "0-9"
+
+
+async def test_content_range_total_consistent_or_unknown(api: Client) -> None:
+    repo = oci.repo_name()
+    data = oci.blob_bytes(30)
+    loc = (await api.start_upload(repo)).location
+    ct = {"Content-Type": "application/octet-stream"}
+    for rng, part in (("0-9/30", data[:10]), ("10-19/*", data[10:20]), ("20-29/30", data[20:])):
+        r = await api.patch(loc, data=part, headers={**ct, "Content-Range": rng})
+        assert r.status == 202, r
+        loc = r.location
+    assert (await api.put(loc, params={"digest": oci.digest(data)})).status == 201

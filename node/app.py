@@ -158,7 +158,13 @@ async def replication_status(request: web.Request) -> web.Response:
 def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Application:
     """The node's HTTP app over ``store`` (the region's blob store, or one
     reading through to the other regions)."""
-    uploads = UploadManager(cfg.data, store, cfg.max_blob_size)
+    uploads = UploadManager(
+        cfg.data,
+        store,
+        cfg.max_blob_size,
+        max_per_repo=cfg.max_uploads_per_repo,
+        max_total=cfg.max_uploads,
+    )
     registry = Registry(ns, store, uploads, default_registry=cfg.registry, domain=cfg.domain)
     # Manifests are read with their own 4 MiB limit; blob bodies are streamed.
     app = web.Application(middlewares=[make_middleware(cfg.access_log)], client_max_size=0)
@@ -173,10 +179,11 @@ def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Applicati
         async def loop() -> None:
             while True:
                 try:
-                    await uploads.purge_older_than(cfg.upload_ttl)
+                    await uploads.purge_older_than(cfg.upload_ttl, cfg.upload_empty_ttl)
                 except Exception:
                     log.exception("purging upload sessions failed")
-                await asyncio.sleep(min(3600, max(cfg.upload_ttl / 4, 1)))
+                shortest = min(cfg.upload_ttl, cfg.upload_empty_ttl)
+                await asyncio.sleep(min(3600, max(shortest / 4, 1)))
 
         task = asyncio.create_task(loop())
         yield

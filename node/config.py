@@ -36,6 +36,15 @@ class NodeConfig:
         0, "largest blob accepted, e.g. 10G; 0: unlimited", parse=parse_size
     )
     upload_ttl: int = setting(24 * 3600, "seconds after which an abandoned upload is removed")
+    upload_empty_ttl: int = setting(
+        15 * 60, "seconds after which an upload session that never received a byte is removed"
+    )
+    max_uploads_per_repo: int = setting(
+        1000, "upload sessions open at once in one repository (more: 429); 0: no cap"
+    )
+    max_uploads: int = setting(
+        10000, "upload sessions open at once on this node (more: 429); 0: no cap"
+    )
     replication_concurrency: int = setting(
         4, "background transfers at once (0: no replicator; read-through still works)"
     )

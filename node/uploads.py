@@ -9,6 +9,10 @@ with GET (for ``Range``) then PATCH from that offset. Bytes are hashed while
 they stream in (by the writer, on a worker thread, while the next batch
 arrives); after a restart the running hash is rebuilt from the staged bytes
 once.
+
+Sessions open at once are capped per repository and per node (over a cap:
+429 TOOMANYREQUESTS); abandoned ones are purged after ``upload_ttl``, and
+sessions that never received a byte much sooner (``upload_empty_ttl``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -26,6 +31,7 @@ from node.storage.base import BlobNotFound, BlobStore, BlobWriter, DigestMismatc
 from ocidist.errors import Code, RegistryError, upload_unknown
 
 WRITE_BATCH = 4 << 20
+RETRY_AFTER = 60  # seconds a client over a session cap is told to wait
 
 
 def data_name(upload_id: str) -> str:
@@ -61,22 +67,74 @@ def _valid_id(upload_id: str) -> bool:
 
 
 class UploadManager:
-    def __init__(self, root: str, store: BlobStore, max_blob_size: int = 0) -> None:
+    def __init__(
+        self,
+        root: str,
+        store: BlobStore,
+        max_blob_size: int = 0,
+        *,
+        max_per_repo: int = 0,
+        max_total: int = 0,
+    ) -> None:
         self.root = os.path.join(os.path.abspath(root), "uploads")
         self.store = store
         self.max_blob_size = max_blob_size
+        self.max_per_repo = max_per_repo
+        self.max_total = max_total
         self._live: dict[str, Upload] = {}
         os.makedirs(self.root, exist_ok=True)
+        # Every session on disk (they survive restarts), for the caps.
+        self._open: dict[str, tuple[str, str]] = {}
+        self._per_repo: Counter[tuple[str, str]] = Counter()
+        for name in os.listdir(self.root):
+            try:
+                with open(os.path.join(self.root, name, "info.json")) as f:
+                    info = json.load(f)
+                self._count(name, (info["registry"], info["repo"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # half-created: the purge removes it
+
+    def _count(self, upload_id: str, key: tuple[str, str]) -> None:
+        if upload_id not in self._open:
+            self._open[upload_id] = key
+            self._per_repo[key] += 1
+
+    def _uncount(self, upload_id: str) -> None:
+        key = self._open.pop(upload_id, None)
+        if key is not None:
+            self._per_repo[key] -= 1
+            if self._per_repo[key] <= 0:
+                del self._per_repo[key]
+
+    def _check_caps(self, key: tuple[str, str]) -> None:
+        if self.max_per_repo and self._per_repo[key] >= self.max_per_repo:
+            raise RegistryError(
+                Code.TOOMANYREQUESTS,
+                "too many upload sessions open in this repository; finish or cancel some",
+                detail={"limit": self.max_per_repo},
+                headers={"Retry-After": str(RETRY_AFTER)},
+            )
+        if self.max_total and len(self._open) >= self.max_total:
+            raise RegistryError(
+                Code.TOOMANYREQUESTS,
+                "too many upload sessions open on this registry node; retry later",
+                detail={"limit": self.max_total},
+                headers={"Retry-After": str(RETRY_AFTER)},
+            )
 
     async def create(self, registry: str, repo: str) -> Upload:
+        key = (registry, repo)
+        self._check_caps(key)
         upload_id = str(uuid.uuid4())
+        self._count(upload_id, key)  # holds the place while the session is made
         d = os.path.join(self.root, upload_id)
         started = time.time()
         info = {"registry": registry, "repo": repo, "started": started}
-        await asyncio.to_thread(_create_dir, d, json.dumps(info))
         try:
+            await asyncio.to_thread(_create_dir, d, json.dumps(info))
             writer = await self.store.writer(data_name(upload_id))
         except BaseException:
+            self._uncount(upload_id)
             shutil.rmtree(d, ignore_errors=True)
             raise
         up = Upload(upload_id, registry, repo, d, started, writer)
@@ -103,6 +161,7 @@ class UploadManager:
         up = Upload(upload_id, info["registry"], info["repo"], d, info["started"], writer)
         up.committed = await asyncio.to_thread(_read_committed, d)
         self._live[upload_id] = up
+        self._count(upload_id, (up.registry, up.repo))
         return up
 
     async def append(self, up: Upload, chunks: AsyncIterator[bytes], limit: int | None) -> int:
@@ -185,14 +244,16 @@ class UploadManager:
     async def cancel(self, up: Upload) -> None:
         up.cancelled = True
         self._live.pop(up.id, None)
+        self._uncount(up.id)
         if up.committed is None:
             await up.writer.abort()
         await asyncio.to_thread(shutil.rmtree, up.dir, True)
 
-    async def purge_older_than(self, seconds: float) -> int:
-        """Remove abandoned sessions; returns how many."""
+    async def purge_older_than(self, seconds: float, empty_seconds: float | None = None) -> int:
+        """Remove sessions idle for ``seconds``, and those that never
+        received a byte after ``empty_seconds``; returns how many."""
         staged = {i.name: i async for i in self.store.list_staged("uploads/")}
-        cutoff = time.time() - seconds
+        now = time.time()
         n = 0
         for name in await asyncio.to_thread(os.listdir, self.root):
             d = os.path.join(self.root, name)
@@ -207,7 +268,13 @@ class UploadManager:
                     mtime = os.stat(d).st_mtime
                 except OSError:
                     continue
-            if mtime < cutoff:
+            ttl = seconds
+            if empty_seconds is not None and (data is None or data.size == 0):
+                committed = await asyncio.to_thread(os.path.exists, os.path.join(d, "committed"))
+                if not committed:
+                    ttl = min(seconds, empty_seconds)
+            if mtime < now - ttl:
+                self._uncount(name)
                 up = self._live.pop(name, None)
                 if up is not None:
                     up.cancelled = True

@@ -13,6 +13,7 @@ import pytest
 
 from tests import oci
 from tests.oci import Client, assert_error, blob_path
+from tests.procs import NodeProcess
 
 reg_node = oci.module_node_fixture("uploads")
 api = oci.client_fixture()
@@ -678,3 +679,60 @@ async def test_content_range_total_consistent_or_unknown(api: Client) -> None:
         assert r.status == 202, r
         loc = r.location
     assert (await api.put(loc, params={"digest": oci.digest(data)})).status == 201
+
+
+async def _post(api: Client, repo: str, **kw: object) -> oci.Resp:
+    return await api.post(f"/v2/{repo}/blobs/uploads/", **kw)
+
+
+async def test_upload_sessions_are_capped_per_repository_and_in_total(tmp_path) -> None:
+    """Sessions open at once are capped per repository and per node; over a
+    cap, 429 TOOMANYREQUESTS with Retry-After. Ending a session (DELETE or
+    the final PUT) frees its place; sessions surviving a restart still count."""
+    extra = ["--max-uploads-per-repo", "3", "--max-uploads", "5"]
+    node = NodeProcess(tmp_path / "data", extra=extra).start()
+    try:
+        async with Client.connect(node.url) as api:
+            a, b = oci.repo_name(), oci.repo_name()
+            locs = [(await api.start_upload(a)).location for _ in range(3)]
+            for kw in ({}, {"params": {"digest": oci.digest(b"x")}, "data": b"x"}):
+                r = await _post(api, a, **kw)
+                assert_error(r, 429, "TOOMANYREQUESTS")
+                assert int(r.headers["Retry-After"]) > 0, r
+            for _ in range(2):
+                await api.start_upload(b)
+            assert_error(await _post(api, b), 429, "TOOMANYREQUESTS")  # 5 on the node
+            assert (await api.delete(locs[0])).status == 204
+            await api.start_upload(b)
+            assert_error(await _post(api, a), 429, "TOOMANYREQUESTS")
+            data = oci.blob_bytes(100)
+            r = await api.put(locs[1], params={"digest": oci.digest(data)}, data=data)
+            assert r.status == 201, r
+            await api.start_upload(a)
+        node.restart()
+        async with Client.connect(node.url) as api:
+            assert_error(await _post(api, a), 429, "TOOMANYREQUESTS")
+            assert_error(await _post(api, oci.repo_name()), 429, "TOOMANYREQUESTS")
+            assert (await api.delete(locs[2])).status == 204
+            await api.start_upload(oci.repo_name())
+    finally:
+        node.stop()
+
+
+async def test_sessions_that_never_received_data_expire_sooner(tmp_path) -> None:
+    node = NodeProcess(tmp_path / "data", extra=["--upload-empty-ttl", "1"]).start()
+    try:
+        async with Client.connect(node.url) as api:
+            repo = oci.repo_name()
+            empty = (await api.start_upload(repo)).location
+            used = (await api.start_upload(repo)).location
+            r = await _patch(api, used, b"0123456789", 0)
+            assert r.status == 202, r
+            deadline = asyncio.get_running_loop().time() + 30  # a safety net only
+            while (await api.get(empty)).status != 404:
+                assert asyncio.get_running_loop().time() < deadline, "empty session never purged"
+                await asyncio.sleep(0.2)
+            r = await api.get(used)
+            assert r.status == 204 and r.headers["Range"] == "0-9", r
+    finally:
+        node.stop()

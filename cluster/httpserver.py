@@ -150,10 +150,11 @@ class LimitedHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        now = self._limited.loop.time()
-        self._rx_at = now
-        if self._headers_at is None and (self._body is None or self._body.is_eof()):
-            self._headers_at = now  # bytes outside a body: a request's headers begin
+        if data:  # (aiohttp calls it with b"" to resume parsing)
+            now = self._limited.loop.time()
+            self._rx_at = now
+            if self._headers_at is None and (self._body is None or self._body.is_eof()):
+                self._headers_at = now  # bytes outside a body: a request's headers begin
         super().data_received(data)
 
     def request_started(self, payload: Any) -> None:

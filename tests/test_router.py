@@ -559,6 +559,43 @@ def test_absolute_form_request_target(cluster: Cluster, everywhere: tuple[str, M
         assert r.status == 200
 
 
+def test_connection_cap_idle_and_slow_clients_do_not_lock_others_out(
+    cluster: Cluster, everywhere: tuple[str, Manifest]
+) -> None:
+    """More idle and header-trickling connections than the router's cap: the
+    idle ones make room (then the oldest tricklers) and a normal client
+    pulls as usual (``cluster/httpserver.py``, ``--max-connections``)."""
+    repo, m = everywhere
+    capped = RouterProcess(
+        cluster.etcd.client_url, cluster.base, ("--domain", DOMAIN, "--max-connections", "8")
+    ).start()
+    idle: list[socket.socket] = []
+    slow: list[socket.socket] = []
+    try:
+        capped.wait_for(lambda st: up_names(st) == set(LATENCY), "capped router ready")
+        host, port = capped.url.removeprefix("http://").rsplit(":", 1)
+        for _ in range(8):
+            idle.append(socket.create_connection((host, int(port)), timeout=30))
+            time.sleep(0.01)
+        for _ in range(8):
+            sock = socket.create_connection((host, int(port)), timeout=30)
+            sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")  # never the end
+            slow.append(sock)
+            time.sleep(0.01)
+
+        async def go() -> dict:
+            async with session() as s:
+                return await pull(s, capped.url, repo, m)
+
+        assert set(asyncio.run(go()).values()) == {"near"}
+        for sock in idle:  # closed by the router to make room
+            assert sock.recv(1) == b""
+    finally:
+        for sock in idle + slow:
+            sock.close()
+        capped.stop()
+
+
 # -- faults ----------------------------------------------------------------------
 
 

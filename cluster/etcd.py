@@ -86,24 +86,6 @@ _WATCH_METADATA = (("hasleader", "true"),)  # etcd cancels watches on a leaderle
 LeaseCallback = Callable[[int], Awaitable[None] | None]
 
 
-def single_member_argv(
-    binary: str, name: str, data_dir: str, client_url: str, peer_url: str
-) -> list[str]:
-    """The command line of a one-member etcd cluster (``meridian up``, the
-    benchmarks and the tests' launcher add their own tuning flags)."""
-    return [
-        binary,
-        "--name", name,
-        "--data-dir", data_dir,
-        "--listen-client-urls", client_url,
-        "--advertise-client-urls", client_url,
-        "--listen-peer-urls", peer_url,
-        "--initial-advertise-peer-urls", peer_url,
-        "--initial-cluster", f"{name}={peer_url}",
-        "--initial-cluster-state", "new",
-    ]  # fmt: skip
-
-
 class _Compacted(Exception):
     """etcd answered OUT_OF_RANGE: the requested revision is compacted."""
 

@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -47,8 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +53,21 @@ from typing import Any
 
 import aiohttp
 
-from cluster.etcd import EtcdKV, single_member_argv
+from cluster.etcd import EtcdKV
 from cluster.kv import Op, Put
 from cluster.namespace import ROOT, ManifestRecord, manifest_key, tag_key
-from loadtest.reference import REPO_ROOT, free_port, stop_process
+from cluster.runtime import free_port
+from loadtest.common import BenchError, exit_on_sigterm, host_info, percentile, write_json
+from localcluster.supervisor import (
+    REPO_ROOT,
+    Child,
+    StartError,
+    find_etcd,
+    meridian_argv,
+    python_env,
+    spawn,
+)
+from localcluster.supervisor import start_etcd as start_etcd_child
 from ocidist.mediatypes import OCI_CONFIG, OCI_MANIFEST
 from ocidist.mediatypes import OCI_LAYER_GZIP as OCI_LAYER
 
@@ -67,21 +75,20 @@ REG = "default"
 TXN_OPS = 128  # etcd's default --max-txn-ops
 
 
-class BenchError(RuntimeError):
-    pass
-
-
 # -- processes ------------------------------------------------------------------
 
 
 @dataclass
 class Proc:
-    name: str
-    proc: subprocess.Popen[bytes]
+    """A child process (:mod:`localcluster.supervisor`) and its HTTP port."""
+
+    child: Child
     port: int
-    workdir: Path
-    log_path: Path
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.child.name
 
     @property
     def url(self) -> str:
@@ -89,7 +96,7 @@ class Proc:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.child.pid
 
     def rss_kib(self) -> int:
         with open(f"/proc/{self.pid}/status") as f:
@@ -98,94 +105,63 @@ class Proc:
                     return int(line.split()[1])
         raise BenchError(f"no VmRSS for pid {self.pid}")
 
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
     def stop(self) -> None:
-        stop_process(self.proc)
+        self.child.stop()
 
 
-def _spawn(name: str, argv: list[str], port: int, workdir: Path) -> Proc:
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / f"{name}.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env=env,
-            start_new_session=True,  # leads its group: stop_process ends it by PID
+def _ready(p: Proc, url: str, ok: Any, timeout: float) -> float:
+    """Poll ``url`` every 5 ms until ``ok(body)``; the perf_counter time it did."""
+    try:
+        return p.child.wait_ready(
+            url=url,
+            ok=lambda status, body: status == 200 and ok(body),
+            timeout=timeout,
+            interval=0.005,
         )
-    return Proc(name, proc, port, workdir, log_path)
-
-
-def _wait(proc: Proc, url: str, ok: Any, timeout: float) -> float:
-    """Poll ``url`` every 5 ms until ``ok(body)``; the monotonic time it did."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.proc.poll() is not None:
-            raise BenchError(f"{proc.name} exited with {proc.proc.returncode}:\n{proc.log_tail()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                body = resp.read()
-                if resp.status == 200 and ok(body):
-                    return time.perf_counter()
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise BenchError(f"{url} not ready within {timeout:.0f}s:\n{proc.log_tail()}")
-        time.sleep(0.005)
+    except StartError as e:
+        raise BenchError(str(e)) from None
 
 
 def etcd_binary() -> str:
-    binary = os.environ.get("MERIDIAN_BENCH_ETCD") or shutil.which("etcd") or "/usr/bin/etcd"
-    if not os.access(binary, os.X_OK):
-        raise BenchError("etcd not found: apt-get install -y etcd-server")
-    return binary
+    try:
+        return find_etcd("MERIDIAN_BENCH_ETCD")
+    except StartError as e:
+        raise BenchError(str(e)) from None
 
 
 def start_etcd(workdir: Path) -> Proc:
-    client, peer = free_port(), free_port()
-    curl, purl = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
-    argv = [
-        *single_member_argv(etcd_binary(), "bench", str(workdir / "data"), curl, purl),
-        "--logger", "zap",
-        "--log-level", "warn",
-        "--quota-backend-bytes", str(4 << 30),
-    ]  # fmt: skip
-    p = _spawn("etcd", argv, client, workdir)
     try:
-        _wait(p, curl + "/health", lambda b: b'"health":"true"' in b, 30)
-    except BaseException:
-        p.stop()
-        raise
-    return p
+        child = start_etcd_child(
+            workdir / "data",
+            workdir / "etcd.log",
+            binary=etcd_binary(),
+            name="bench",
+            extra=["--log-level", "warn", "--quota-backend-bytes", str(4 << 30)],
+            env=python_env(),
+            cwd=REPO_ROOT,
+        )
+    except StartError as e:
+        raise BenchError(str(e)) from None
+    return Proc(child, int(child.extra["client_url"].rpartition(":")[2]))
 
 
 def start_node(workdir: Path, region: str, etcd: str = "") -> Proc:
     """Start a node; ``extra`` records seconds from spawn to /v2/ answering
     and to /healthz reporting namespace_synced."""
     port = free_port()
-    argv = [
-        sys.executable, "-m", "cluster.cli", "node",
+    argv = meridian_argv(
+        "node",
         "--listen", f"127.0.0.1:{port}",
         "--data", str(workdir / "data"),
         "--region", region,
-    ]  # fmt: skip
+    )  # fmt: skip
     if etcd:
         argv += ["--etcd", etcd]
     t0 = time.perf_counter()
-    p = _spawn(f"node-{region}", argv, port, workdir)
+    p = Proc(spawn(f"node-{region}", argv, workdir / f"node-{region}.log", env=python_env()), port)
     try:
-        t_v2 = _wait(p, p.url + "/v2/", lambda b: True, 600)
-        t_sync = _wait(
+        t_v2 = _ready(p, p.url + "/v2/", lambda b: True, 600)
+        t_sync = _ready(
             p, p.url + "/healthz", lambda b: json.loads(b).get("namespace_synced") is True, 600
         )
     except BaseException:
@@ -256,22 +232,13 @@ async def put_manifest(s: aiohttp.ClientSession, base: str, repo: str, ref: str,
 # -- statistics -------------------------------------------------------------------
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def dist_ms(values_s: list[float]) -> dict[str, float]:
     ms = [v * 1000 for v in values_s]
     return {
         "n": len(ms),
-        "p50_ms": pct(ms, 50),
-        "p90_ms": pct(ms, 90),
-        "p99_ms": pct(ms, 99),
+        "p50_ms": percentile(ms, 50),
+        "p90_ms": percentile(ms, 90),
+        "p99_ms": percentile(ms, 99),
         "max_ms": max(ms) if ms else math.nan,
         "mean_ms": statistics.fmean(ms) if ms else math.nan,
     }
@@ -349,7 +316,7 @@ async def propagation(a: Proc, b: Proc, samples: int) -> dict[str, Any]:
         },
         "ack_to_visible": dist_ms(ack_to_visible),
         "send_to_visible": dist_ms(send_to_visible),
-        "poll_rtt_p50_ms": pct([x * 1000 for x in poll_rtts], 50),
+        "poll_rtt_p50_ms": percentile([x * 1000 for x in poll_rtts], 50),
         "visible_at_first_poll": first_poll_hits / samples,
     }
 
@@ -657,40 +624,11 @@ def format_table(res: dict[str, Any]) -> str:
     h = res["host"]
     head = f"Meridian namespace on etcd [{res['profile']}], {h['cpus']} CPUs, loopback"
     foot = (
-        f"load average (1 min) at start {h['loadavg_at_start'][0]:.2f}, at end "
-        f"{h['loadavg_at_end'][0]:.2f}: well above this run's own load means other work "
+        f"load average (1 min) at start {h['loadavg_start'][0]:.2f}, at end "
+        f"{h['loadavg_end'][0]:.2f}: well above this run's own load means other work "
         "shared the CPUs"
     )
     return "\n".join([head, "-" * len(head)] + [f"{a:<{w}}  {b}" for a, b in rows] + [foot])
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_json_safe(x) for x in v]
-    return v
-
-
-def host_info() -> dict[str, Any]:
-    def first_line(argv: list[str]) -> str:
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            return (r.stdout or r.stderr).strip().splitlines()[0]
-        except (OSError, IndexError, subprocess.TimeoutExpired):
-            return "unknown"
-
-    return {
-        "loadavg_at_start": os.getloadavg(),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "etcd": first_line([etcd_binary(), "--version"]),
-        "wrk": first_line(["wrk", "-v"]),
-        "meridian": first_line(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"]),
-    }
 
 
 # -- main ---------------------------------------------------------------------------
@@ -721,7 +659,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         "bench": "namespace",
         "profile": "quick" if quick else "full",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "host": host_info(),
+        "host": host_info(tools=("wrk", "etcd")),
         "params": {
             "propagation_samples": samples,
             "get_wrk": f"wrk -t1 -c32 -d{wrk_seconds}s --latency",
@@ -760,13 +698,13 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     finally:
         if owns:
             shutil.rmtree(base, ignore_errors=True)
-    result["host"]["loadavg_at_end"] = os.getloadavg()
+    result["host"]["loadavg_end"] = list(os.getloadavg())
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         result = run(args)
     except BenchError as e:
@@ -774,10 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print()
     print(format_table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
-    tmp.replace(args.out)
+    write_json(result, args.out)
     print(f"\nwrote {args.out}")
     return 0
 

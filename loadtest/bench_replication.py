@@ -69,7 +69,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -77,7 +76,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,10 +83,21 @@ from typing import Any
 import aiohttp
 
 from cluster.etcd import EtcdKV
+from cluster.runtime import free_port
 from cluster.units import parse_size
-from loadtest.bench_namespace import BenchError, Proc, _spawn, _wait, start_etcd
+from loadtest.common import BenchError, host_info, scrape, write_json
 from loadtest.ocipush import MANIFEST_ACCEPT, Image, OciClient, random_image, sha256_digest
-from loadtest.reference import free_port, process_tree_cpu_seconds
+from loadtest.procstats import process_tree_cpu_seconds
+from localcluster.supervisor import (
+    REPO_ROOT,
+    Child,
+    StartError,
+    get_json,
+    meridian_argv,
+    python_env,
+    spawn,
+    start_etcd,
+)
 
 SCHEMA = "meridian.bench_replication/1"
 REG = "default"
@@ -135,7 +144,7 @@ def _human(n: float) -> str:
 class Cluster:
     """etcd, the emulator and the two region nodes; stopped by PID."""
 
-    procs: list[Proc] = field(default_factory=list)
+    procs: list[Child] = field(default_factory=list)
     etcd_url: str = ""
     control: str = ""
     nodes: dict[str, str] = field(default_factory=dict)  # region -> HTTP base URL
@@ -143,7 +152,7 @@ class Cluster:
     calib_link: str = ""
     calib_address: str = ""
 
-    def proc(self, name: str) -> Proc:
+    def proc(self, name: str) -> Child:
         for p in self.procs:
             if p.name == name:
                 return p
@@ -164,29 +173,7 @@ class Cluster:
         return out
 
     def links(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://{self.control}/links", timeout=5) as resp:
-            return json.loads(resp.read())["links"]
-
-
-def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.loads(resp.read())
-
-
-def scrape(url: str) -> dict[str, float]:
-    """A node's /metrics as {'name{labels}': value} (plus summed 'name')."""
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
-        if not m or line.startswith("#"):
-            continue
-        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
-        out[name + labels] = value
-        if labels:
-            out[name] = out.get(name, 0.0) + value
-    return out
+        return get_json(f"http://{self.control}/links", timeout=5)["links"]
 
 
 def start_cluster(
@@ -199,11 +186,18 @@ def start_cluster(
     log: Any,
 ) -> Cluster:
     c = Cluster()
+    env = python_env()
     try:
-        etcd = start_etcd(base / "etcd")
-        etcd.name = "etcd"
+        etcd = start_etcd(
+            base / "etcd" / "data",
+            base / "etcd" / "etcd.log",
+            name="bench",
+            extra=["--log-level", "warn", "--quota-backend-bytes", str(4 << 30)],
+            env=env,
+            cwd=REPO_ROOT,
+        )
         c.procs.append(etcd)
-        c.etcd_url = etcd.url
+        c.etcd_url = etcd.extra["client_url"]
 
         http = {r: free_port() for r in (A, B)}
         grpc = {r: free_port() for r in (A, B)}
@@ -235,22 +229,23 @@ def start_cluster(
         wan_dir.mkdir(parents=True, exist_ok=True)
         (wan_dir / "links.json").write_text(json.dumps({"links": links}, indent=1))
         c.control = f"127.0.0.1:{wan_control}"
-        wan = _spawn(
+        wan = spawn(
             "wan",
             [
                 sys.executable, "-m", "localcluster.wan",
                 "--config", str(wan_dir / "links.json"),
                 "--control", c.control,
             ],
-            wan_control,
-            wan_dir,
+            wan_dir / "wan.log",
+            env=env,
+            cwd=REPO_ROOT,
         )  # fmt: skip
         c.procs.append(wan)
-        _wait(wan, f"http://{c.control}/healthz", lambda b: b'"ok"' in b, 30)
+        wan.wait_ready(url=f"http://{c.control}/healthz", ok=lambda st, b: b'"ok"' in b)
 
         for r in (A, B):
-            argv = [
-                sys.executable, "-m", "cluster.cli", "node",
+            argv = meridian_argv(
+                "node",
                 "--region", r,
                 "--listen", f"127.0.0.1:{http[r]}",
                 "--data", str(base / r / "data"),
@@ -259,15 +254,17 @@ def start_cluster(
                 "--grpc-advertise", f"127.0.0.1:{link[r]}",
                 "--log-level", "info",
                 *node_args,
-            ]  # fmt: skip
-            p = _spawn(r, argv, http[r], base / r)
-            c.procs.append(p)
-            c.nodes[r] = p.url
+            )  # fmt: skip
+            c.procs.append(spawn(r, argv, base / r / f"{r}.log", env=env, cwd=REPO_ROOT))
+            c.nodes[r] = f"http://127.0.0.1:{http[r]}"
         for r in (A, B):
             p = c.proc(r)
-            _wait(p, p.url + "/v2/", lambda b: True, 60)
-            _wait(
-                p, p.url + "/healthz", lambda b: json.loads(b).get("namespace_synced") is True, 60
+            p.wait_ready(url=c.nodes[r] + "/v2/", timeout=60, interval=0.005)
+            p.wait_ready(
+                url=c.nodes[r] + "/healthz",
+                ok=lambda st, b: st == 200 and json.loads(b).get("namespace_synced") is True,
+                timeout=60,
+                interval=0.005,
             )
         # Until each region has pinged the other (through the emulator).
         deadline = time.monotonic() + 30
@@ -282,6 +279,9 @@ def start_cluster(
             + ", ".join(f"{r} pid {c.proc(r).pid} {c.nodes[r]}" for r in (A, B))
         )
         return c
+    except StartError as e:
+        c.stop()
+        raise BenchError(str(e)) from None
     except BaseException:
         c.stop()
         raise
@@ -813,18 +813,6 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def host_info() -> dict[str, Any]:
-    load = None
-    with contextlib.suppress(OSError):
-        load = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    return {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_at_start": load,
-    }
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m loadtest.bench_replication",
@@ -933,7 +921,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                 )
             rows, warm = await _measure(c, specs, cfg, rounds, not args.no_warmup, log)
             await asyncio.sleep(0.5)  # B logs "replicated" after its next plan
-            annotate_from_log([*rows, *warm], c.proc(B).log_path)
+            annotate_from_log([*rows, *warm], c.proc(B).log)
             return {
                 "rows": rows,
                 "warmup": warm,
@@ -982,16 +970,6 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     }
 
 
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float):
-        return round(v, 6) if v == v and v not in (float("inf"), float("-inf")) else None
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -1005,8 +983,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(res))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_json_safe(res), indent=1, allow_nan=False) + "\n")
+    write_json(res, out, indent=1)
     print(f"\nwrote {out}")
     return 0
 

@@ -43,48 +43,29 @@ from typing import Any
 
 import aiohttp
 
-from cluster.etcd import single_member_argv
 from cluster.runtime import free_port
+from loadtest.common import percentile
 from loadtest.ocipush import OCI_MANIFEST, Image, OciClient, random_image
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from localcluster.supervisor import (
+    Child,
+    get_json,
+    meridian_argv,
+    python_env,
+    spawn,
+    start_etcd,
+)
 
 # -- processes -------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    prior = os.environ.get("PYTHONPATH", "")
-    return dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{prior}" if prior else str(ROOT))
-
-
-def _get_json(url: str, timeout: float = 2.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _wait(
-    what: str, check: Any, timeout: float = 90.0, proc: subprocess.Popen | None = None
-) -> None:
+def _wait(what: str, check: Any, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
         with contextlib.suppress(Exception):
             if check():
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{what}: not ready after {timeout:.0f}s")
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class UpCluster:
@@ -93,13 +74,13 @@ class UpCluster:
     def __init__(self, workdir: Path, config: str | None) -> None:
         self.data = workdir / "up"
         self.port = free_port()
-        cmd = [sys.executable, "-m", "cluster.cli", "up", "--port", str(self.port)]
-        cmd += ["--data", str(self.data)]
+        args = ["up", "--port", str(self.port), "--data", str(self.data)]
         if config:
-            cmd += ["--config", config]
-        self.log = open(workdir / "up.out", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=_env())
-        _wait("meridian up", lambda: (self.data / "up.json").exists(), proc=self.proc)
+            args += ["--config", config]
+        self.child = spawn(
+            "meridian up", meridian_argv(*args), workdir / "up.out", env=python_env()
+        )
+        self.child.wait_ready(check=(self.data / "up.json").exists, timeout=90, interval=0.1)
         self.state = json.loads((self.data / "up.json").read_text())
         self.router = self.state["router"]
         self.order = [
@@ -119,59 +100,54 @@ class UpCluster:
         urllib.request.urlopen(req, timeout=5).read()
 
     def stop(self) -> None:
-        _stop(self.proc, signal.SIGINT)
-        self.log.close()
+        self.child.signal(signal.SIGINT)  # it stops its own children in order
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.child.proc.wait(30)
+        self.child.stop()
 
 
 class PlainCluster:
     """etcd + one node + the router on loopback, no emulator."""
 
     def __init__(self, workdir: Path) -> None:
-        etcd = shutil.which("etcd") or "/usr/bin/etcd"
         workdir.mkdir(parents=True, exist_ok=True)
-        self.procs: list[subprocess.Popen] = []
-        cport, pport = free_port(), free_port()
-        self.etcd = f"http://127.0.0.1:{cport}"
-        peer = f"http://127.0.0.1:{pport}"
-        self._spawn(
-            workdir / "etcd.log",
-            [
-                *single_member_argv(etcd, "default", str(workdir / "etcd"), self.etcd, peer),
-                "--log-level",
-                "warn",
-                "--logger",
-                "zap",
-            ],
+        env = python_env()
+        self.procs: list[Child] = []
+        etcd = start_etcd(
+            workdir / "etcd", workdir / "etcd.log", name="default", extra=["--log-level", "warn"]
         )
-        _wait("etcd", lambda: b"true" in urllib.request.urlopen(self.etcd + "/health").read())
+        self.procs.append(etcd)
+        self.etcd = etcd.extra["client_url"]
         nport = free_port()
         self.node = f"http://127.0.0.1:{nport}"
-        self._spawn(
+        node = spawn(
+            "node",
+            meridian_argv("node", "--region", "solo", "--listen", f"127.0.0.1:{nport}")
+            + ["--data", str(workdir / "node"), "--etcd", self.etcd],
             workdir / "node.log",
-            [sys.executable, "-m", "cluster.cli", "node", "--region", "solo"]
-            + ["--listen", f"127.0.0.1:{nport}", "--data", str(workdir / "node")]
-            + ["--etcd", self.etcd],
+            env=env,
         )
-        _wait("node", lambda: urllib.request.urlopen(self.node + "/v2/").status == 200)
+        self.procs.append(node)
+        node.wait_ready(url=self.node + "/v2/", timeout=90)
         rport = free_port()
         self.router = f"http://127.0.0.1:{rport}"
-        self._spawn(
-            workdir / "router.log",
-            [sys.executable, "-m", "cluster.cli", "router", "--etcd", self.etcd]
-            + ["--listen", f"127.0.0.1:{rport}"],
-        )
-        _wait(
+        router = spawn(
             "router",
-            lambda: any(r["up"] for r in _get_json(self.router + "/meridian/v1/router")["regions"]),
+            meridian_argv("router", "--etcd", self.etcd, "--listen", f"127.0.0.1:{rport}"),
+            workdir / "router.log",
+            env=env,
         )
-
-    def _spawn(self, log: Path, cmd: list[str]) -> None:
-        with open(log, "wb") as f:
-            self.procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env()))
+        self.procs.append(router)
+        router.wait_ready(
+            check=lambda: any(
+                r["up"] for r in get_json(self.router + "/meridian/v1/router")["regions"]
+            ),
+            timeout=90,
+        )
 
     def stop(self) -> None:
         for p in reversed(self.procs):
-            _stop(p)
+            p.stop(30)
 
 
 # -- clients ---------------------------------------------------------------------
@@ -203,13 +179,6 @@ async def pull(s: aiohttp.ClientSession, router: str, repo: str, img: Image) -> 
     return served
 
 
-def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
 @dataclass
 class Report:
     figures: dict[str, Any] = field(default_factory=dict)
@@ -232,7 +201,7 @@ async def accuracy(up: UpCluster, rounds: int, report: Report) -> None:
 
         def in_sync() -> bool:
             node = up.state["regions"][near]["node"]
-            rows = _get_json(node + "/meridian/v1/replication")["regions"]
+            rows = get_json(node + "/meridian/v1/replication")["regions"]
             return all(r["pending_items"] == 0 for r in rows)
 
         await asyncio.to_thread(_wait, "replication", in_sync, 120)
@@ -301,8 +270,8 @@ async def overhead(
                 if r.status != 200 or body != img.manifest:
                     raise RuntimeError(f"{key}: manifest GET answered {r.status}")
     out = {}
-    for q, name in ((0.5, "p50"), (0.99, "p99")):
-        d, rt = _pct(times["direct"], q), _pct(times["router"], q)
+    for q, name in ((50, "p50"), (99, "p99")):
+        d, rt = percentile(times["direct"], q), percentile(times["router"], q)
         out[name] = {"direct_ms": d, "router_ms": rt, "added_ms": rt - d}
     out["mean_added_ms"] = statistics.mean(times["router"]) - statistics.mean(times["direct"])
     report.figures[f"overhead_{label}"] = out
@@ -350,7 +319,7 @@ async def failover(up: UpCluster, pulls: int, mode: str, report: Report) -> None
         await OciClient(up.router, s).push_image(repo, "v1", img)
 
         def in_sync() -> bool:
-            rows = _get_json(up.state["regions"][near]["node"] + "/meridian/v1/replication")
+            rows = get_json(up.state["regions"][near]["node"] + "/meridian/v1/replication")
             return all(r["pending_items"] == 0 for r in rows["regions"])
 
         await asyncio.to_thread(_wait, "replication", in_sync, 120)
@@ -374,7 +343,7 @@ async def failover(up: UpCluster, pulls: int, mode: str, report: Report) -> None
             if t_fault is not None and t_moved is None and near not in served:
                 t_moved = time.monotonic() - t_fault
             if t_fault is not None and (t_out is None or (t_back is not None and back_in is None)):
-                st = _get_json(up.router + "/meridian/v1/router")
+                st = get_json(up.router + "/meridian/v1/router")
                 region = {r["region"]: r for r in st["regions"]}[near]
                 if t_out is None and not region["up"]:
                     t_out = time.monotonic() - t_fault
@@ -385,7 +354,7 @@ async def failover(up: UpCluster, pulls: int, mode: str, report: Report) -> None
         "client_errors": len(errors),
         "traffic_moved_s": t_moved,
         "out_of_rotation_s": t_out,
-        "pull_p50_ms": _pct(durations, 0.5) * 1000,
+        "pull_p50_ms": percentile(durations, 50) * 1000,
         "pull_max_ms": max(durations) * 1000 if durations else None,
     }
     if mode == "hang":

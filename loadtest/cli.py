@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench_node import exit_on_sigterm, signals_held
+from loadtest.common import exit_on_sigterm, signals_held
 from loadtest.harness import (
     HarnessError,
     Param,
@@ -137,9 +137,9 @@ def resolve_params(args: argparse.Namespace, params: list[Param]) -> None:
         setattr(args, prm.attr, v)
 
 
-def scenario_parser(sc: Scenario) -> argparse.ArgumentParser:
+def scenario_parser(sc: Scenario, prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=f"{PROG} {sc.name}",
+        prog=prog or f"{PROG} {sc.name}",
         description=f"{sc.title}: {sc.description}",
     )
     add_params(p, sc.params)
@@ -277,9 +277,9 @@ def format_checks(checks: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def scenario_main(name: str, argv: list[str]) -> int:
+def scenario_main(name: str, argv: list[str], prog: str | None = None) -> int:
     sc = create(name)
-    args = scenario_parser(sc).parse_args(argv)
+    args = scenario_parser(sc, prog).parse_args(argv)
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         resolve_params(args, sc.params)

@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench_node import exit_on_sigterm, signals_held
 from loadtest.cli import (
     DEFAULT_OUT,
     PROG,
@@ -34,6 +33,7 @@ from loadtest.cli import (
     run_one,
     scenario_parser,
 )
+from loadtest.common import exit_on_sigterm, signals_held
 from loadtest.harness import (
     HarnessError,
     Run,

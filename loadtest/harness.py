@@ -32,6 +32,7 @@ import datetime as dt
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -42,8 +43,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from cluster import units
 from loadtest import loadgen
-from loadtest.bench_node import host_info
+from loadtest.common import host_info, machine_busy_seconds, percentile
 from loadtest.ocipush import OciClient
 from loadtest.procstats import ProcSampler, listening_pid
 from loadtest.progress import Progress
@@ -183,7 +185,10 @@ def start_server(kind: str, workdir: Path, name: str | None = None) -> Target:
 
 def parse_size(v: str) -> int:
     """Bytes from "64K", "10M", "1.5G", "100" (K/M/G are powers of 1024)."""
-    return topo.parse_rate(v.strip(), "size")
+    n = units.parse_size(v)
+    if n < 0:
+        raise ValueError(f"{v!r}: a size is not negative")
+    return n
 
 
 def size_label(n: int) -> str:
@@ -245,6 +250,7 @@ UNITS = {
     "mib_s": ("MiB/s", True),
     "seconds": ("s", False),
     "all_done_s": ("s", False),
+    "push_s": ("s", False),
 }
 
 
@@ -357,14 +363,42 @@ def _merge(workers: list[WorkerResult]) -> Rows:
     return rows
 
 
+#: steps measured by a C client instead of worker processes
+LOADGEN_OPS = ("wrk", "ab", "curl")
+
+
 async def _loadgen_step(
     run: Run, target: Target, step: Step, params: dict[str, Any]
 ) -> tuple[Rows, dict[str, Any]]:
-    """A step measured by wrk or ab (C load generators: far less client CPU
-    per request than any Python client). Summary figures only, no time series.
-    ``params``: ``path`` (after the target's URL), ``headers``, ``method``."""
+    """A step measured by wrk, ab or curl (C clients: far less client CPU per
+    request than any Python client). Summary figures only, no time series.
+    ``params``: ``path`` (after the target's URL), ``headers``, ``method``;
+    for curl (whole GETs of one blob, ``step.concurrency`` at once),
+    ``size``: the bytes each GET must return."""
     url = target.url + params["path"]
     headers = dict(params.get("headers", {}))
+    if step.op == "curl":
+        res = await asyncio.to_thread(
+            loadgen.run_curl_downloads,
+            url,
+            int(params["size"]),
+            step.count,
+            step.concurrency,
+            max_seconds=step.seconds + 60,
+        )
+        each = [float(x) for x in res["each"]]
+        seconds = float(res["seconds"])
+        return Rows(), {
+            "tool": "curl",
+            "requests": len(each),
+            "errors": 0,  # run_curl_downloads fails on any wrong answer
+            "seconds": seconds,
+            "rps": len(each) / seconds if seconds > 0 else 0.0,
+            "bytes": int(res["bytes"]),
+            "p50_ms": percentile(each, 50) * 1000,
+            "p99_ms": percentile(each, 99) * 1000,
+            "client_cpu_s": float(res["cpu"]),
+        }
     if step.op == "wrk":
         res = await asyncio.to_thread(
             loadgen.run_wrk,
@@ -396,11 +430,12 @@ async def run_step(run: Run, target: Target, step: Step, rnd: int, index: str) -
     state = await sc.before_step(run, target, step)
     run.progress.start(f"{step.label} @ {target.name}", step.count, step.seconds, index)
     cpu0 = sampler.cpu_seconds()
+    machine0, self0 = machine_busy_seconds(), _self_cpu()
     t0 = time.monotonic()
     failures: list[str] = []
     workers: list[WorkerResult] = []
     loadgen_res: dict[str, Any] | None = None
-    if step.op in ("wrk", "ab"):
+    if step.op in LOADGEN_OPS:
         sampler.sample()
         params = sc.step_params(run, target, step, seed)
         rows, loadgen_res = await _loadgen_step(run, target, step, params)
@@ -424,20 +459,22 @@ async def run_step(run: Run, target: Target, step: Step, rnd: int, index: str) -
         ends = [t + d for t, d in zip(rows.t, rows.d, strict=True)]
         seconds = max(ends) if ends else time.monotonic() - origin
     wall = time.monotonic() - t0
+    machine_cpu, harness_cpu = machine_busy_seconds() - machine0, _self_cpu() - self0
     cpu1 = sampler.cpu_seconds()
     cpu_by = {k: round(cpu1[k] - cpu0.get(k, 0.0), 3) for k in cpu1}
     server_cpu = sum(cpu_by.values())
     primary_rows = rows.select(step.ops) if step.ops else rows
     st = stats(primary_rows, seconds)
     if loadgen_res is not None:
+        nbytes = int(loadgen_res.get("bytes", 0))
         st = {
             "requests": loadgen_res["requests"],
             "errors": loadgen_res["errors"],
             "error_rate": loadgen_res["errors"] / max(loadgen_res["requests"], 1),
             "seconds": seconds,
             "rps": loadgen_res["rps"],
-            "bytes": 0,
-            "mib_s": 0.0,
+            "bytes": nbytes,
+            "mib_s": nbytes / MIB / seconds if seconds > 0 else 0.0,
             "p50_ms": loadgen_res["p50_ms"],
             "p90_ms": None,
             "p99_ms": loadgen_res["p99_ms"],
@@ -449,6 +486,10 @@ async def run_step(run: Run, target: Target, step: Step, rnd: int, index: str) -
     if loadgen_res is None:
         st["client_cpu_s"] = sum(w.cpu_s for w in workers)
     all_bytes = sum(rows.b) if rows.b else st["bytes"]
+    # Who used the machine meanwhile (servers, load generators, the rest):
+    # on a small machine they all share the CPUs, so rates are bounded by it.
+    capacity = max(wall, 1e-9) * (os.cpu_count() or 1)
+    other = max(0.0, machine_cpu - server_cpu - st["client_cpu_s"] - harness_cpu)
     result: dict[str, Any] = {
         "round": rnd,
         "wall_s": wall,
@@ -459,6 +500,11 @@ async def run_step(run: Run, target: Target, step: Step, rnd: int, index: str) -
         "server_cpu_by_process": cpu_by,
         "cpu_s_per_gib": server_cpu / (all_bytes / GIB) if all_bytes > 0 else None,
         "cpu_us_per_req": server_cpu / st["requests"] * 1e6 if st["requests"] else None,
+        "cpu_share": {
+            "server": server_cpu / capacity,
+            "client": st["client_cpu_s"] / capacity,
+            "other": other / capacity,
+        },
         "process": sampler.as_dict(),
         "errors": dict(rows.errors),
         "messages": list(rows.messages),
@@ -478,6 +524,11 @@ async def run_step(run: Run, target: Target, step: Step, rnd: int, index: str) -
     for f in failures:
         run.note(f"{target.name} {step.id}: {f[:400]}")
     return result
+
+
+def _self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def fmt_value(v: Any) -> str:

@@ -36,12 +36,13 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
+
+from loadtest.common import percentile
 
 INSTALL = {
     "wrk": "apt-get install -y wrk",
@@ -82,16 +83,6 @@ def require(tool: str) -> str:
 def _children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    if not sorted_values:
-        return math.nan
-    k = (len(sorted_values) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    if lo == hi:
-        return sorted_values[lo]
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
 # -- wrk ---------------------------------------------------------------------

@@ -17,36 +17,83 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.reference import process_tree_cpu_seconds, process_tree_fds, process_tree_rss_bytes
-from localcluster.wan import _owns, _proc_addr
+from cluster.procfs import listening_pid
 
 MIB = 1 << 20
 
+__all__ = [
+    "ProcSampler",
+    "alive",
+    "flatness",
+    "listening_pid",
+    "process_tree",
+    "process_tree_cpu_seconds",
+    "process_tree_fds",
+    "process_tree_rss_bytes",
+]
 
-def listening_pid(port: int) -> int | None:
-    """PID of the process with a listening TCP socket on ``port`` (any local
-    address), or None when there is none or it is not ours to see."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            with open(table) as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) < 10 or parts[3] != "0A":  # 0A: LISTEN
-                        continue
-                    with contextlib.suppress(ValueError):
-                        if _proc_addr(parts[1])[1] == port:
-                            inodes.add(int(parts[9]))
-    if not inodes:
-        return None
-    me = os.getpid()
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
+        if not entry.isdigit():
             continue
-        if any(_owns(int(entry), f"socket:[{inode}]") for inode in inodes):
-            return int(entry)
-    return None
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its live descendants."""
+    children = _children_map()
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def process_tree_cpu_seconds(root: int) -> float:
+    """utime+stime (plus reaped children's) of ``root`` and live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        # fields[0] is field 3 (state); utime=14, stime=15, cutime=16, cstime=17
+        total += sum(int(x) for x in fields[11:15])
+    return total / tick
+
+
+def process_tree_rss_bytes(root: int) -> int:
+    """Resident set size (VmRSS) of ``root`` and its live descendants."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def process_tree_fds(root: int) -> int:
+    """Open file descriptors (``/proc/PID/fd``) of ``root`` and its live descendants."""
+    total = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+    return total
 
 
 def alive(pid: int) -> bool:

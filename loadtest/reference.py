@@ -1,4 +1,6 @@
-"""Launchers for the registries a benchmark compares, each as a subprocess.
+"""Launchers for the registries a benchmark compares, each a child process
+of :mod:`localcluster.supervisor` (its own session, output in a log file,
+stopped by PID).
 
 - :func:`start_distribution` runs CNCF Distribution 2.8 (Debian package
   ``docker-registry``) on a free loopback port with a generated config:
@@ -18,20 +20,16 @@ import contextlib
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.runtime import free_port
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from loadtest.procstats import process_tree_cpu_seconds, process_tree_rss_bytes
+from localcluster.supervisor import REPO_ROOT, Child, StartError, python_env, spawn
 
 DISTRIBUTION_BIN = "docker-registry"
 DISTRIBUTION_INSTALL = "apt-get install -y docker-registry"
@@ -43,7 +41,7 @@ MERIDIAN_NODE_CMD = "{python} -m cluster.cli node --listen 127.0.0.1:{port} --da
 TARGETS = ("distribution", "meridian")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(StartError):
     """A registry could not be started (missing tool, crash, never ready)."""
 
 
@@ -61,16 +59,23 @@ class Server:
 
     name: str
     port: int
-    proc: subprocess.Popen[bytes]
+    child: Child
     workdir: Path
-    log_path: Path
     version: str = ""
     owns_workdir: bool = True
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.child.proc
+
+    @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.child.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.child.log
 
     @property
     def host(self) -> str:
@@ -81,11 +86,7 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return self.child.log_tail(lines)
 
     def cpu_seconds(self) -> float:
         """User+system CPU time of the server process and its descendants."""
@@ -97,119 +98,14 @@ class Server:
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the process by PID: SIGTERM to its group, then SIGKILL."""
-        stop_process(self.proc, timeout)
+        self.child.stop(timeout)
         if self.owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """Terminate a process started with ``start_new_session=True`` (it leads its
-    own process group, whose id is its PID), escalating to SIGKILL."""
-    if proc.poll() is not None:
-        return
-    pgid = proc.pid
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-        proc.wait(timeout=timeout)
-    # Children that outlived the leader, if any, are still in the group.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    return children
-
-
-def _process_tree(root: int) -> list[int]:
-    children = _children_map()
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return out
-
-
-def process_tree_cpu_seconds(root: int) -> float:
-    """utime+stime (plus reaped children's) of ``root`` and live descendants."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in _process_tree(root):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        # fields[0] is field 3 (state); utime=14, stime=15, cutime=16, cstime=17
-        total += sum(int(x) for x in fields[11:15])
-    return total / tick
-
-
-def process_tree_rss_bytes(root: int) -> int:
-    """Resident set size (VmRSS) of ``root`` and its live descendants."""
-    total = 0
-    for pid in _process_tree(root):
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
-
-
-def process_tree_fds(root: int) -> int:
-    """Open file descriptors (``/proc/PID/fd``) of ``root`` and its live descendants."""
-    total = 0
-    for pid in _process_tree(root):
-        with contextlib.suppress(OSError):
-            total += len(os.listdir(f"/proc/{pid}/fd"))
-    return total
-
-
-def _wait_ready(server: Server, timeout: float) -> None:
-    url = server.base_url + "/v2/"
-    deadline = time.monotonic() + timeout
-    last_err = "no answer"
-    while time.monotonic() < deadline:
-        rc = server.proc.poll()
-        if rc is not None:
-            raise LaunchError(
-                f"{server.name} exited with code {rc} before answering {url}; "
-                f"log {server.log_path}:\n{server.log_tail()}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=1.0) as resp:
-                if resp.status == 200:
-                    return
-                last_err = f"HTTP {resp.status}"
-        except urllib.error.HTTPError as e:
-            if e.code == 401:  # up, but wants a token; the caller deals with auth
-                return
-            last_err = f"HTTP {e.code}"
-        except (urllib.error.URLError, OSError) as e:
-            last_err = str(e)
-        time.sleep(0.05)
-    raise LaunchError(
-        f"{server.name} did not answer GET {url} within {timeout:.0f}s ({last_err}); "
-        f"log {server.log_path}:\n{server.log_tail()}"
-    )
+def _v2_ready(status: int, body: bytes) -> bool:
+    # 401: up, but wants a token; the caller deals with auth
+    return status in (200, 401)
 
 
 def _spawn(
@@ -222,20 +118,16 @@ def _spawn(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
 ) -> Server:
-    log_path = workdir / f"{name}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=str(cwd or workdir),
-            env=env,
-            start_new_session=True,
-        )
-    server = Server(name, port, proc, workdir, log_path, owns_workdir=owns_workdir)
     try:
-        _wait_ready(server, ready_timeout)
+        child = spawn(name, argv, workdir / f"{name}.log", env=env, cwd=cwd or workdir)
+    except StartError as e:
+        raise LaunchError(str(e)) from None
+    server = Server(name, port, child, workdir, owns_workdir=owns_workdir)
+    try:
+        child.wait_ready(url=server.base_url + "/v2/", ok=_v2_ready, timeout=ready_timeout)
+    except StartError as e:
+        server.stop()
+        raise LaunchError(str(e)) from None
     except BaseException:
         server.stop()
         raise
@@ -357,11 +249,8 @@ def start_meridian(
         part.format(python=sys.executable, port=port, data=str(data))
         for part in shlex.split(template)
     ]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        server = _spawn("meridian", argv, port, wd, owns, ready_timeout, env, cwd=REPO_ROOT)
+        server = _spawn("meridian", argv, port, wd, owns, ready_timeout, python_env(), REPO_ROOT)
     except BaseException:
         if owns:
             shutil.rmtree(wd, ignore_errors=True)

@@ -21,7 +21,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench_node import write_json
+from loadtest.common import write_json
 from loadtest.harness import fmt_value, median_round
 from loadtest.svg import DASHES, PALETTE, Series, bar_chart, line_chart
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.loadgen import percentile
+from loadtest.common import percentile
 
 MIB = 1 << 20  # sizes and throughput are in MiB (as bench_node reports them)
 MAX_ERROR_MESSAGES = 20

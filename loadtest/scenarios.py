@@ -11,13 +11,16 @@ import asyncio
 import contextlib
 import hashlib
 import math
-import re
+import os
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from loadtest import loadgen
+from loadtest.common import percentile
+from loadtest.common import scrape as common_scrape
 from loadtest.harness import (
     HarnessError,
     Job,
@@ -47,6 +50,7 @@ from loadtest.procstats import flatness
 from loadtest.samples import MIB, Rows, stats
 from loadtest.sites import site_name
 from localcluster import topology as topo
+from localcluster.supervisor import get_json
 
 SCENARIOS: dict[str, type[Scenario]] = {}
 
@@ -267,6 +271,249 @@ class Push(Scenario):
             "layer_size": max(1, size // max(run.p.layers, 1)),
             "workdir": str(run.workdir),
         }
+
+
+# -- one node against Distribution ---------------------------------------------------
+
+NODE_METRICS = ("manifest_get", "blob_head", "blob_get", "blob_get_x4", "push")
+
+
+@scenario
+class Node(Scenario):
+    name = "node"
+    title = "Single node vs Distribution"
+    description = (
+        "The single-node benchmark: manifest GET by tag and blob HEAD (wrk for GET "
+        "and ab for HEAD, or --loadgen ab|aiohttp), GET of one --blob-size blob "
+        "--downloads times one after another and --parallel-downloads times "
+        "--parallel at once (curl; aiohttp workers with --loadgen aiohttp), and a "
+        "skopeo push of a fresh image (--push-layers x --push-layer-size) into a new "
+        "repository every round. Every target gets the same content, is checked to "
+        "serve it right and warmed up; each step records the CPU the servers, the "
+        "clients and everything else on the machine used."
+    )
+    params = [
+        Param("requests", 20000, "requests of a manifest GET or blob HEAD step", 300, int),
+        Param("concurrency", 64, "connections of those steps", 8, int),
+        Param("blob-size", "100M", "size of the blob the GET steps fetch", "2M", size_list),
+        Param("downloads", 5, "GETs of it one after another", 2, int),
+        Param("parallel", 4, "GETs of it at once in the parallel step", 4, int),
+        Param("parallel-downloads", 8, "GETs in the parallel step", 4, int),
+        Param("push-layers", 5, "layers of the image skopeo pushes", 2, int),
+        Param("push-layer-size", "20M", "size of each pushed layer", "256K", size_list),
+        Param("warmup", 2000, "requests per rate step before measuring (not recorded)", 50, int),
+        Param(
+            "loadgen",
+            "auto",
+            "auto/wrk: wrk for GET, ab for HEAD (wrk cannot HEAD); ab: ab for both; "
+            "aiohttp: worker processes for all (costs more client CPU)",
+            "auto",
+            choices=("auto", "wrk", "ab", "aiohttp"),
+        ),
+        Param("procs", 2, "worker processes with --loadgen aiohttp", 1, int),
+        Param(
+            "metrics",
+            ",".join(NODE_METRICS),
+            "which measurements",
+            ",".join(NODE_METRICS),
+            str_list,
+        ),
+        Param("seconds", 300.0, "time limit of one step", 60.0, float),
+    ]
+    default_start = ("distribution", "meridian")
+
+    def _tool(self, run: Run, method: str) -> str:
+        lg = run.p.loadgen
+        if lg == "aiohttp":
+            return "manifest_get" if method == "GET" else "blob_head"
+        if lg == "ab" or method == "HEAD":  # wrk cannot HEAD (wg/wrk#198)
+            return "ab"
+        return "wrk"
+
+    def steps(self, run: Run) -> list[Step]:
+        p = run.p
+        metrics = _choices(p.metrics, NODE_METRICS, "--metrics")
+        get, head = self._tool(run, "GET"), self._tool(run, "HEAD")
+        download = "blob_get" if p.loadgen == "aiohttp" else "curl"
+        size = size_label(p.blob_size[0])
+        by = {
+            "manifest_get": Step(
+                "manifest_get",
+                f"manifest GET by tag, {p.concurrency} at once [{get}]",
+                get,
+                p.requests,
+                p.seconds,
+                p.concurrency,
+                p.procs,
+                primary="rps",
+                ops=("manifest",),
+            ),
+            "blob_head": Step(
+                "blob_head",
+                f"blob HEAD, {p.concurrency} at once [{head}]",
+                head,
+                p.requests,
+                p.seconds,
+                p.concurrency,
+                p.procs,
+                primary="rps",
+                ops=("head",),
+            ),
+            "blob_get": Step(
+                "blob_get",
+                f"blob GET of {size}, one at a time [{download}]",
+                download,
+                p.downloads,
+                p.seconds,
+                1,
+                primary="mib_s",
+                ops=("pull",),
+                bytes_heavy=True,
+            ),
+            "blob_get_x4": Step(
+                "blob_get_x4",
+                f"blob GET of {size}, {p.parallel} at once [{download}]",
+                download,
+                p.parallel_downloads,
+                p.seconds,
+                p.parallel,
+                min(p.procs, p.parallel),
+                primary="mib_s",
+                ops=("pull",),
+                bytes_heavy=True,
+            ),
+            "push": Step(
+                "push",
+                f"skopeo push of {p.push_layers} x {size_label(p.push_layer_size[0])}",
+                "skopeo_push",
+                1,
+                p.seconds,
+                1,
+                primary="push_s",
+                ops=("push",),
+                bytes_heavy=True,
+            ),
+        }
+        if get != head and "blob_head" in metrics:
+            run.note(
+                "manifest GET uses wrk (HTTP/1.1); blob HEAD uses ab (HTTP/1.0 keep-alive), "
+                "because wrk cannot send HEAD."
+            )
+        if "push" in metrics:
+            run.note(
+                "push: fresh random layers every round into a new repository; skopeo "
+                "uploads every blob (no existing blob, no cross-repository mount possible)."
+            )
+        run.note(
+            f"{os.cpu_count() or 1} CPU(s) shared by servers, load generators and other "
+            "processes: a server that needs less CPU per request also leaves more for the "
+            "client, so rates are contention-bound, not a server's capacity on an idle "
+            "machine (each step's cpu_share in the result file says who used what)."
+        )
+        return [by[m] for m in metrics]
+
+    async def seed(self, run: Run, target: Target) -> dict[str, Any]:
+        p = run.p
+        small: Image = _images(
+            run, "node-small", lambda: random_image(5, 2048, seed=f"{run.run_id}-small")
+        )
+        big: Image = _images(
+            run,
+            "node-big",
+            lambda: build_image([make_layer(p.blob_size[0], f"{run.run_id}-big")]),
+        )
+        repo, tag = "bench/seed", "v1"
+        head, blob = small.layers[0], big.layers[0]
+        async with client(target.url) as c:
+            digest = await c.push_image(repo, tag, small)
+            await c.push_image(repo, "big", big)
+            body, ctype, header = await c.get_manifest(repo, tag, OCI_MANIFEST)
+            if body != small.manifest:
+                raise HarnessError(f"{target.name}: GET manifest by tag returned other bytes")
+            if ctype.split(";")[0].strip() != OCI_MANIFEST:
+                raise HarnessError(f"{target.name}: manifest Content-Type {ctype!r}")
+            if header and header != digest:
+                raise HarnessError(f"{target.name}: Docker-Content-Digest {header} != {digest}")
+            if await c.blob_size(repo, head.digest) != len(head.data):
+                raise HarnessError(f"{target.name}: HEAD blob gave the wrong size")
+        await _verify_blob(target.url, repo, blob.digest, len(blob.data), target.name)
+        seed = {
+            "repo": repo,
+            "tag": tag,
+            "head": [head.digest, len(head.data)],
+            "big": [blob.digest, len(blob.data)],
+        }
+        await asyncio.to_thread(self._warm_up, run, target, seed)
+        if "distribution" in target.kind:
+            run.note(
+                "Distribution 2.8.2 rebuilds its URL router (compiling every route regexp) "
+                "on each request (distribution/distribution#3683, fixed in 3.x), hence ~0.9 "
+                "ms of CPU per small request: small-request ratios are against 2.8.2 as "
+                "packaged, not 3.x."
+            )
+        return seed
+
+    def _warm_up(self, run: Run, target: Target, seed: dict[str, Any]) -> None:
+        """Caches, connection paths, the page cache: not recorded."""
+        p = run.p
+        if p.loadgen == "aiohttp" or not p.warmup:
+            return  # the workers open their connections before the clock starts
+        metrics = set(p.metrics)
+        repo = seed["repo"]
+        if "manifest_get" in metrics:
+            url = f"{target.url}/v2/{repo}/manifests/{seed['tag']}"
+            accept = {"Accept": OCI_MANIFEST}
+            if self._tool(run, "GET") == "wrk":
+                loadgen.run_wrk(url, p.warmup, p.concurrency, accept, workdir=run.workdir)
+            else:
+                loadgen.run_ab(url, p.warmup, p.concurrency, "GET", accept, workdir=run.workdir)
+        if "blob_head" in metrics:
+            url = f"{target.url}/v2/{repo}/blobs/{seed['head'][0]}"
+            loadgen.run_ab(url, p.warmup, p.concurrency, "HEAD", {}, workdir=run.workdir)
+        if {"blob_get", "blob_get_x4"} & metrics:
+            digest, size = seed["big"]
+            loadgen.run_curl_downloads(f"{target.url}/v2/{repo}/blobs/{digest}", size, 1, 1)
+
+    def step_params(self, run: Run, target: Target, step: Step, seed: dict) -> dict:
+        repo = seed["repo"]
+        if step.op == "wrk" or (step.op == "ab" and step.id == "manifest_get"):
+            return {
+                "path": f"/v2/{repo}/manifests/{seed['tag']}",
+                "headers": {"Accept": OCI_MANIFEST},
+                "method": "GET",
+            }
+        if step.op == "ab":
+            return {"path": f"/v2/{repo}/blobs/{seed['head'][0]}", "method": "HEAD"}
+        if step.op == "manifest_get":
+            return {"repo": repo, "refs": [seed["tag"]], "accept": OCI_MANIFEST}
+        if step.op == "blob_head":
+            return {"repo": repo, "existing": [seed["head"]], "missing": [], "missing_ratio": 0}
+        digest, size = seed["big"]
+        if step.op == "curl":
+            return {"path": f"/v2/{repo}/blobs/{digest}", "size": size}
+        if step.op == "blob_get":
+            return {"repo": repo, "digest": digest, "size": size, "mode": "whole"}
+        # skopeo_push: the n-th push of every target pushes the same fresh bytes
+        pushes = run.state.setdefault("_node_pushes", {})
+        n = pushes[target.name] = pushes.get(target.name, 0) + 1
+        return {
+            "repo": f"bench/push-{run.run_id}-r{n}",
+            "layers": run.p.push_layers,
+            "layer_size": run.p.push_layer_size[0],
+            "seed": f"{run.run_id}-push-{n}",
+            "workdir": str(run.workdir),
+        }
+
+    async def after_step(self, o: Outcome) -> None:
+        st = o.result["stats"]
+        if o.step.id == "push" and st.get("mean_ms") is not None:
+            o.result["extra"]["push_s"] = st["mean_ms"] / 1000
+        if st["errors"] > 0.01 * max(st["requests"], 1):
+            # fast failures would pass for speed: refuse to report them
+            raise HarnessError(
+                f"{o.target.name} {o.step.id}: {st['errors']} errors in {st['requests']} "
+                f"requests ({o.result['messages'][:3]}); see the server's log"
+            )
 
 
 # -- request storms ----------------------------------------------------------------------
@@ -592,18 +839,6 @@ def cluster_topology(run: Run) -> topo.Topology:
         raise HarnessError(str(e)) from None
 
 
-def _get_json(url: str, timeout: float = 5.0) -> Any:
-    import json
-
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _get_text(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode(errors="replace")
-
-
 async def wait_replicated(target: Target, seconds: float) -> float | None:
     """Wait until no region lacks anything (a node's replication status);
     seconds waited, or None if it did not happen in time (or no cluster)."""
@@ -613,43 +848,30 @@ async def wait_replicated(target: Target, seconds: float) -> float | None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
         with contextlib.suppress(OSError, ValueError, KeyError, urllib.error.URLError):
-            rows = await asyncio.to_thread(_get_json, nodes[0] + "/meridian/v1/replication")
+            rows = await asyncio.to_thread(get_json, nodes[0] + "/meridian/v1/replication", 5)
             if all(r["pending_items"] == 0 for r in rows["regions"]):
                 return time.monotonic() - t0
         await asyncio.sleep(0.2)
     return None
 
 
-_METRIC = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$")
+def scrape(url: str) -> dict[str, float]:
+    """A node's /metrics ({} if it does not answer): see :func:`loadtest.common.scrape`."""
+    return common_scrape(url, missing_ok=True)
 
 
-def scrape(url: str) -> dict[tuple[str, str], float]:
-    """A Prometheus text page as {(name, labels): value} ({} if unreachable)."""
-    out: dict[tuple[str, str], float] = {}
-    try:
-        text = _get_text(url + "/metrics")
-    except (OSError, urllib.error.URLError):
-        return out
-    for line in text.splitlines():
-        m = _METRIC.match(line)
-        if m:
-            with contextlib.suppress(ValueError):
-                out[(m["name"], m["labels"] or "")] = float(m["value"])
-    return out
-
-
-def _delta(before: dict, after: dict, name: str, labels: str = "") -> float:
-    return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+def _delta(before: dict[str, float], after: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 def hist_quantile(before: dict, after: dict, name: str, q: float) -> float | None:
     """A quantile of a Prometheus histogram's growth between two scrapes."""
     buckets = []
-    for (n, labels), v in after.items():
-        if n == f"{name}_bucket":
-            le = labels.split('le="', 1)[1].split('"', 1)[0]
+    for key, v in after.items():
+        if key.startswith(f"{name}_bucket{{"):
+            le = key.split('le="', 1)[1].split('"', 1)[0]
             bound = math.inf if le == "+Inf" else float(le)
-            buckets.append((bound, v - before.get((n, labels), 0.0)))
+            buckets.append((bound, v - before.get(key, 0.0)))
     buckets.sort()
     if not buckets or buckets[-1][1] <= 0:
         return None
@@ -803,11 +1025,7 @@ class Rollout(Scenario):
 
 
 def _q(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    from loadtest.loadgen import percentile
-
-    return percentile(sorted_values, q * 100)
+    return percentile(sorted_values, q * 100) if sorted_values else None
 
 
 def _cluster_counters(target: Target) -> dict[str, Any]:
@@ -816,16 +1034,14 @@ def _cluster_counters(target: Target) -> dict[str, Any]:
     if not target.is_cluster:
         return out
     with contextlib.suppress(OSError, ValueError, KeyError, urllib.error.URLError):
-        for r in _get_json(target.url + "/meridian/v1/router")["regions"]:
+        for r in get_json(target.url + "/meridian/v1/router", timeout=5)["regions"]:
             out["router"][r["region"]] = {
                 "routed": r.get("routed", 0),
                 "redirected": r.get("redirected", 0),
             }
     for name, reg in target.regions.items():
         m = scrape(reg["node"]) if reg.get("node") else {}
-        out["nodes"][name] = sum(
-            v for (n, _), v in m.items() if n == "meridian_http_requests_total"
-        )
+        out["nodes"][name] = m.get("meridian_http_requests_total", 0.0)
     return out
 
 

@@ -1,19 +1,19 @@
 """``meridian up``: a complete local multi-region cluster in one command.
 
 On loopback, as child processes of this one (each with its own log under
-``<data>/logs``):
+``<data>/logs``, started and stopped by :mod:`localcluster.supervisor`):
 
 - **etcd** -- a real etcd, its own ports, data in ``<data>/etcd``;
 - **regions** -- one ``meridian node`` per region (``--region <name>`` on its
   command line), data in ``<data>/regions/<name>``, HTTP and gRPC on their
   own ports;
-- **a WAN emulator** (``python -m localcluster.wan --config``, run as a process,
-  not imported) -- a TCP proxy per region between "this site" and the region
-  (the region's RTT from here), and one into each region's gRPC service whose
-  latency depends on which region connects (the inter-region RTTs). Nodes
-  advertise the emulator's addresses (``--advertise``, ``--grpc-advertise``):
-  whoever reaches a region -- the router, a redirected client, another
-  region -- crosses its emulated link;
+- **a WAN emulator** (``python -m localcluster.wan --config``, a process) --
+  a TCP proxy per region between "this site" and the region (the region's
+  RTT from here), and one into each region's gRPC service whose latency
+  depends on which region connects (the inter-region RTTs). Nodes advertise
+  the emulator's addresses (``--advertise``, ``--grpc-advertise``): whoever
+  reaches a region -- the router, a redirected client, another region --
+  crosses its emulated link;
 - **the router** on ``127.0.0.1:<port>`` (5000): the endpoint clients use.
 
 It prints what runs where, stays in the foreground with a status line
@@ -24,19 +24,20 @@ SIGTERM if this process dies (PR_SET_PDEATHSIG). Ports are remembered in
 ``<data>/ports.json`` and reused, so a second ``meridian up`` on the same
 data dir brings the same cluster back; ``<data>/up.json`` describes the
 running cluster (PIDs, addresses) for scripts and tests.
+
+:class:`Cluster` is the same cluster for programs (the load tests start
+theirs with it): ``Cluster(ClusterOptions(data=..., topology=...))``, then
+``start()``, ``start_router()`` for more routers, ``stop()``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -45,92 +46,108 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from cluster.etcd import single_member_argv
+from cluster import settings
 from cluster.runtime import free_port
+from cluster.settings import setting
 from localcluster import topology as topo
+from localcluster.supervisor import (
+    Child,
+    StartError,
+    find_etcd,
+    get_json,
+    meridian_argv,
+    python_env,
+    spawn,
+    start_etcd,
+    stop_all,
+)
 
-ETCD_HINT = "etcd not found: apt-get install -y etcd-server (or put etcd on PATH)"
 STOP_GRACE = 10.0
+# tiers, stopped highest first
+ETCD, WAN, REGIONS, ROUTERS = 0, 1, 2, 3
+
+#: A router whose process carries ``--region <source>`` on its command line
+#: (``meridian router`` takes no such flag): the WAN emulator tells its
+#: connections apart by it, as it does the regions'.
+_ROUTER_AS = "import sys; from cluster.cli import main; sys.exit(main(sys.argv[3:]))"
 
 
-def _pythonpath() -> str:
-    """So children find the packages in a source checkout too."""
-    root = str(Path(__file__).resolve().parent.parent)
-    prior = os.environ.get("PYTHONPATH", "")
-    return root if not prior else f"{root}{os.pathsep}{prior}"
+class _BadValue(argparse.ArgumentTypeError, ValueError):
+    """A bad value with its own message, from a flag (argparse shows it) or
+    from the environment (``cluster.settings`` does)."""
 
 
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _at_least_one(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise _BadValue(f"not a whole number: {value!r}") from None
+    if n < 1:
+        raise _BadValue(f"must be at least 1, not {value}")
+    return n
 
 
-def _port_free(port: int) -> bool:
+@dataclass
+class UpConfig:
+    """The flags of ``meridian up``."""
+
+    port: int = setting(5000, "the router's port on 127.0.0.1", env="MERIDIAN_UP_PORT")
+    data: str = setting(
+        "./meridian-data",
+        "where etcd, the regions and the logs keep their files",
+        env="MERIDIAN_UP_DATA",
+    )
+    regions: int = setting(
+        0,
+        "how many regions: the first N of the topology",
+        parse=_at_least_one,
+        env="MERIDIAN_UP_REGIONS",
+        show="all of them",
+    )
+    config: str = setting(
+        "",
+        "topology file (TOML or JSON): regions and latencies",
+        env="MERIDIAN_UP_CONFIG",
+        show="3 built-in regions",
+    )
+    status_interval: float = setting(
+        1.0, "seconds between status lines", env="MERIDIAN_UP_STATUS_INTERVAL"
+    )
+
+
+@dataclass
+class ClusterOptions:
+    """What :class:`Cluster` runs.
+
+    ``emulate``: regions advertise the emulator's addresses, so clients and
+    the router reach them through their emulated link (else directly;
+    replication crosses the emulator either way). ``sources``: more emulated
+    places, by name, with their round trip (ms) to each region: a process
+    whose command line carries ``--region <name>`` gets those latencies on
+    the links into the regions (see :meth:`Cluster.start_router`)."""
+
+    data: Path
+    topology: topo.Topology = field(default_factory=topo.default)
+    port: int = 5000
+    emulate: bool = True
+    sources: dict[str, dict[str, float]] = field(default_factory=dict)
+    status_interval: float = 1.0
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return False
     return True
 
 
-def _get_json(url: str, timeout: float = 1.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def _wait(
-    what: str, check: Any, proc: subprocess.Popen | None, log: Path | None, timeout: float = 30.0
-) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = _tail(log) if log else ""
-            raise StartError(f"{what} exited with code {proc.returncode} while starting\n{tail}")
-        try:
-            if check():
-                return
-        except (OSError, ValueError, urllib.error.URLError) as e:
-            last = e
-        time.sleep(0.1)
-    tail = _tail(log) if log else ""
-    raise StartError(f"{what} did not become ready in {timeout:.0f}s ({last})\n{tail}")
-
-
-def _tail(path: Path, n: int = 15) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join("    " + line for line in lines[-n:])
-
-
-class StartError(Exception):
-    pass
-
-
-@dataclass
-class Child:
-    name: str
-    tier: int  # stopped highest first: router 3, regions 2, wan 1, etcd 0
-    cmd: list[str]
-    log: Path
-    proc: subprocess.Popen | None = None
-    exited_reported: bool = False
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-
 @dataclass
 class Ports:
+    """Ports by role, remembered in ``ports.json`` and reused while free."""
+
     values: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -143,7 +160,7 @@ class Ports:
 
     def get(self, key: str, taken: set[int]) -> int:
         port = self.values.get(key)
-        if port is not None and port not in taken and _port_free(port):
+        if port is not None and port not in taken and port_free(port):
             taken.add(port)
             return port
         port = free_port(taken)
@@ -155,45 +172,78 @@ class Ports:
 
 
 class Cluster:
-    def __init__(self, args: argparse.Namespace, topology: topo.Topology) -> None:
-        self.args = args
-        self.topo = topology
-        self.data = Path(args.data).resolve()
+    """etcd, a node per region, the WAN emulator and the router, as children."""
+
+    def __init__(self, options: ClusterOptions) -> None:
+        self.options = options
+        self.topo = options.topology
+        self.data = Path(options.data).resolve()
         self.logs = self.data / "logs"
-        self.children: list[Child] = []
-        self.stopping = False
-        self.env = dict(os.environ, PYTHONPATH=_pythonpath(), PYTHONUNBUFFERED="1")
+        self.children: list[tuple[int, Child]] = []
+        self.env = python_env()
         self.addr: dict[str, Any] = {}
+        self._ports = Ports()
+        self._taken: set[int] = set()
+        for name in options.sources:
+            if name in {r.name for r in self.topo.regions}:
+                raise ValueError(f"source {name!r} has a region's name")
+
+    # -- what runs where -----------------------------------------------------
+
+    @property
+    def router(self) -> str:
+        return str(self.addr["router"])
+
+    @property
+    def etcd(self) -> str:
+        return str(self.addr["etcd"])
+
+    @property
+    def regions(self) -> dict[str, dict[str, Any]]:
+        return dict(self.addr.get("regions", {}))
+
+    def child(self, name: str) -> Child | None:
+        for _, c in self.children:
+            if c.name == name:
+                return c
+        return None
+
+    def pids(self) -> dict[str, int]:
+        return {c.name: c.pid for _, c in self.children}
+
+    def rtt_ms(self, source: str, region: str) -> float:
+        """Round trip between an emulated place (this site's regions, or a
+        source of the options) and ``region``."""
+        if source in self.options.sources:
+            return float(self.options.sources[source][region])
+        if source == region:
+            return 0.0
+        return self.topo.between(source, region).rtt_ms
 
     # -- start ---------------------------------------------------------------
 
-    def _spawn(self, name: str, tier: int, cmd: list[str]) -> Child:
-        log = self.logs / f"{name.replace(' ', '-')}.log"
-        child = Child(name, tier, cmd, log)
-        with open(log, "ab") as f:
-            child.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,  # Ctrl-C reaches us only; we stop them in order
-                preexec_fn=_pdeathsig,
-            )
-        self.children.append(child)
+    def _spawn(self, name: str, tier: int, argv: list[str]) -> Child:
+        child = spawn(
+            name,
+            argv,
+            self.logs / f"{name.replace(' ', '-')}.log",
+            env=self.env,
+            die_with_parent=True,
+        )
+        self.children.append((tier, child))
         return child
 
     def start(self) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         ports_file = self.data / "ports.json"
-        ports = Ports.load(ports_file)
-        router_port = self.args.port
-        if not _port_free(router_port):
+        self._ports = ports = Ports.load(ports_file)
+        router_port = self.options.port
+        if not port_free(router_port):
             raise StartError(
                 f"port {router_port} is in use (another meridian up?); choose one with --port"
             )
-        taken = {router_port}
+        self._taken = taken = {router_port}
         etcd_client = ports.get("etcd-client", taken)
         etcd_peer = ports.get("etcd-peer", taken)
         wan_control = ports.get("wan-control", taken)
@@ -204,61 +254,81 @@ class Cluster:
             }
         ports.save(ports_file)
 
-        # etcd
-        etcd_bin = os.environ.get("MERIDIAN_ETCD_BINARY") or shutil.which("etcd")
-        if not etcd_bin and os.access("/usr/bin/etcd", os.X_OK):
-            etcd_bin = "/usr/bin/etcd"
-        if not etcd_bin:
-            raise StartError(ETCD_HINT)
+        self._start_etcd(etcd_client, etcd_peer)
+        control = self._start_wan(regions, wan_control)
+        self._start_regions(regions)
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            req = urllib.request.Request(
+                f"http://{control}/sources",
+                data=json.dumps(
+                    {r.name: self.child(f"region {r.name}").pid for r in self.topo.regions}  # type: ignore[union-attr]
+                ).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            urllib.request.urlopen(req, timeout=2).read()
+        self.addr["router"] = self.start_router("router", port=router_port)
+        self.addr["regions"] = {
+            r.name: {
+                "node": f"http://127.0.0.1:{regions[r.name]['http']}",
+                "advertised": f"http://127.0.0.1:{regions[r.name]['site']}"
+                if self.options.emulate
+                else f"http://127.0.0.1:{regions[r.name]['http']}",
+                "grpc": f"127.0.0.1:{regions[r.name]['grpc']}",
+                "grpc_advertised": f"127.0.0.1:{regions[r.name]['link']}",
+                "rtt_ms": r.rtt_ms,
+                "data": str(self.data / "regions" / r.name),
+            }
+            for r in self.topo.regions
+        }
+        self._write_state()
+
+    def _start_etcd(self, client_port: int, peer_port: int) -> None:
         etcd_dir = self.data / "etcd"
-        client_url = f"http://127.0.0.1:{etcd_client}"
-        peer_url = f"http://127.0.0.1:{etcd_peer}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
         meta = self.data / "etcd-urls.json"
-        cmd = [
-            *single_member_argv(etcd_bin, "meridian", str(etcd_dir), client_url, peer_url),
-            "--heartbeat-interval",
-            "50",
-            "--election-timeout",
-            "500",
-            "--auto-compaction-mode",
-            "revision",
-            "--auto-compaction-retention",
-            "10000",
-            "--log-level",
-            "warn",
-            "--logger",
-            "zap",
-        ]
+        extra = [
+            "--heartbeat-interval", "50",
+            "--election-timeout", "500",
+            "--auto-compaction-mode", "revision",
+            "--auto-compaction-retention", "10000",
+            "--log-level", "warn",
+        ]  # fmt: skip
         if etcd_dir.exists() and meta.exists():
             with contextlib.suppress(OSError, ValueError):
                 if json.loads(meta.read_text()).get("peer") != peer_url:
-                    cmd.append("--force-new-cluster")  # one member, new peer address
-        child = self._spawn("etcd", 0, cmd)
-        _wait(
-            "etcd",
-            lambda: (
-                b'"health":"true"'
-                in urllib.request.urlopen(client_url + "/health", timeout=1).read()
-            ),
-            child.proc,
-            child.log,
+                    extra.append("--force-new-cluster")  # one member, new peer address
+        child = start_etcd(
+            etcd_dir,
+            self.logs / "etcd.log",
+            binary=find_etcd(),
+            client_port=client_port,
+            peer_port=peer_port,
+            extra=extra,
+            env=self.env,
+            die_with_parent=True,
         )
+        self.children.append((ETCD, child))
+        client_url = child.extra["client_url"]
         meta.write_text(json.dumps({"client": client_url, "peer": peer_url}))
         self.addr["etcd"] = client_url
 
-        # WAN emulator
+    def _wan_links(self, regions: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
         links = []
         for r in self.topo.regions:
             p = regions[r.name]
-            links.append(
-                {
-                    "name": f"site>{r.name}",
-                    "listen": f"127.0.0.1:{p['site']}",
-                    "target": f"127.0.0.1:{p['http']}",
-                    "latency": r.rtt_ms / 2000,
-                    "bandwidth": r.bandwidth,
+            site: dict[str, Any] = {
+                "name": f"site>{r.name}",
+                "listen": f"127.0.0.1:{p['site']}",
+                "target": f"127.0.0.1:{p['http']}",
+                "latency": r.rtt_ms / 2000,
+                "bandwidth": r.bandwidth,
+            }
+            if self.options.sources:
+                site["identify"] = True
+                site["source_latency"] = {
+                    s: self.rtt_ms(s, r.name) / 2000 for s in self.options.sources
                 }
-            )
+            links.append(site)
             links.append(
                 {
                     "name": f"regions>{r.name}",
@@ -274,117 +344,67 @@ class Cluster:
                     "identify": True,
                 }
             )
-        wan_cfg = self.data / "wan.json"
-        wan_cfg.write_text(json.dumps({"links": links}, indent=1))
-        control = f"127.0.0.1:{wan_control}"
-        child = self._spawn(
-            "wan",
-            1,
-            [
-                sys.executable,
-                "-m",
-                "localcluster.wan",
-                "--config",
-                str(wan_cfg),
-                "--control",
-                control,
-            ],
-        )
-        _wait(
-            "the WAN emulator",
-            lambda: _get_json(f"http://{control}/healthz")["status"] == "ok",
-            child.proc,
-            child.log,
-        )
-        self.addr["wan"] = f"http://{control}"
+        return links
 
-        # regions
-        nodes: list[tuple[str, Child, str]] = []
+    def _start_wan(self, regions: dict[str, dict[str, int]], control_port: int) -> str:
+        wan_cfg = self.data / "wan.json"
+        wan_cfg.write_text(json.dumps({"links": self._wan_links(regions)}, indent=1))
+        control = f"127.0.0.1:{control_port}"
+        argv = [sys.executable, "-m", "localcluster.wan", "--config", str(wan_cfg)]
+        child = self._spawn("wan", WAN, [*argv, "--control", control])
+        child.wait_ready(check=lambda: get_json(f"http://{control}/healthz")["status"] == "ok")
+        self.addr["wan"] = f"http://{control}"
+        return control
+
+    def _start_regions(self, regions: dict[str, dict[str, int]]) -> None:
+        started: list[tuple[Child, str]] = []
         for r in self.topo.regions:
             p = regions[r.name]
             rdir = self.data / "regions" / r.name
             rdir.mkdir(parents=True, exist_ok=True)
+            http = f"127.0.0.1:{p['http']}"
+            advertise = f"127.0.0.1:{p['site']}" if self.options.emulate else http
             child = self._spawn(
                 f"region {r.name}",
-                2,
-                [
-                    sys.executable,
-                    "-m",
-                    "cluster.cli",
+                REGIONS,
+                meridian_argv(
                     "node",
-                    "--region",
-                    r.name,
-                    "--listen",
-                    f"127.0.0.1:{p['http']}",
-                    "--data",
-                    str(rdir),
-                    "--etcd",
-                    client_url,
-                    "--grpc-listen",
-                    f"127.0.0.1:{p['grpc']}",
-                    "--grpc-advertise",
-                    f"127.0.0.1:{p['link']}",
-                    "--advertise",
-                    f"http://127.0.0.1:{p['site']}",
-                ],
-            )
-            nodes.append((r.name, child, f"http://127.0.0.1:{p['http']}"))
-        for name, child, url in nodes:
-            _wait(
-                f"region {name}",
-                lambda url=url: urllib.request.urlopen(url + "/v2/", timeout=1).status == 200,
-                child.proc,
-                child.log,
-                timeout=60,
-            )
-        with contextlib.suppress(OSError, urllib.error.URLError):
-            req = urllib.request.Request(
-                f"http://{control}/sources",
-                data=json.dumps({n: c.pid for n, c, _ in nodes}).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            urllib.request.urlopen(req, timeout=2).read()
+                    "--region", r.name,
+                    "--listen", http,
+                    "--data", str(rdir),
+                    "--etcd", self.addr["etcd"],
+                    "--grpc-listen", f"127.0.0.1:{p['grpc']}",
+                    "--grpc-advertise", f"127.0.0.1:{p['link']}",
+                    "--advertise", f"http://{advertise}",
+                ),
+            )  # fmt: skip
+            started.append((child, f"http://{http}/v2/"))
+        for child, url in started:
+            child.wait_ready(url=url, timeout=60, interval=0.1)
 
-        # router
-        router_url = f"http://127.0.0.1:{router_port}"
-        child = self._spawn(
-            "router",
-            3,
-            [
-                sys.executable,
-                "-m",
-                "cluster.cli",
-                "router",
-                "--etcd",
-                client_url,
-                "--listen",
-                f"127.0.0.1:{router_port}",
-            ],
-        )
+    def start_router(self, name: str, *, source: str | None = None, port: int = 0) -> str:
+        """Start a router (``name`` in the status and logs) on ``port`` (a
+        free one by default) and wait until every region is in its rotation;
+        its URL. With ``source`` (one of the options' sources) its process
+        carries ``--region <source>``, so the emulator applies that source's
+        latencies to its connections."""
+        port = port or free_port(self._taken)
+        url = f"http://127.0.0.1:{port}"
+        args = ["router", "--etcd", self.addr["etcd"], "--listen", f"127.0.0.1:{port}"]
+        if source is None:
+            argv = meridian_argv(*args)
+        else:
+            argv = [sys.executable, "-c", _ROUTER_AS, "--region", source, *args]
+        child = self._spawn(name, ROUTERS, argv)
         want = len(self.topo.regions)
-        _wait(
-            "the router",
-            lambda: (
-                sum(r["up"] for r in _get_json(router_url + "/meridian/v1/router")["regions"])
-                >= want
+        child.wait_ready(
+            check=lambda: (
+                sum(r["up"] for r in get_json(url + "/meridian/v1/router")["regions"]) >= want
             ),
-            child.proc,
-            child.log,
             timeout=60,
+            interval=0.1,
         )
-        self.addr["router"] = router_url
-        self.addr["regions"] = {
-            r.name: {
-                "node": f"http://127.0.0.1:{regions[r.name]['http']}",
-                "advertised": f"http://127.0.0.1:{regions[r.name]['site']}",
-                "grpc": f"127.0.0.1:{regions[r.name]['grpc']}",
-                "grpc_advertised": f"127.0.0.1:{regions[r.name]['link']}",
-                "rtt_ms": r.rtt_ms,
-                "data": str(self.data / "regions" / r.name),
-            }
-            for r in self.topo.regions
-        }
-        self._write_state()
+        return url
 
     def _write_state(self) -> None:
         state = {
@@ -393,7 +413,7 @@ class Cluster:
             "data": str(self.data),
             "logs": str(self.logs),
             "children": {
-                c.name: {"pid": c.pid, "log": str(c.log), "cmd": c.cmd} for c in self.children
+                c.name: {"pid": c.pid, "log": str(c.log), "cmd": c.argv} for _, c in self.children
             },
             "topology": self.topo.as_dict(),
         }
@@ -450,10 +470,8 @@ class Cluster:
         return "\n".join(lines)
 
     def _pid(self, name: str) -> str:
-        for c in self.children:
-            if c.name == name:
-                return str(c.pid)
-        return "-"
+        c = self.child(name)
+        return "-" if c is None else str(c.pid)
 
     def status_line(self) -> tuple[str, str]:
         """The status line, and a key that changes only when something more
@@ -461,7 +479,7 @@ class Cluster:
         parts = []
         key: list[str] = []
         try:
-            st = _get_json(self.addr["router"] + "/meridian/v1/router", timeout=0.5)
+            st = get_json(self.addr["router"] + "/meridian/v1/router", timeout=0.5)
             regions = st["regions"]
             up = [r for r in regions if r["up"]]
             parts.append(f"regions {len(up)}/{len(regions)} in rotation")
@@ -483,7 +501,7 @@ class Cluster:
         except (OSError, ValueError, KeyError, TypeError, urllib.error.URLError):
             parts.append("router not answering")
             key.append(parts[-1])
-        dead = [c.name for c in self.children if not c.running()]
+        dead = [c.name for _, c in self.children if not c.running()]
         if dead:
             parts.append("exited: " + ", ".join(dead))
             key.append(parts[-1])
@@ -492,20 +510,10 @@ class Cluster:
     # -- stop ----------------------------------------------------------------
 
     def stop(self) -> None:
-        for tier in sorted({c.tier for c in self.children}, reverse=True):
-            group = [c for c in self.children if c.tier == tier and c.running()]
-            for c in group:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(c.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
-            deadline = time.monotonic() + STOP_GRACE
-            for c in group:
-                assert c.proc is not None
-                try:
-                    c.proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(c.proc.pid, signal.SIGKILL)
-                    c.proc.wait()
+        """Routers, then regions, the emulator, etcd: each tier by PID
+        (SIGTERM, SIGKILL after 10 s)."""
+        for tier in sorted({t for t, _ in self.children}, reverse=True):
+            stop_all([c for t, c in self.children if t == tier], STOP_GRACE)
         with contextlib.suppress(OSError):
             (self.data / "up.json").unlink()
 
@@ -516,49 +524,44 @@ def _out(stream: IO[str], text: str) -> None:
         stream.flush()
 
 
+def options_from(cfg: UpConfig) -> ClusterOptions:
+    """The cluster ``meridian up``'s flags describe (TopologyError if wrong)."""
+    if cfg.config:
+        topology = topo.load(cfg.config)
+        if cfg.regions:
+            topology = topology.first(cfg.regions)
+    else:
+        topology = topo.default(cfg.regions or 3)
+    return ClusterOptions(
+        data=Path(cfg.data),
+        topology=topology,
+        port=cfg.port,
+        status_interval=cfg.status_interval,
+    )
+
+
 def up_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="meridian up",
         description="a complete local multi-region cluster on loopback: etcd, regions, "
         "a WAN emulator and the router, in the foreground until Ctrl-C",
     )
-    p.add_argument(
-        "--port",
-        type=int,
-        default=int(os.environ.get("MERIDIAN_UP_PORT", "5000")),
-        help="the router's port on 127.0.0.1 (default 5000)",
-    )
-    p.add_argument(
-        "--data",
-        default=os.environ.get("MERIDIAN_UP_DATA", "./meridian-data"),
-        help="where etcd, the regions and the logs keep their files (default ./meridian-data)",
-    )
-    p.add_argument("--regions", type=int, default=None, help="how many regions (default 3)")
-    p.add_argument("--config", help="topology file (TOML or JSON): regions and latencies")
-    p.add_argument(
-        "--status-interval", type=float, default=1.0, help="seconds between status updates"
-    )
-    args = p.parse_args(argv)
+    settings.add_arguments(p, UpConfig)
+    cfg = settings.from_args(UpConfig, p.parse_args(argv))
     try:
-        if args.config:
-            topology = topo.load(args.config)
-            if args.regions is not None:
-                topology = topology.first(args.regions)
-        else:
-            topology = topo.default(3 if args.regions is None else args.regions)
+        options = options_from(cfg)
     except topo.TopologyError as e:
         print(f"meridian up: {e}", file=sys.stderr)
         return 2
-    if not 0 < args.port < 65536:
+    if not 0 < options.port < 65536:
         print("meridian up: --port must be between 1 and 65535", file=sys.stderr)
         return 2
 
-    cluster = Cluster(args, topology)
+    cluster = Cluster(options)
     stop_signal: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop_signal.append(signum)
-        cluster.stopping = True
         if len(stop_signal) == 1:
             raise KeyboardInterrupt
 
@@ -584,7 +587,7 @@ def up_main(argv: list[str]) -> int:
             elif key != last or now - last_print >= 30:
                 _out(sys.stdout, line + "\n")
                 last, last_print = key, now
-            time.sleep(args.status_interval)
+            time.sleep(options.status_interval)
     except KeyboardInterrupt:
         pass
     finally:

@@ -52,7 +52,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import threading
 import time
@@ -60,6 +59,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from cluster import procfs
 from cluster.units import parse_size
 
 READ_SIZE = 64 << 10
@@ -364,61 +364,14 @@ class Wan:
 # -- who is connecting: /proc ---------------------------------------------------
 
 
-def _proc_addr(field: str) -> tuple[str, int]:
-    host, _, port = field.partition(":")
-    raw = bytes.fromhex(host)
-    if len(raw) == 4:
-        ip = socket.inet_ntop(socket.AF_INET, raw[::-1])
-    else:  # /proc/net/tcp6: four little-endian 32-bit words
-        words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-        ip = socket.inet_ntop(socket.AF_INET6, words)
-        if ip.startswith("::ffff:") and "." in ip:
-            ip = ip[7:]
-    return ip, int(port, 16)
-
-
-def socket_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
-    """The inode of this network namespace's TCP socket ``local`` <-> ``remote``."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) < 10:
-                        continue
-                    if _proc_addr(parts[1]) == local and _proc_addr(parts[2]) == remote:
-                        return int(parts[9])
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def _owns(pid: int, target: str) -> bool:
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def _region_of(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
-    except OSError:
-        return None
-    for i, a in enumerate(args[:-1]):
-        if a == b"--region":
-            return args[i + 1].decode(errors="replace")
-        if a.startswith(b"--region="):
-            return a[len(b"--region=") :].decode(errors="replace")
+def region_arg(argv: list[str]) -> str | None:
+    """The value of ``--region`` on a command line."""
+    for i, a in enumerate(argv[:-1]):
+        if a == "--region":
+            return argv[i + 1]
+    for a in argv:
+        if a.startswith("--region="):
+            return a[len("--region=") :]
     return None
 
 
@@ -429,21 +382,11 @@ def proc_source(
     ``local``: a ``known`` name -> pid first, else the ``--region`` on the
     command line of whichever process owns the socket. Linux only; None when
     it cannot tell (another host, another namespace, no permission)."""
-    inode = socket_inode(tuple(peer), tuple(local))  # type: ignore[arg-type]
-    if inode is None:
+    names = {pid: name for name, pid in (known or {}).items()}
+    pid = procfs.socket_owner(tuple(peer), tuple(local), list(names))  # type: ignore[arg-type]
+    if pid is None:
         return None
-    target = f"socket:[{inode}]"
-    for name, pid in (known or {}).items():
-        if _owns(pid, target):
-            return name
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        pid = int(entry)
-        if _owns(pid, target):
-            return _region_of(pid)
-    return None
+    return names.get(pid) or region_arg(procfs.cmdline(pid))
 
 
 # -- many links, with a control API (``--config``) -------------------------------

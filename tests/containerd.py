@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
+from localcluster.supervisor import Child, StartError, spawn
 from tests.procs import require_tool
 
 NAMESPACE = "meridian-tests"
@@ -51,7 +50,7 @@ class Containerd:
         self.snapshotter = snapshotter
         self.sockdir = Path(tempfile.mkdtemp(prefix="mctrd-", dir="/tmp"))
         self.address = str(self.sockdir / "containerd.sock")
-        self.proc: subprocess.Popen | None = None
+        self.child: Child | None = None
         self.ctr_exe = ""
 
     def write_config(self) -> None:
@@ -89,38 +88,24 @@ class Containerd:
         for d in (self.root, self.state, self.opt):
             d.mkdir(parents=True, exist_ok=True)
         self.write_config()
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [exe, "--config", str(self.config)],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        logf.close()
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"containerd exited with {self.proc.returncode} at start; its log:\n"
-                    + self.logs()[-4000:]
-                )
-            if os.path.exists(self.address):
-                r = subprocess.run(
-                    [self.ctr_exe, "--address", self.address, "version"],
-                    capture_output=True,
-                    text=True,
-                    timeout=10,
-                )
-                if r.returncode == 0:
-                    return self
-                last = r.stderr
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(
-            f"containerd did not answer on {self.address} in {timeout}s ({last.strip()}); "
-            f"its log:\n{self.logs()[-4000:]}"
-        )
+        self.child = spawn("containerd", [exe, "--config", str(self.config)], self.log)
+
+        def answers() -> bool:
+            if not os.path.exists(self.address):
+                return False
+            r = subprocess.run(
+                [self.ctr_exe, "--address", self.address, "version"],
+                capture_output=True,
+                timeout=10,
+            )
+            return r.returncode == 0
+
+        try:
+            self.child.wait_ready(check=answers, timeout=timeout, interval=0.1)
+        except StartError as e:
+            self.stop()
+            raise RuntimeError(str(e)) from None
+        return self
 
     def ctr(
         self, *args: str, check: bool = True, timeout: float = 120
@@ -184,13 +169,8 @@ class Containerd:
             return ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.send_signal(signal.SIGKILL)
-                self.proc.wait()
+        if self.child is not None:
+            self.child.stop(15)
         self._unmount_leftovers()
         shutil.rmtree(self.sockdir, ignore_errors=True)
 

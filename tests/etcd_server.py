@@ -25,33 +25,28 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from cluster.etcd import single_member_argv
 from cluster.runtime import free_port
+from localcluster import supervisor
+from localcluster.supervisor import Child, StartError
 
-ETCD_INSTALL_HINT = "etcd not found: apt-get install -y etcd-server"
-_DEFAULT_BINARY = "/usr/bin/etcd"
+__all__ = ["EtcdServer", "etcd_fixture", "find_etcd", "free_port", "running_etcd"]
+
+ETCD_INSTALL_HINT = f"etcd not found: {supervisor.ETCD_INSTALL}"
 
 
 def find_etcd() -> str:
-    """The etcd binary to run; fails the test (never skips) when absent."""
-    binary = os.environ.get("MERIDIAN_TEST_ETCD") or _DEFAULT_BINARY
-    if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
-        found = shutil.which("etcd")
-        if found is None:
-            pytest.fail(ETCD_INSTALL_HINT, pytrace=False)
-        binary = found
-    return binary
+    """The etcd binary to run (``$MERIDIAN_TEST_ETCD``, else etcd on PATH or
+    /usr/bin/etcd); fails the test (never skips) when absent."""
+    try:
+        return supervisor.find_etcd("MERIDIAN_TEST_ETCD")
+    except StartError as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 class _PortTaken(RuntimeError):
@@ -78,12 +73,9 @@ class EtcdServer:
         self.startup_timeout = startup_timeout
         self.extra_args = list(extra_args or [])
         self.client_port = free_port()
-        self.peer_port = free_port()
-        while self.peer_port == self.client_port:
-            self.peer_port = free_port()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.peer_port = free_port({self.client_port})
+        self._child: Child | None = None
         self._started_once = False
-        self._log: Any = None
 
     # -- addresses ---------------------------------------------------------
 
@@ -101,11 +93,11 @@ class EtcdServer:
 
     @property
     def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
+        return None if self._child is None else self._child.pid
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._child is not None and self._child.running()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -120,91 +112,55 @@ class EtcdServer:
             except _PortTaken:
                 if self._started_once or attempt == 2:
                     raise
-                self.client_port, self.peer_port = free_port(), free_port()
+                self.client_port = free_port()
+                self.peer_port = free_port({self.client_port})
         raise AssertionError("unreachable")
 
     def _start_once(self) -> EtcdServer:
         os.makedirs(self.base_dir, exist_ok=True)
-        args = [
-            *single_member_argv(
-                self.binary, self.name, self.data_dir, self.client_url, self.peer_url
-            ),
-            "--initial-cluster-token",
-            f"meridian-test-{self.client_port}",
-            # Fast elections: a restarted single member leads within ~0.2 s,
-            # and the minimum lease TTL drops to 1 s.
-            "--heartbeat-interval",
-            "20",
-            "--election-timeout",
-            "200",
-            "--logger",
-            "zap",
-            "--log-level",
-            "warn",
-            *self.extra_args,
-        ]
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while running
-        self._proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
         try:
-            self._wait_healthy()
-        except BaseException:
-            self.kill()
-            raise
+            self._child = supervisor.start_etcd(
+                self.data_dir,
+                self.log_path,
+                binary=self.binary,
+                name=self.name,
+                client_port=self.client_port,
+                peer_port=self.peer_port,
+                extra=[
+                    "--initial-cluster-token", f"meridian-test-{self.client_port}",
+                    # Fast elections: a restarted single member leads within
+                    # ~0.2 s, and the minimum lease TTL drops to 1 s.
+                    "--heartbeat-interval", "20",
+                    "--election-timeout", "200",
+                    "--log-level", "warn",
+                    *self.extra_args,
+                ],
+                timeout=self.startup_timeout,
+            )  # fmt: skip
+        except StartError as e:
+            self._child = None
+            if "address already in use" in self.log_tail():
+                raise _PortTaken(self.log_tail()) from None
+            raise RuntimeError(str(e)) from None
         self._started_once = True
         return self
 
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        url = f"{self.client_url}/health"
-        while True:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                if "address already in use" in self.log_tail():
-                    raise _PortTaken(self.log_tail())
-                raise RuntimeError(
-                    f"etcd exited with code {self._proc.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if b'"health":"true"' in resp.read():
-                        return
-            except (OSError, urllib.error.URLError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"etcd not healthy at {url}:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def _signal(self, sig: int, wait: float) -> None:
-        proc = self._proc
-        if proc is None:
+    def _signal(self, graceful: bool) -> None:
+        child, self._child = self._child, None
+        if child is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, sig)
-            try:
-                proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self._proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if graceful:
+            child.stop()
+        else:
+            child.kill()
 
     def stop(self) -> None:
         """Graceful stop (SIGTERM, then SIGKILL after 10 s), by PID."""
-        self._signal(signal.SIGTERM, 10.0)
+        self._signal(graceful=True)
 
     def kill(self) -> None:
         """SIGKILL, by PID: etcd gets no chance to flush or say goodbye."""
-        self._signal(signal.SIGKILL, 10.0)
+        self._signal(graceful=False)
 
     def restart(self, *, hard: bool = True) -> EtcdServer:
         """Kill (SIGKILL unless ``hard=False``) and start again on the same

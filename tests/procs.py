@@ -1,19 +1,21 @@
-"""Real processes for tests: free loopback ports, Meridian nodes, tool checks."""
+"""Real processes for tests: free loopback ports, Meridian nodes, tool checks.
+
+Processes are started and stopped by :mod:`localcluster.supervisor`, as
+``meridian up`` and the load tests start theirs."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from cluster.runtime import free_port
+from localcluster.supervisor import REPO_ROOT, Child, StartError, meridian_argv, spawn
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
+
+__all__ = ["ROOT", "NodeProcess", "free_port", "require_tool", "skopeo"]
 
 INSTALL_HINTS = {
     "skopeo": "apt-get install -y skopeo",
@@ -33,19 +35,6 @@ def require_tool(name: str) -> str:
     return path
 
 
-def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
 class NodeProcess:
     """A real ``meridian node`` subprocess on a free loopback port."""
 
@@ -55,8 +44,12 @@ class NodeProcess:
         self.etcd = etcd
         self.extra = list(extra)
         self.port = free_port()
-        self.proc: subprocess.Popen | None = None
+        self.child: Child | None = None
         self.log = self.data.parent / f"node-{region}-{self.port}.log"
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return None if self.child is None else self.child.proc
 
     @property
     def url(self) -> str:
@@ -67,41 +60,32 @@ class NodeProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> NodeProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "cluster.cli",
+        cmd = meridian_argv(
             "node",
-            "--listen",
-            self.hostport,
-            "--data",
-            str(self.data),
-            "--region",
-            self.region,
+            "--listen", self.hostport,
+            "--data", str(self.data),
+            "--region", self.region,
             *self.extra,
-        ]
+        )  # fmt: skip
         if self.etcd:
             cmd += ["--etcd", self.etcd]
         self.data.mkdir(parents=True, exist_ok=True)
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
-        logf.close()
-        wait_http(self.url + "/v2/", proc=self.proc)
+        # In pytest's own process group: Ctrl-C reaches the nodes too.
+        self.child = spawn(f"node {self.region}", cmd, self.log, cwd=ROOT, new_session=False)
+        try:
+            self.child.wait_ready(url=self.url + "/v2/", timeout=20)
+        except StartError as e:
+            raise RuntimeError(str(e)) from None
         return self
 
     def kill(self) -> None:
         """SIGKILL: no chance to clean up, as in a crash."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+        if self.child is not None and self.child.running():
+            self.child.kill()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.child is not None:
+            self.child.stop()
 
     def restart(self) -> NodeProcess:
         self.kill()

@@ -147,6 +147,8 @@ def test_load_generators_against_distribution() -> None:
 
 
 def test_bench_node_toy_json(tmp_path: Path) -> None:
+    """``python -m loadtest.bench_node``: the harness's ``node`` scenario
+    (every measurement of the single-node benchmark), at toy size."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [
@@ -168,21 +170,44 @@ def test_bench_node_toy_json(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Distribution" in proc.stdout and "ratio" in proc.stdout
+    assert "distribution" in proc.stdout and "manifest GET by tag" in proc.stdout
+    assert f"wrote {out}" in proc.stdout
     result = _strict_json(out.read_text())
     assert isinstance(result, dict)
-    assert result["schema"] == "meridian.bench_node/1"
-    assert result["config"]["targets"] == ["distribution"]
+    assert result["schema"] == "meridian.loadtest/1"
     assert result["host"]["cpus"] >= 1
-    metrics = {row["metric"] for row in result["rows"]}
-    assert metrics == {"manifest_get", "blob_head", "blob_get", "blob_get_x4", "push"}
-    for row in result["rows"]:
-        assert set(row) >= {"row", "unit", "higher_is_better", "distribution", "meridian", "ratio"}
-        assert row["meridian"] is None and row["ratio"] is None
-        assert isinstance(row["distribution"], int | float) and row["distribution"] >= 0
-    samples = result["samples"]["distribution"]
-    assert samples["manifest_get"][0]["errors"] == 0
-    assert samples["push"][0]["seconds"] > 0
-    assert result["servers"]["distribution"]["version"]
+    (sc,) = result["scenarios"]
+    assert sc["scenario"] == "node"
+    assert [t["name"] for t in sc["targets"]] == ["distribution"]
+    assert sc["targets"][0]["version"]
+    steps = {s["id"]: s for s in sc["steps"]}
+    assert set(steps) == {"manifest_get", "blob_head", "blob_get", "blob_get_x4", "push"}
+    assert [steps[k]["op"] for k in ("manifest_get", "blob_head", "blob_get", "push")] == [
+        "wrk",
+        "ab",
+        "curl",
+        "skopeo_push",
+    ]
+    assert steps["blob_get_x4"]["concurrency"] == 4
+    # one figure row per measurement with its unit; no baseline, so no ratio
+    assert sc["baseline"] is None
+    primaries = [r for r in sc["figures"] if not r["label"].startswith(" ")]
+    assert {r["step"] for r in primaries} == set(steps)
+    for row in sc["figures"]:
+        assert set(row) >= {"label", "unit", "higher_is_better", "values", "ratios"}
+        assert row["ratios"] == {}
+        v = row["values"]["distribution"]
+        assert v is None or (isinstance(v, int | float) and v >= 0)
+    for r in primaries:
+        assert isinstance(r["values"]["distribution"], int | float), r
+    res = sc["results"]["distribution"]
+    assert res["manifest_get"][0]["stats"]["errors"] == 0
+    assert res["manifest_get"][0]["stats"]["requests"] == 300
+    get = res["blob_get"][0]["stats"]
+    assert get["requests"] == 2 and get["bytes"] >= 2 * (2 << 20) and get["mib_s"] > 0
+    assert res["push"][0]["extra"]["push_s"] > 0
+    for step in steps:
+        (r,) = res[step]
+        assert set(r["cpu_share"]) == {"server", "client", "other"}
     # every process the run started is gone, and so is its work dir
     assert not any((tmp_path / "work").iterdir())

@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +27,7 @@ from typing import Any
 import pytest
 
 from localcluster import topology as topo
+from localcluster.supervisor import meridian_argv, spawn
 from tests import images as im
 from tests.procs import ROOT, free_port
 
@@ -124,43 +124,35 @@ def test_up_refuses_bad_input_without_starting_anything(tmp_path: Path) -> None:
 
 
 class Up:
-    """``meridian up`` as a process; its output collected as it comes."""
+    """``meridian up`` as a process (:mod:`localcluster.supervisor`); its
+    output in a file, read as it comes."""
 
-    def __init__(self, data: Path, config: Path, port: int) -> None:
+    def __init__(self, data: Path, config: Path, port: int, *extra: str) -> None:
         self.data = data
         self.port = port
-        self.out: list[str] = []
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cluster.cli",
+        self.out_path = data.parent / f"up-{port}-{time.monotonic_ns()}.out"
+        self.child = spawn(
+            "meridian up",
+            meridian_argv(
                 "up",
-                "--port",
-                str(port),
-                "--data",
-                str(data),
-                "--config",
-                str(config),
-                "--status-interval",
-                "0.5",
-            ],
+                "--port", str(port),
+                "--data", str(data),
+                "--config", str(config),
+                "--status-interval", "0.5",
+                *extra,
+            ),
+            self.out_path,
             cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.out.append(line)
+            new_session=False,
+        )  # fmt: skip
+        self.proc = self.child.proc
 
     @property
     def output(self) -> str:
-        return "".join(self.out)
+        try:
+            return self.out_path.read_text(errors="replace")
+        except OSError:
+            return ""
 
     @property
     def router(self) -> str:
@@ -189,10 +181,7 @@ class Up:
 
     def stop(self, sig: int) -> int:
         self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(60)
-        finally:
-            self._reader.join(5)
+        return self.proc.wait(60)
 
     def kill_all(self) -> None:
         """Test cleanup: whatever is left, by PID."""

@@ -432,7 +432,8 @@ class EmbeddedKV:
                 db.execute("UPDATE meta SET value=? WHERE name='revision'", (rev,))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # sqlite already rolled back after a full disk
+                db.execute("ROLLBACK")
             raise
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._publish, rev, events)

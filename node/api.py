@@ -21,7 +21,7 @@ from cluster.namespace import MAX_TAGS_PER_PUSH, BlobsGone, ManifestRecord, Name
 from node import manifests as mf
 from node import ranges
 from node.sendfile import send_file_range
-from node.storage.base import BlobNotFound, BlobStore, BlobUnavailable
+from node.storage.base import BlobNotFound, BlobStore, BlobUnavailable, StorageFull
 from node.uploads import Upload, UploadManager
 from ocidist import mediatypes as mt
 from ocidist import paths
@@ -638,4 +638,9 @@ class Registry:
 def map_store_errors(exc: Exception) -> RegistryError | None:
     if isinstance(exc, KVUnavailable):
         return unavailable("the registry namespace is unreachable; retry shortly")
+    if isinstance(exc, StorageFull):
+        return RegistryError(
+            Code.STORAGE_FULL,
+            "the registry's storage is full: nothing was stored; delete content or add space",
+        )
     return None

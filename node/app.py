@@ -23,7 +23,7 @@ from node.api import Registry, map_store_errors
 from node.config import NodeConfig
 from node.replication.plan import status_rows
 from node.storage.base import BlobStore
-from node.storage.filesystem import FilesystemBlobStore
+from node.storage.filesystem import FilesystemBlobStore, SpaceReserve
 from node.uploads import UploadManager
 from ocidist.errors import Code, RegistryError
 from ocidist.paths import API_HEADERS
@@ -195,6 +195,10 @@ def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Applicati
 
 async def serve(cfg: NodeConfig) -> None:
     os.makedirs(cfg.data, exist_ok=True)
+    # Space held back for the embedded namespace on a full disk; released
+    # first, so the namespace opens even on a disk that filled up.
+    reserve = SpaceReserve(os.path.join(cfg.data, "reserve"), cfg.storage_reserve)
+    reserve.release()
     ns = Namespace(make_kv(cfg), cfg.region)
     while True:
         try:
@@ -203,7 +207,7 @@ async def serve(cfg: NodeConfig) -> None:
         except KVUnavailable as e:
             log.warning("namespace store unreachable, retrying: %s", e)
             await asyncio.sleep(1)
-    local = FilesystemBlobStore(cfg.data)
+    local = FilesystemBlobStore(cfg.data, reserve=reserve)
     store: BlobStore = local
     replication = None
     if cfg.etcd or cfg.grpc_listen:

@@ -45,6 +45,12 @@ class NodeConfig:
     max_uploads: int = setting(
         10000, "upload sessions open at once on this node (more: 429); 0: no cap"
     )
+    storage_reserve: int = setting(
+        8 << 20,
+        "bytes of the data dir's disk held back for the namespace, released when it fills",
+        parse=parse_size,
+        show="8M",
+    )
     replication_concurrency: int = setting(
         4, "background transfers at once (0: no replicator; read-through still works)"
     )

@@ -13,11 +13,15 @@ once.
 Sessions open at once are capped per repository and per node (over a cap:
 429 TOOMANYREQUESTS); abandoned ones are purged after ``upload_ttl``, and
 sessions that never received a byte much sooner (``upload_empty_ttl``).
+
+A full disk is ``StorageFull`` (507); a PATCH that meets it is rolled back
+to the offset it started from, so the session stays resumable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -27,7 +31,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from node.storage.base import BlobNotFound, BlobStore, BlobWriter, DigestMismatch
+from node.storage.base import BlobNotFound, BlobStore, BlobWriter, DigestMismatch, StorageFull
 from ocidist.errors import Code, RegistryError, upload_unknown
 
 WRITE_BATCH = 4 << 20
@@ -170,12 +174,22 @@ class UploadManager:
         Returns the number of bytes appended. Bytes written before a
         disconnect stay (the client can resume from the new offset). A
         session cancelled meanwhile (DELETE) ends the append with
-        ``BLOB_UPLOAD_UNKNOWN``."""
+        ``BLOB_UPLOAD_UNKNOWN``. A full disk rolls the whole append back."""
+        start = up.size
+        try:
+            return await self._append(up, chunks, limit, start)
+        except StorageFull:
+            if not up.cancelled:
+                await up.writer.truncate(start)
+            raise
+
+    async def _append(
+        self, up: Upload, chunks: AsyncIterator[bytes], limit: int | None, start: int
+    ) -> int:
         pending: asyncio.Future[None] | None = None
         batch: list[bytes] = []
         batched = 0
         total = 0
-        start = up.size
         try:
             async for chunk in chunks:
                 total += len(chunk)
@@ -238,6 +252,8 @@ class UploadManager:
             ) from None
         marker = json.dumps({"digest": digest, "size": size})
         await asyncio.to_thread(_write_file, os.path.join(up.dir, "committed"), marker)
+        # (A marker the disk had no room for: the session is still whole;
+        # _write_file raised StorageFull and the client retries the PUT.)
         up.committed = (digest, size)
         return size
 
@@ -287,7 +303,12 @@ class UploadManager:
 
 
 def _create_dir(d: str, info: str) -> None:
-    os.makedirs(d)
+    try:
+        os.makedirs(d)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(str(e)) from e
+        raise
     _write_file(os.path.join(d, "info.json"), info)
 
 
@@ -306,5 +327,10 @@ def _read_text(path: str) -> str:
 
 
 def _write_file(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(str(e)) from e
+        raise

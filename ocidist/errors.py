@@ -35,6 +35,7 @@ class Code(StrEnum):
     RANGE_INVALID = "RANGE_INVALID"
     CONFLICT = "CONFLICT"
     UNAVAILABLE = "UNAVAILABLE"
+    STORAGE_FULL = "STORAGE_FULL"
 
 
 # code -> (HTTP status, default message)
@@ -61,6 +62,7 @@ DEFAULTS: dict[Code, tuple[int, str]] = {
     Code.RANGE_INVALID: (416, "invalid content range"),
     Code.CONFLICT: (409, "the resource was changed concurrently"),
     Code.UNAVAILABLE: (503, "service unavailable"),
+    Code.STORAGE_FULL: (507, "the registry's storage is full"),
 }
 
 

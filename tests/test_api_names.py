@@ -102,6 +102,7 @@ async def test_disk_layout_stays_inside_data_dir(api: Client, reg_node) -> None:
         "blobs",
         "tmp",
         "uploads",
+        "reserve",
         "namespace.sqlite",
         "namespace.sqlite-wal",
         "namespace.sqlite-shm",

@@ -13,6 +13,13 @@ A conditional delete (``older_than``) first renames the blob to
 before (the renamed file is then new and put back) or after (a new file at
 the canonical path, which stays). A crash in between leaves ``.reclaim``
 files: ``list_blobs`` puts them back, and the next pass decides again.
+
+A full disk (ENOSPC): a failed write is rolled back and raises
+``StorageFull``. The store may hold a ``SpaceReserve``, a preallocated file
+in the data dir: it is released at the first ENOSPC, so what else lives on
+that filesystem (the embedded namespace: deletes, tag moves) can still
+write, and while it is released no new blob bytes are accepted (they would
+eat that space) until enough space is free to hold it again.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import logging
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -39,6 +48,8 @@ from node.storage.base import (
     check_span,
 )
 from ocidist.digests import is_digest, parse_digest
+
+log = logging.getLogger("meridian.storage")
 
 TRASH = ".reclaim"
 _IOV_MAX = 512
@@ -108,6 +119,67 @@ def is_full(e: OSError) -> bool:
     return e.errno in _FULL
 
 
+class SpaceReserve:
+    """``size`` bytes of a filesystem held back in a preallocated file.
+
+    ``release`` frees them (at the first ENOSPC, and when the node starts,
+    so its namespace can open on a full disk); ``ensure`` takes them again
+    when at least twice that much is free. Thread-safe: blob writes call
+    ``ensure`` from worker threads."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        self.held = False
+        self._lock = threading.Lock()
+
+    def release(self, *, full: bool = False) -> None:
+        with self._lock:
+            try:
+                os.unlink(self.path)
+                if full:
+                    log.warning(
+                        "storage full: released the %d-byte reserve; new blobs are refused "
+                        "until space is free again",
+                        self.size,
+                        extra={"path": self.path},
+                    )
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+    def ensure(self) -> bool:
+        """Hold the reserve (again) if space allows; whether it is held."""
+        if self.held or self.size <= 0:
+            return True
+        with self._lock:
+            if self.held:
+                return True
+            st = os.statvfs(os.path.dirname(self.path))
+            if st.f_bavail * st.f_frsize < 2 * self.size:
+                return False
+            tmp = self.path + ".tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, self.size)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self.path)
+            except OSError as e:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                if is_full(e):
+                    return False
+                raise
+            self.held = True
+            log.info("holding the %d-byte storage reserve", self.size, extra={"path": self.path})
+            return True
+
+
 class FilesystemWriter(BlobWriter):
     def __init__(
         self, store: FilesystemBlobStore, name: str | None, path: str, algorithm: str, size: int
@@ -132,6 +204,7 @@ class FilesystemWriter(BlobWriter):
         return self._hasher
 
     def _write_sync(self, chunks: Sequence[bytes]) -> None:
+        self.store.check_space()
         hasher = self._catch_up()
         before = self.size
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -216,8 +289,9 @@ class FilesystemWriter(BlobWriter):
 
 
 class FilesystemBlobStore(BlobStore):
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, reserve: SpaceReserve | None = None) -> None:
         self.root = os.path.abspath(root)
+        self.reserve = reserve
         self.blobs = os.path.join(self.root, "blobs")
         self.tmp = os.path.join(self.root, "tmp")
         os.makedirs(self.blobs, exist_ok=True)
@@ -230,6 +304,8 @@ class FilesystemBlobStore(BlobStore):
                 os.unlink(os.path.join(self.tmp, name))
             except OSError:
                 pass
+        if reserve is not None:
+            reserve.ensure()
 
     # -- paths -----------------------------------------------------------------
 
@@ -243,10 +319,18 @@ class FilesystemBlobStore(BlobStore):
     def local_path(self, digest: str) -> str | None:
         return self._path(digest)
 
+    def check_space(self) -> None:
+        """Refuse new bytes while the reserve is released and cannot be
+        held again (worker threads)."""
+        if self.reserve is not None and not self.reserve.ensure():
+            raise StorageFull("the data dir's filesystem is full")
+
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     def on_full(self) -> None:
+        if self.reserve is not None:
+            self.reserve.release(full=True)
         for fn in self.full_hooks:
             try:
                 fn()
@@ -308,6 +392,8 @@ class FilesystemBlobStore(BlobStore):
     ) -> FilesystemWriter:
         size = 0
         try:
+            if not resume:
+                self.check_space()
             if resume:
                 try:
                     size = os.stat(path).st_size
@@ -337,6 +423,7 @@ class FilesystemBlobStore(BlobStore):
             return
         except FileNotFoundError:
             pass
+        self.check_space()
         tmp = os.path.join(self.tmp, uuid.uuid4().hex)
         try:
             with open(tmp, "wb") as f:

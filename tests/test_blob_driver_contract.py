@@ -7,7 +7,9 @@ Every test in the first part runs on each driver:
   store, the content being held by a second region ("eastus") whose own
   filesystem store is served by the real gRPC servicer on a loopback port;
   the two regions share an embedded namespace, which places the content in
-  eastus. Reads go through the real transfer engine over real gRPC.
+  eastus. Reads go through the real transfer engine over real gRPC;
+- ``azure``: ``AzureBlobStore`` in a container of its own on Azurite
+  (tests/azurite.py, one emulator per module), through the real SDK.
 
 "Seeded" content is what the store can serve without having written it
 (for the read-through wrapper: held by the other region); "written" content
@@ -33,6 +35,7 @@ from cluster.namespace import Namespace, RegionInfo
 from cluster.runtime import free_port
 from node.grpc_service import GrpcServer, Peers
 from node.replication.transfer import Fetcher
+from node.storage.azure import AzureBlobStore
 from node.storage.base import (
     READ_CHUNK,
     BlobNotFound,
@@ -42,6 +45,7 @@ from node.storage.base import (
 )
 from node.storage.filesystem import FilesystemBlobStore
 from node.storage.readthrough import ReadThroughStore
+from tests.azurite import Azurite, azurite  # noqa: F401 - the fixture, for the azure harness
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -122,10 +126,37 @@ class ReadThroughHarness(Harness):
         await self.ns.close()
 
 
-@pytest.fixture(params=["filesystem", "readthrough"])
+class AzureHarness(Harness):
+    kind = "azure"
+
+    def __init__(self, tmp_path: Path, emulator: Azurite) -> None:
+        super().__init__(tmp_path)
+        self.emulator = emulator
+
+    async def setup(self) -> None:
+        self.store = AzureBlobStore.from_connection_string(
+            self.emulator.connection_string, self.emulator.new_container()
+        )
+        await self.store.start()
+
+    async def seed(self, data: bytes) -> str:
+        d = digest_of(data)
+        await self.store.put_bytes(d, data)
+        return d
+
+    async def teardown(self) -> None:
+        assert isinstance(self.store, AzureBlobStore)
+        await self.store.container.delete_container()
+        await self.store.close()
+
+
+@pytest.fixture(params=["filesystem", "readthrough", "azure"])
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
-    cls = FilesystemHarness if request.param == "filesystem" else ReadThroughHarness
-    h = cls(tmp_path)
+    if request.param == "azure":
+        h: Harness = AzureHarness(tmp_path, request.getfixturevalue("azurite"))
+    else:
+        cls = FilesystemHarness if request.param == "filesystem" else ReadThroughHarness
+        h = cls(tmp_path)
     await h.setup()
     try:
         yield h

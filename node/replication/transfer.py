@@ -449,8 +449,9 @@ class Fetcher:
         if it failed before any byte arrived."""
         while not t.done.done() and t.written == 0 and t.size > 0 and not t.committed:
             await t.wait_progress()
-        if t.done.done() and t.done.exception() is not None:
-            raise t.done.exception()  # type: ignore[misc]
+        exc = t.done.exception() if t.done.done() else None
+        if exc is not None:
+            raise exc
 
 
 def _code(e: BaseException) -> grpc.StatusCode | None:

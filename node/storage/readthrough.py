@@ -107,9 +107,10 @@ class ReadThroughStore(BlobStore):
         return self.local.local_path(digest)
 
     async def redirect_url(self, digest: str, *, method: str = "GET") -> str | None:
-        if await self.local.stat(digest) is None:
-            return None
-        return await self.local.redirect_url(digest, method=method)
+        url = await self.local.redirect_url(digest, method=method)
+        if url is None or await self.local.stat(digest) is None:
+            return None  # bytes not here yet: served (read through) by this node
+        return url
 
     # -- everything else is the wrapped store's ------------------------------------
 

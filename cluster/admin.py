@@ -6,29 +6,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
+import sys
 import time
 
 import aiohttp
 
+from cluster import discovery
 from cluster.namespace import ALIVE, REGIONS, RegionInfo
+from cluster.preflight import CliError, answer
 
 
 def namespace_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--etcd",
-        default=os.environ.get("MERIDIAN_ETCD", ""),
-        help="etcd endpoints of the cluster (comma-separated)",
-    )
-    p.add_argument(
-        "--node",
-        default=os.environ.get("MERIDIAN_NODE", "http://127.0.0.1:5000"),
-        help="ask this node's management API (used when --etcd is not given)",
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    """``--etcd``, ``--node``, ``--json``; without the first two, the verbs
+    find a running ``meridian up`` (``cluster.discovery``)."""
+    discovery.add_arguments(p)
 
 
-async def _region_records(ns: argparse.Namespace) -> tuple[list[RegionInfo], set[str]]:
+async def _region_records(ns: discovery.Where) -> tuple[list[RegionInfo], set[str]]:
     if not ns.etcd:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
             async with s.get(ns.node.rstrip("/") + "/meridian/v1/regions") as resp:
@@ -66,7 +60,7 @@ async def _probe(session: aiohttp.ClientSession, url: str) -> float | None:
     return (time.perf_counter() - start) * 1000
 
 
-async def list_regions(ns: argparse.Namespace) -> list[dict]:
+async def list_regions(ns: discovery.Where) -> list[dict]:
     infos, alive_names = await _region_records(ns)
     rows = []
     timeout = aiohttp.ClientTimeout(total=2)
@@ -92,8 +86,14 @@ def regions_main(argv: list[str]) -> int:
     )
     namespace_args(p)
     ns = p.parse_args(argv)
-    rows = asyncio.run(list_regions(ns))
-    if ns.json:
+    return answer("meridian regions", lambda: _print_regions(ns.etcd, ns.node, ns.json))
+
+
+def _print_regions(etcd: str, node: str, as_json: bool) -> int:
+    where = discovery.find_cluster(etcd, node)
+    with discovery.answering(where):
+        rows = asyncio.run(list_regions(where))
+    if as_json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'REGION':<16} {'ALIVE':<6} {'RTT':>9}  {'HTTP':<28} GRPC")
@@ -139,12 +139,18 @@ def replication_main(argv: list[str]) -> int:
     p.add_argument("verb", choices=["list"], nargs="?", default="list")
     namespace_args(p)
     args = p.parse_args(argv)
-    if args.etcd:
-        rows = asyncio.run(_replication_rows(args.etcd))
-    else:
-        url = args.node.rstrip("/") + "/meridian/v1/replication"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            rows = json.loads(resp.read())["regions"]
+    try:
+        where = discovery.find_cluster(args.etcd, args.node)
+        with discovery.answering(where):
+            if where.etcd:
+                rows = asyncio.run(_replication_rows(where.etcd))
+            else:
+                url = where.node.rstrip("/") + "/meridian/v1/replication"
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    rows = json.loads(resp.read())["regions"]
+    except CliError as e:
+        print(f"meridian replication: {e}", file=sys.stderr)
+        return e.code
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

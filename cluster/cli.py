@@ -8,13 +8,18 @@ import sys
 
 
 def _node(argv: list[str]) -> int:
+    from cluster import preflight
     from node import config
     from node.app import run
 
     p = argparse.ArgumentParser(prog="meridian node", description="run one registry node")
     config.add_arguments(p)
-    run(config.from_args(p.parse_args(argv)))
-    return 0
+    cfg = config.from_args(p.parse_args(argv))
+    listens = {"--listen": cfg.listen, "--grpc-listen": cfg.grpc_listen}
+    preflight.check_listen_flags(p, listens)
+    return preflight.answer(
+        "meridian node", lambda: preflight.serve(cfg.data, listens, lambda: run(cfg))
+    )
 
 
 def _regions(argv: list[str]) -> int:

@@ -250,6 +250,21 @@ def stop_all(children: Iterable[Child], grace: float = STOP_GRACE) -> None:
                 os.killpg(c.proc.pid, signal.SIGKILL)
 
 
+def stop_pid(pid: int, grace: float = STOP_GRACE) -> None:
+    """Stop a process that is not our child (one a dead parent left): SIGTERM
+    by PID, SIGKILL if it is still there after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not os.path.exists(f"/proc/{pid}"):
+                return
+            time.sleep(0.05)
+
+
 # -- etcd ----------------------------------------------------------------------------
 
 

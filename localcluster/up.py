@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -46,12 +47,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from cluster import settings
+from cluster import preflight, procfs, settings
+from cluster.discovery import UP_STATE
+from cluster.preflight import CliError
 from cluster.runtime import free_port
 from cluster.settings import setting
 from localcluster import topology as topo
 from localcluster.supervisor import (
     Child,
+    MissingProgram,
     StartError,
     find_etcd,
     get_json,
@@ -60,9 +64,11 @@ from localcluster.supervisor import (
     spawn,
     start_etcd,
     stop_all,
+    stop_pid,
 )
 
 STOP_GRACE = 10.0
+UP_LOCK = "up.lock"
 # tiers, stopped highest first
 ETCD, WAN, REGIONS, ROUTERS = 0, 1, 2, 3
 
@@ -134,6 +140,13 @@ class ClusterOptions:
     status_interval: float = 1.0
 
 
+class DataDirInUse(CliError):
+    """Another ``meridian up`` holds the data dir."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, preflight.UNAVAILABLE)
+
+
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -184,6 +197,8 @@ class Cluster:
         self.addr: dict[str, Any] = {}
         self._ports = Ports()
         self._taken: set[int] = set()
+        self._lock_fd: int | None = None
+        self.notes: list[str] = []  # what start() noticed and did about it
         for name in options.sources:
             if name in {r.name for r in self.topo.regions}:
                 raise ValueError(f"source {name!r} has a region's name")
@@ -234,15 +249,21 @@ class Cluster:
         return child
 
     def start(self) -> None:
-        self.data.mkdir(parents=True, exist_ok=True)
+        """Start everything, in order. Before anything is written: etcd must
+        exist (MissingProgram), the data dir must not be another ``meridian
+        up``'s (DataDirInUse) and the router's port must be free (CliError)."""
+        etcd_binary = find_etcd()
+        created = self._lock()
+        try:
+            preflight.check_port(f"127.0.0.1:{self.options.port}", "--port")
+        except CliError:
+            self._unlock(remove=created)
+            raise
+        self._replace_stale_state()
         self.logs.mkdir(exist_ok=True)
         ports_file = self.data / "ports.json"
         self._ports = ports = Ports.load(ports_file)
         router_port = self.options.port
-        if not port_free(router_port):
-            raise StartError(
-                f"port {router_port} is in use (another meridian up?); choose one with --port"
-            )
         self._taken = taken = {router_port}
         etcd_client = ports.get("etcd-client", taken)
         etcd_peer = ports.get("etcd-peer", taken)
@@ -254,7 +275,7 @@ class Cluster:
             }
         ports.save(ports_file)
 
-        self._start_etcd(etcd_client, etcd_peer)
+        self._start_etcd(etcd_binary, etcd_client, etcd_peer)
         control = self._start_wan(regions, wan_control)
         self._start_regions(regions)
         with contextlib.suppress(OSError, urllib.error.URLError):
@@ -282,7 +303,63 @@ class Cluster:
         }
         self._write_state()
 
-    def _start_etcd(self, client_port: int, peer_port: int) -> None:
+    # -- the data dir is ours -------------------------------------------------
+
+    def _lock(self) -> bool:
+        """Hold ``<data>/up.lock`` (flock) while this cluster runs: a second
+        ``meridian up`` on the same data dir is refused at once, naming the
+        PID in it, before it writes anything. Whether it created the data dir."""
+        created = not self.data.exists()
+        self.data.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data / UP_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataDirInUse(
+                f"{self.data} is in use by meridian up (PID {holder}); stop that one first "
+                f"(Ctrl-C where it runs, or kill {holder}) or choose another --data"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        return created
+
+    def _unlock(self, remove: bool = False) -> None:
+        if self._lock_fd is None:
+            return
+        if remove:  # refused before anything: leave no trace
+            with contextlib.suppress(OSError):
+                (self.data / UP_LOCK).unlink()
+                self.data.rmdir()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def _replace_stale_state(self) -> None:
+        """An ``up.json`` here while we hold the lock was left by a
+        ``meridian up`` that died without cleaning up (SIGKILL): say so,
+        stop what it started that is still running, and remove it."""
+        path = self.data / UP_STATE
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            state = {}
+        pid = state.get("pid") if isinstance(state, dict) else None
+        self.notes.append(f"replacing {path} left by meridian up PID {pid}, which is not running")
+        leftovers = []
+        for name, c in (state.get("children") or {}).items() if isinstance(state, dict) else ():
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                if procfs.cmdline(int(c["pid"])) == list(c["cmd"]):
+                    leftovers.append((name, int(c["pid"])))
+        for name, child_pid in leftovers:
+            self.notes.append(f"stopping {name} (PID {child_pid}), left running by it")
+            stop_pid(child_pid)
+        path.unlink()
+
+    def _start_etcd(self, binary: str, client_port: int, peer_port: int) -> None:
         etcd_dir = self.data / "etcd"
         peer_url = f"http://127.0.0.1:{peer_port}"
         meta = self.data / "etcd-urls.json"
@@ -300,7 +377,7 @@ class Cluster:
         child = start_etcd(
             etcd_dir,
             self.logs / "etcd.log",
-            binary=find_etcd(),
+            binary=binary,
             client_port=client_port,
             peer_port=peer_port,
             extra=extra,
@@ -417,9 +494,9 @@ class Cluster:
             },
             "topology": self.topo.as_dict(),
         }
-        tmp = self.data / "up.json.tmp"
+        tmp = self.data / (UP_STATE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.data / "up.json")
+        tmp.replace(self.data / UP_STATE)
 
     # -- report --------------------------------------------------------------
 
@@ -473,17 +550,15 @@ class Cluster:
         c = self.child(name)
         return "-" if c is None else str(c.pid)
 
-    def status_line(self) -> tuple[str, str]:
-        """The status line, and a key that changes only when something more
-        than the RTT figures does (when to print it again off a terminal)."""
+    def status_line(self) -> str:
+        """Regions in rotation with their RTT, replication backlog, requests
+        routed, and which children exited."""
         parts = []
-        key: list[str] = []
         try:
             st = get_json(self.addr["router"] + "/meridian/v1/router", timeout=0.5)
             regions = st["regions"]
             up = [r for r in regions if r["up"]]
             parts.append(f"regions {len(up)}/{len(regions)} in rotation")
-            key += [r["region"] for r in up]
             parts.append(
                 ", ".join(
                     f"{r['region']} {r['rtt_ms']:.0f}ms"
@@ -497,15 +572,12 @@ class Cluster:
             routed = sum(r["routed"] for r in regions)
             redirected = sum(r["redirected"] for r in regions)
             parts.append(f"routed {routed} ({redirected} redirects)")
-            key += [parts[-2], parts[-1]]
         except (OSError, ValueError, KeyError, TypeError, urllib.error.URLError):
             parts.append("router not answering")
-            key.append(parts[-1])
         dead = [c.name for _, c in self.children if not c.running()]
         if dead:
             parts.append("exited: " + ", ".join(dead))
-            key.append(parts[-1])
-        return time.strftime("%H:%M:%S ") + " | ".join(parts), "|".join(key)
+        return time.strftime("%H:%M:%S ") + " | ".join(parts)
 
     # -- stop ----------------------------------------------------------------
 
@@ -515,7 +587,8 @@ class Cluster:
         for tier in sorted({t for t, _ in self.children}, reverse=True):
             stop_all([c for t, c in self.children if t == tier], STOP_GRACE)
         with contextlib.suppress(OSError):
-            (self.data / "up.json").unlink()
+            (self.data / UP_STATE).unlink()
+        self._unlock()
 
 
 def _out(stream: IO[str], text: str) -> None:
@@ -559,6 +632,7 @@ def up_main(argv: list[str]) -> int:
 
     cluster = Cluster(options)
     stop_signal: list[int] = []
+    prog = "meridian up"
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop_signal.append(signum)
@@ -571,22 +645,28 @@ def up_main(argv: list[str]) -> int:
     try:
         try:
             cluster.start()
-        except StartError as e:
-            print(f"meridian up: {e}", file=sys.stderr)
-            code = 1
+        except CliError as e:  # refused before starting anything
+            print(f"{prog}: {e}", file=sys.stderr)
+            code = e.code
             return code
+        except MissingProgram as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            code = preflight.UNAVAILABLE
+            return code
+        except StartError as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            code = preflight.FAILED
+            return code
+        finally:
+            for note in cluster.notes:
+                print(f"{prog}: {note}", flush=True)
         print(cluster.summary(), flush=True)
+        # On a terminal the status line is redrawn in place; elsewhere (a
+        # file, a pipe) a line every --status-interval.
         tty = sys.stdout.isatty()
-        last = ""
-        last_print = 0.0
         while True:
-            line, key = cluster.status_line()
-            now = time.monotonic()
-            if tty:
-                _out(sys.stdout, "\r\x1b[K" + line)
-            elif key != last or now - last_print >= 30:
-                _out(sys.stdout, line + "\n")
-                last, last_print = key, now
+            line = cluster.status_line()
+            _out(sys.stdout, "\r\x1b[K" + line if tty else line + "\n")
             time.sleep(options.status_interval)
     except KeyboardInterrupt:
         pass

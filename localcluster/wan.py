@@ -52,6 +52,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -60,9 +61,11 @@ from concurrent.futures import Future
 from typing import Any
 
 from cluster import procfs
+from cluster.runtime import setup_logging
 from cluster.units import parse_size
 
 READ_SIZE = 64 << 10
+log = logging.getLogger("meridian.wan")
 
 
 class _Bucket:
@@ -501,8 +504,8 @@ def _serve_topology(config_path: str, control: str) -> int:
         topo = await Topology(config).start()
         runner = await topo.serve_control(control) if control else None
         for name, link in topo.links.items():
-            print(f"wan link {name} {link.address} -> {link.target[0]}:{link.target[1]}")
-        print(f"wan ready control={control or '-'}", flush=True)
+            log.info(f"wan link {name} {link.address} -> {link.target[0]}:{link.target[1]}")
+        log.info(f"wan ready control={control or '-'}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -534,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="JSON file of many links (see the module docstring)")
     p.add_argument("--control", default="", help="host:port of the control API (--config)")
     args = p.parse_args(argv)
+    setup_logging("info")  # JSON lines on stderr, as every Meridian process logs
     if args.config:
         return _serve_topology(args.config, args.control)
     if not args.target:
@@ -543,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         link = await Link(
             args.target, latency=args.latency, bandwidth=args.bandwidth, listen=args.listen
         ).start()
-        print(f"wan link {link.address} -> {args.target}", flush=True)
+        log.info(f"wan link {link.address} -> {args.target}")
         await asyncio.Event().wait()
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -238,16 +239,19 @@ async def serve(cfg: NodeConfig) -> None:
         "node listening",
         extra={"path": f"http://{cfg.listen}"},
     )
-    print(f"meridian node region={cfg.region} listening on http://{cfg.listen}", flush=True)
     info = RegionInfo(
         name=cfg.region, http=cfg.base_url, grpc=cfg.grpc_advertise or cfg.grpc_listen
     )
     membership = asyncio.create_task(keep_registered(ns, info), name="membership")
     await wait_for_stop_signal()
-    membership.cancel()
     await runner.cleanup()
     if replication is not None:
         await replication.stop()
+    # Revokes the region's lease: not alive from now on, rather than a TTL
+    # later (after replication stopped: it would see that change).
+    membership.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await membership
     await ns.close()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -116,7 +117,12 @@ def test_up_refuses_bad_input_without_starting_anything(tmp_path: Path) -> None:
         r = subprocess.run(
             [*cmd, "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=60
         )
-    assert r.returncode == 1 and f"port {port} is in use" in r.stderr
+    # one line: what is wrong (and who holds the port), what to do
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"meridian up: 127.0.0.1:{port} is in use by PID {os.getpid()} "
+        f"({' '.join(processes_with()[os.getpid()])[:80]}); choose another with --port"
+    ]
     assert not (tmp_path / "d" / "etcd").exists()
 
 
@@ -182,6 +188,12 @@ class Up:
     def stop(self, sig: int) -> int:
         self.proc.send_signal(sig)
         return self.proc.wait(60)
+
+    def wait_gone(self, pids: list[int], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while any(alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, [p for p in pids if alive(p)]
+            time.sleep(0.1)
 
     def kill_all(self) -> None:
         """Test cleanup: whatever is left, by PID."""
@@ -252,13 +264,51 @@ def pull(router: str, repo: str, img: im.Image) -> set[str]:
     return served
 
 
+def meridian(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The ``meridian`` command run in ``cwd``, with no cluster named in its
+    environment (it finds ``./meridian-data`` by itself)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERIDIAN_")}
+    return subprocess.run(
+        meridian_argv(*args),
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def snapshot(data: Path) -> dict[str, tuple[int, int]]:
+    """What ``meridian up`` itself writes in its data dir: the files at its
+    top, and the names of its logs (size and mtime of each)."""
+    out = {}
+    for p in [*data.iterdir(), *(data / "logs").iterdir()]:
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(data))] = (
+                (st.st_size, st.st_mtime_ns) if p.parent == data else (0, 0)
+            )
+    return out
+
+
+STATUS_LINE = re.compile(r"^\d\d:\d\d:\d\d regions ", re.M)
+
+
 def test_up_runs_a_cluster_and_stops_it_cleanly(tmp_path: Path) -> None:
     config = tmp_path / "topology.toml"
     config.write_text(TOPOLOGY)
-    data = tmp_path / "data"
+    data = tmp_path / "meridian-data"
     up = Up(data, config, free_port())
     try:
         up.wait_ready()
+        # Off a terminal, a status line every --status-interval (0.5 s here),
+        # not only when something changes.
+        seen = len(STATUS_LINE.findall(up.output))
+        up.wait(
+            lambda: len(STATUS_LINE.findall(up.output)) >= seen + 5,
+            "five more status lines",
+            timeout=60,
+        )
         out = up.output
         assert "router" in out and up.router in out
         for name, rtt in (("alpha", 4), ("beta", 30), ("gamma", 60)):
@@ -282,6 +332,27 @@ def test_up_runs_a_cluster_and_stops_it_cleanly(tmp_path: Path) -> None:
         assert st["nearest"] == ["alpha", "beta", "gamma"]
         for name, r in state["regions"].items():
             assert {x["region"]: x["http"] for x in st["regions"]}[name] == r["advertised"]
+
+        # The management verbs find it without flags: ./meridian-data/up.json.
+        r = meridian("regions", "--json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert {(x["region"], x["alive"]) for x in json.loads(r.stdout)} == {
+            ("alpha", True),
+            ("beta", True),
+            ("gamma", True),
+        }
+        r = meridian("replication", "list", "--json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert {x["region"] for x in json.loads(r.stdout)} == {"alpha", "beta", "gamma"}
+
+        # A second meridian up on this data dir refuses at once, names the
+        # PID holding it, and touches nothing.
+        before = snapshot(data)
+        r = meridian("up", "--data", str(data), "--port", str(free_port()), cwd=tmp_path)
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert f"{data} is in use by meridian up (PID {up.proc.pid})" in r.stderr
+        assert snapshot(data) == before
 
         img = im.build_image([400_000, 30_000], seed="meridian-up")
         assert im.Registry(up.router).push("demo/app", "v1", img) == img.digest
@@ -319,6 +390,13 @@ def test_up_runs_a_cluster_and_stops_it_cleanly(tmp_path: Path) -> None:
         for name, child in children.items():
             assert not alive(child["pid"]), f"{name} still running"
         assert not (data / "up.json").exists()
+        # Every line of every log is JSON.
+        logs = sorted((data / "logs").iterdir())
+        assert {p.name for p in logs} >= {"etcd.log", "wan.log", "router.log", "region-alpha.log"}
+        for log in logs:
+            for line in log.read_text(errors="replace").splitlines():
+                if line.strip():
+                    assert isinstance(json.loads(line), dict), (log.name, line)
 
         # Same data dir again: same ports, the namespace and bytes are still
         # there (alpha's copy is back too); SIGTERM stops it as cleanly.
@@ -327,6 +405,25 @@ def test_up_runs_a_cluster_and_stops_it_cleanly(tmp_path: Path) -> None:
         up.wait_ready()
         assert json.loads((data / "ports.json").read_text()) == ports
         state = up.state()
+        assert pull(up.router, "demo/app", img) == {"alpha"}
+
+        # SIGKILL: no chance to clean up. Its children go with it
+        # (PR_SET_PDEATHSIG); its up.json stays behind, stale.
+        killed = up.proc.pid
+        up.proc.kill()
+        up.proc.wait()
+        up.wait_gone([c["pid"] for c in state["children"].values()])
+        assert json.loads((data / "up.json").read_text())["pid"] == killed
+        r = meridian("regions", cwd=tmp_path)
+        assert r.returncode == 4 and "not running" in r.stderr and f"PID {killed}" in r.stderr
+
+        # The next meridian up on it notices and replaces the stale state;
+        # SIGTERM stops it as cleanly.
+        up = Up(data, config, up.port)
+        up.wait_ready()
+        assert f"left by meridian up PID {killed}, which is not running" in up.output
+        state = up.state()
+        assert state["pid"] == up.proc.pid
         assert pull(up.router, "demo/app", img) == {"alpha"}
         code = up.stop(signal.SIGTERM)
         assert code == 0, up.output

@@ -195,7 +195,7 @@ async def serve(cfg: RouterConfig, ready: Callable[[Router], None] | None = None
     runner = await start_server(app, cfg.host, cfg.port, cfg.limits())
     starter = asyncio.create_task(router.start_namespace(), name="namespace-start")
     checker = asyncio.create_task(router.check_store(), name="namespace-check")
-    print(f"meridian router listening on http://{cfg.listen} (etcd {cfg.etcd})", flush=True)
+    log.info("router listening (etcd %s)", cfg.etcd, extra={"path": f"http://{cfg.listen}"})
     if ready is not None:
         ready(router)
     await wait_for_stop_signal()

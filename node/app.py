@@ -226,6 +226,13 @@ async def serve(cfg: NodeConfig) -> None:
             reclaim_grace=cfg.reclaim_grace,
         )
         store = replication.store
+    # A standalone node reclaims too: nothing to fetch, same collector.
+    reclaimer = None
+    if replication is None and cfg.reclaim_interval > 0:
+        from node.replication.reclaim import Reclaimer
+
+        reclaimer = Reclaimer(ns, local, None, cfg.reclaim_interval, cfg.reclaim_grace)
+        reclaimer.start()
     app = build_app(cfg, ns, store)
     if replication is not None:
         app.router.add_get("/meridian/v1/replication", replication_status)
@@ -247,6 +254,8 @@ async def serve(cfg: NodeConfig) -> None:
     await runner.cleanup()
     if replication is not None:
         await replication.stop()
+    if reclaimer is not None:
+        await reclaimer.close()
     # Revokes the region's lease: not alive from now on, rather than a TTL
     # later (after replication stopped: it would see that change).
     membership.cancel()

@@ -512,3 +512,57 @@ def test_unreferenced_bytes_are_reclaimed_and_the_rest_kept(
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_deleted_image_stops_replicating_and_is_reclaimed_everywhere(
+    etcd: EtcdServer, cluster_dir: Path
+) -> None:
+    """Issue 10 item 6: delete a manifest (only: as `skopeo delete` does)
+    while another region is still copying its layers. The upload-time blob
+    links no longer keep its layers alive: once no manifest references
+    them, the links are collected, replication stops, and every region
+    reclaims the bytes; another image in the repository is untouched."""
+    reclaim = ["--reclaim-interval", "0.5", "--reclaim-grace", "1"]
+    slow = [*reclaim, "--replication-bandwidth", "256K"]
+    nodes = start_regions(
+        cluster_dir,
+        etcd,
+        ["eastus", "westeurope"],
+        extra={"eastus": reclaim, "westeurope": slow},
+    )
+    east, west = nodes
+    try:
+        wait_peers(nodes)
+        kept = build_image([50_000], seed="gc-kept")
+        gone = build_image([2_000_000, 3000], seed="gc-gone")
+        reg = east.registry()
+        reg.push(REPO, "kept", kept)
+        wait_until(lambda: west.has_all(content_digests(kept)), "westeurope holds kept")
+        reg.push(REPO, "gone", gone)
+        big = max(gone.blobs(), key=lambda b: b.size)
+        wait_until(lambda: west.part_path(big.digest).exists(), "westeurope is copying", 30)
+        status, _, _ = reg.request("DELETE", f"/v2/{REPO}/manifests/{gone.digest}")
+        assert status == 202
+        for n in (east, west):
+            wait_until(
+                lambda n=n: not any(n.has(d) for d in content_digests(gone)),
+                f"{n.region} reclaims the deleted image's bytes",
+                60,
+            )
+            wait_until(
+                lambda n=n: not n.part_path(big.digest).exists(),
+                f"{n.region} drops the partial copy",
+                60,
+            )
+        for d in content_digests(gone):
+            assert not placements(etcd, d) & {"eastus", "westeurope"}, d
+            status, _, _ = reg.request("HEAD", f"/v2/{REPO}/blobs/{d}")
+            assert status == 404, d
+        assert east.has_all(content_digests(kept)) and west.has_all(content_digests(kept))
+        pull(west, kept, "kept")
+    except BaseException:
+        print(dump_logs(nodes))
+        raise
+    finally:
+        for n in nodes:
+            n.stop()

@@ -1,5 +1,13 @@
 """Removing local bytes no registry references any more.
 
+Each pass first runs the namespace's online garbage collection of blob links
+(``Namespace.collect_links``: links no manifest of their repository
+references, past the grace period), so the layers of a deleted image stop
+counting as referenced; then it removes the local bytes nothing references.
+It runs on every node with ``--reclaim-interval``, standalone or in a
+cluster (there every region reclaims its own copy; the link collection is
+safe to run in several regions at once: each removal is guarded).
+
 The reclaimer works on the blob store's interface only: it lists the
 store's blobs (with their times) and staged transfer parts, and deletes
 with the store's conditional delete.
@@ -70,10 +78,13 @@ class Reclaimer:
 
     ns: Namespace
     store: BlobStore  # the region's own store
-    fetcher: Fetcher
+    fetcher: Fetcher | None  # None on a standalone node (nothing is fetched)
     interval: float
     grace: float
     _task: asyncio.Task[None] | None = None
+
+    def _in_flight(self, digest: str) -> bool:
+        return self.fetcher is not None and digest in self.fetcher.transfers
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="reclaimer")
@@ -96,7 +107,7 @@ class Reclaimer:
     async def _drop_stale_parts(self, refs: set[str], cutoff: float) -> None:
         async for info in self.store.list_staged(PART_PREFIX):
             digest = part_digest(info.name)
-            if digest is None or digest in refs or digest in self.fetcher.transfers:
+            if digest is None or digest in refs or self._in_flight(digest):
                 continue
             if info.mtime < cutoff:
                 w = await self.store.writer(info.name, resume=True)
@@ -104,12 +115,15 @@ class Reclaimer:
 
     async def reclaim_once(self) -> int:
         """One pass; returns how many blobs were deleted."""
+        links = await self.ns.collect_links(self.grace)
+        if links:
+            log.info("removed %d blob links no manifest references", links)
         refs = referenced_digests(await self.ns.refresh(REG))
         cutoff = time.time() - self.grace
         candidates = []
         async for info in self.store.list_blobs():
             d = info.name
-            if d in refs or d in self.fetcher.transfers or info.mtime >= cutoff:
+            if d in refs or self._in_flight(d) or info.mtime >= cutoff:
                 continue
             candidates.append(d)
         await self._drop_stale_parts(refs, cutoff)
@@ -118,7 +132,7 @@ class Reclaimer:
         refs = referenced_digests(await self.ns.refresh(REG))  # anything new?
         deleted = 0
         for d in candidates:
-            if d in refs or d in self.fetcher.transfers:
+            if d in refs or self._in_flight(d):
                 continue
             for reg, st in list(self.ns.cache.registries.items()):
                 if self.ns.region in st.placements.get(d, {}):

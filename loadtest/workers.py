@@ -3,7 +3,7 @@
 The harness never sends load from its own process: each step runs one or more
 workers, ``python -c <entry> --region <site>`` (the ``--region`` names the
 client's emulated site, so the WAN emulator can give its connections that
-site's latency; see :mod:`loadtest.wan`), each with its own uvloop event loop
+site's latency; see :mod:`localcluster.wan`), each with its own uvloop event loop
 and aiohttp sessions. A worker reads its job (JSON) on stdin, waits for the
 common start instant (CLOCK_MONOTONIC is system-wide), runs the operation
 named in the job (:mod:`loadtest.ops`), and writes lines on stdout:

@@ -1,6 +1,6 @@
 """Replication under faults, with real processes: a receiving node SIGKILLed
 mid-layer, etcd restarted mid-replication, a cut WAN link, a corrupted
-chunk on the wire (through the userspace WAN emulator, loadtest/wan.py)."""
+chunk on the wire (through the userspace WAN emulator, localcluster/wan.py)."""
 
 from __future__ import annotations
 

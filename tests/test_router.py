@@ -1,7 +1,7 @@
 """The latency-aware router (cluster/router.py) against real processes.
 
 One module-wide cluster: a real etcd, three real nodes ("near", "mid",
-"far") each behind its own emulated WAN link (loadtest/wan.py, in this
+"far") each behind its own emulated WAN link (localcluster/wan.py, in this
 process: 4, 20 and 40 ms round trips from "this site") and advertising the
 link's address, and a real ``meridian router`` process. The nodes have no
 gRPC service, so nothing replicates: where content is, is exactly where a

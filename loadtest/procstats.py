@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,41 +60,42 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
+def _tree_sum(root: int, read: Callable[[int], float]) -> float:
+    """``read(pid)`` summed over ``root`` and its live descendants (a process
+    that is gone, or not ours to read, counts 0)."""
+    total = 0.0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += read(pid)
+    return total
+
+
+def _cpu_ticks(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rfind(")") + 2 :].split()
+    # fields[0] is field 3 (state); utime=14, stime=15, cutime=16, cstime=17
+    return sum(int(x) for x in fields[11:15])
+
+
+def _rss_pages(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1])
+
+
 def process_tree_cpu_seconds(root: int) -> float:
     """utime+stime (plus reaped children's) of ``root`` and live descendants."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in process_tree(root):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        # fields[0] is field 3 (state); utime=14, stime=15, cutime=16, cstime=17
-        total += sum(int(x) for x in fields[11:15])
-    return total / tick
+    return _tree_sum(root, _cpu_ticks) / os.sysconf("SC_CLK_TCK")
 
 
 def process_tree_rss_bytes(root: int) -> int:
     """Resident set size (VmRSS) of ``root`` and its live descendants."""
-    total = 0
-    for pid in process_tree(root):
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
+    return int(_tree_sum(root, _rss_pages)) * os.sysconf("SC_PAGE_SIZE")
 
 
 def process_tree_fds(root: int) -> int:
     """Open file descriptors (``/proc/PID/fd``) of ``root`` and its live descendants."""
-    total = 0
-    for pid in process_tree(root):
-        with contextlib.suppress(OSError):
-            total += len(os.listdir(f"/proc/{pid}/fd"))
-    return total
+    return int(_tree_sum(root, lambda pid: len(os.listdir(f"/proc/{pid}/fd"))))
 
 
 def alive(pid: int) -> bool:

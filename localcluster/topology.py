@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.units import parse_size
+
 NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 # name, round trip from this site (ms): a site next to the first region.
@@ -132,11 +134,25 @@ def parse_rate(value: Any, where: str) -> int:
         return int(value)
     if not isinstance(value, str):
         raise TopologyError(f"{where}: bandwidth must be a number or a string like '10M'")
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgG]?)(?:[bB](?:/s)?)?\s*", value)
-    if not m:
-        raise TopologyError(f"{where}: bad bandwidth {value!r} (use e.g. 100M, 1G or bytes/s)")
-    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
-    return int(float(m.group(1)) * mult)
+    try:
+        rate = parse_size(value)
+    except (ValueError, OverflowError):
+        raise TopologyError(
+            f"{where}: bad bandwidth {value!r} (use e.g. 100M, 1G or bytes/s)"
+        ) from None
+    if rate < 0:
+        raise TopologyError(f"{where}: bandwidth must not be negative")
+    return rate
+
+
+def _table(entry: Any, where: str, keys: set[str]) -> dict[str, Any]:
+    """``entry`` must be a table holding no other keys than ``keys``."""
+    if not isinstance(entry, dict):
+        raise TopologyError(f"{where}: must be a table")
+    extra = set(entry) - keys
+    if extra:
+        raise TopologyError(f"{where}: unknown keys {', '.join(sorted(extra))}")
+    return entry
 
 
 def _rtt(value: Any, where: str) -> float:
@@ -162,11 +178,7 @@ def from_dict(doc: Any) -> Topology:
     seen: set[str] = set()
     for i, r in enumerate(raw_regions):
         where = f"region #{i + 1}"
-        if not isinstance(r, dict):
-            raise TopologyError(f"{where}: must be a table")
-        extra = set(r) - {"name", "rtt_ms", "bandwidth"}
-        if extra:
-            raise TopologyError(f"{where}: unknown keys {', '.join(sorted(extra))}")
+        r = _table(r, where, {"name", "rtt_ms", "bandwidth"})
         name = r.get("name")
         if not isinstance(name, str) or not NAME.match(name):
             raise TopologyError(
@@ -190,11 +202,7 @@ def from_dict(doc: Any) -> Topology:
         raise TopologyError("[[link]] entries must be a list")
     for i, lk in enumerate(raw_links):
         where = f"link #{i + 1}"
-        if not isinstance(lk, dict):
-            raise TopologyError(f"{where}: must be a table")
-        extra = set(lk) - {"regions", "rtt_ms", "bandwidth"}
-        if extra:
-            raise TopologyError(f"{where}: unknown keys {', '.join(sorted(extra))}")
+        lk = _table(lk, where, {"regions", "rtt_ms", "bandwidth"})
         pair = lk.get("regions")
         if not (
             isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)

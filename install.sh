@@ -3,7 +3,8 @@
 # (etcd for a multi-region cluster, python3-venv) and the Python package in
 # ./.venv. With --test, also everything the test suite needs: real clients
 # (skopeo, podman, containerd's ctr), CNCF Distribution (the benchmark
-# reference), load generators, and the package's test extras, editable.
+# reference), load generators, Azurite (Microsoft's Azure Storage emulator,
+# from npm, into ./.azurite) and the package's test extras, editable.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,6 +18,10 @@ SUDO=""
 packages=(etcd-server python3-venv ca-certificates)
 if [ "$TEST" = 1 ]; then
     packages+=(skopeo podman containerd docker-registry wrk apache2-utils curl)
+    # Node.js and npm for Azurite, unless there already (a NodeSource nodejs
+    # bundles npm and conflicts with Debian's npm package).
+    command -v node >/dev/null || packages+=(nodejs)
+    command -v npm >/dev/null || packages+=(npm)
 fi
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
@@ -27,5 +32,13 @@ if [ "$TEST" = 1 ]; then
     .venv/bin/pip install -q -e '.[test]'
 else
     .venv/bin/pip install -q .
+fi
+if [ "$TEST" = 1 ]; then
+    # Azurite for the azure storage driver's tests; the 3.34 line runs on
+    # Node 20 (newer lines want Node 22).
+    AZURITE=3.34.0
+    if [ "$(node -p "require('./.azurite/node_modules/azurite/package.json').version" 2>/dev/null)" != "$AZURITE" ]; then
+        npm install --prefix .azurite --no-audit --no-fund --loglevel=error "azurite@$AZURITE" >/dev/null
+    fi
 fi
 echo "installed $(.venv/bin/meridian --version) in $(pwd)/.venv"

@@ -423,7 +423,10 @@ class Registry:
             return web.Response(status=status, headers=headers)
         url = await self.store.redirect_url(digest)
         if url is not None:
-            return web.Response(status=307, headers={**headers, "Location": url})
+            # A signed storage URL expires within minutes: never cache the redirect.
+            headers.pop("Content-Range", None)
+            headers.update({"Location": url, "Cache-Control": "no-store"})
+            return web.Response(status=307, headers=headers)
         fobj = await self._open_local(digest)
         if fobj is not None:
             with fobj:
@@ -643,4 +646,6 @@ def map_store_errors(exc: Exception) -> RegistryError | None:
             Code.STORAGE_FULL,
             "the registry's storage is full: nothing was stored; delete content or add space",
         )
+    if isinstance(exc, BlobUnavailable):  # blob storage unreachable or refusing: retry
+        return unavailable(f"blob storage: {exc}")
     return None

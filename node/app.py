@@ -208,7 +208,14 @@ async def serve(cfg: NodeConfig) -> None:
         except KVUnavailable as e:
             log.warning("namespace store unreachable, retrying: %s", e)
             await asyncio.sleep(1)
-    local = FilesystemBlobStore(cfg.data, reserve=reserve)
+    if cfg.storage == "azure":
+        from node.storage.azure import connect
+
+        local: BlobStore = await connect(
+            cfg.azure_connection_string, cfg.azure_container_name, redirect=cfg.storage_redirect
+        )
+    else:
+        local = FilesystemBlobStore(cfg.data, reserve=reserve)
     store: BlobStore = local
     replication = None
     if cfg.etcd or cfg.grpc_listen:
@@ -262,6 +269,7 @@ async def serve(cfg: NodeConfig) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await membership
     await ns.close()
+    await local.close()
 
 
 def run(cfg: NodeConfig) -> None:

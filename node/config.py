@@ -4,12 +4,26 @@ its ``MERIDIAN_*`` twin, help and default (``cluster.settings``)."""
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 
 from cluster import settings
 from cluster.runtime import split_hostport
 from cluster.settings import setting
 from cluster.units import parse_size
+
+STORAGE_DRIVERS = ("fs", "azure")
+# Azure container names: 3-63 of a-z, 0-9 and single hyphens, starting and
+# ending with a letter or digit.
+_CONTAINER = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+
+
+class Secret(str):
+    """A setting's value that must not be shown: its repr (and so the
+    config's) hides it; str() is the value itself."""
+
+    def __repr__(self) -> str:
+        return "'<redacted>'" if self else "''"
 
 
 @dataclass
@@ -51,6 +65,21 @@ class NodeConfig:
         parse=parse_size,
         show="8M",
     )
+    storage: str = setting("fs", "blob storage driver", choices=STORAGE_DRIVERS)
+    azure_connection_string: str = setting(
+        "",
+        "Azure Storage connection string for --storage azure (with AccountKey for redirects); "
+        "prefer the environment variable: a flag shows in the process list",
+        parse=Secret,
+    )
+    azure_container: str = setting(
+        "", "Azure container of the region's blobs (created if missing)", show="meridian-<region>"
+    )
+    storage_redirect: bool = setting(
+        True,
+        "blob GETs answer 307 to a signed storage URL valid for minutes (azure); "
+        "off: the node streams the bytes (for storage that clients cannot reach)",
+    )
     replication_concurrency: int = setting(
         4, "background transfers at once (0: no replicator; read-through still works)"
     )
@@ -74,10 +103,39 @@ class NodeConfig:
     def base_url(self) -> str:
         return self.advertise or f"http://{self.listen}"
 
+    @property
+    def azure_container_name(self) -> str:
+        if self.azure_container:
+            return self.azure_container
+        name = re.sub(r"[^a-z0-9-]+", "-", f"meridian-{self.region.lower()}")
+        return re.sub(r"-{2,}", "-", name)[:63].strip("-")
+
+    def check(self) -> str | None:
+        """What is wrong with the settings together, or None."""
+        if self.storage == "azure":
+            if not self.azure_connection_string:
+                return (
+                    "--storage azure needs --azure-connection-string "
+                    "(or MERIDIAN_AZURE_CONNECTION_STRING)"
+                )
+            if not _CONTAINER.match(self.azure_container_name):
+                return (
+                    f"invalid Azure container name {self.azure_container_name!r}: 3-63 of a-z, "
+                    "0-9 and single hyphens (set --azure-container)"
+                )
+        return None
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     settings.add_arguments(p, NodeConfig)
 
 
 def from_args(ns: argparse.Namespace) -> NodeConfig:
-    return settings.from_args(NodeConfig, ns)
+    cfg = settings.from_args(NodeConfig, ns)
+    problem = cfg.check()
+    if problem is not None:
+        parser = getattr(ns, "_settings_parser", None)
+        if parser is None:
+            raise ValueError(problem)
+        parser.error(problem)
+    return cfg

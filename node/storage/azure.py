@@ -746,7 +746,8 @@ class AzureBlobStore(BlobStore):
     async def _list(self, prefix: str, *, metadata: bool) -> AsyncIterator[BlobInfo]:
         """Blobs whose name starts with ``prefix`` (name, size, time), page
         by page; copies that are not whole are left out."""
-        include = ["metadata"] if metadata else None
+        # "copy": a copy still pending shows as such (left out) in listings too.
+        include = ["metadata", "copy"] if metadata else ["copy"]
         pages = self.container.list_blobs(name_starts_with=prefix, include=include)
         while True:
             with _errors(f"listing {prefix}"):

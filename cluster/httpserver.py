@@ -55,6 +55,7 @@ import asyncio
 import logging
 import math
 import resource
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -329,11 +330,13 @@ async def start_server(
     limits: ServerLimits,
     *,
     backlog: int = 1024,
+    ssl_context: ssl.SSLContext | None = None,
     **runner_kwargs: Any,
 ) -> web.AppRunner:
     """Serve ``app`` on ``host:port`` with ``limits``; returns the started
     runner (``runner.addresses`` has the bound port when ``port`` is 0;
-    stop it with ``await runner.cleanup()``). ``runner_kwargs`` go to
+    stop it with ``await runner.cleanup()``); with ``ssl_context``, HTTPS.
+    ``runner_kwargs`` go to
     aiohttp's ``AppRunner`` (default: no access log, no signal handling)."""
     if limits.max_connections > 0:
         # A proxied connection may hold one towards a backend as well.
@@ -342,6 +345,8 @@ async def start_server(
     runner_kwargs.setdefault("handle_signals", False)
     runner = LimitedRunner(app, limits, **runner_kwargs)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=backlog)
+    site = web.TCPSite(
+        runner, host, port, reuse_address=True, backlog=backlog, ssl_context=ssl_context
+    )
     await site.start()
     return runner

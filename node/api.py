@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import IO
 from urllib.parse import quote, urlencode
 
@@ -20,6 +21,7 @@ from cluster.kv import KVUnavailable
 from cluster.namespace import MAX_TAGS_PER_PUSH, BlobsGone, ManifestRecord, Namespace
 from node import manifests as mf
 from node import ranges
+from node.auth import GRANT_HEADER, Access, Gate
 from node.sendfile import send_file_range
 from node.storage.base import BlobNotFound, BlobStore, BlobUnavailable, StorageFull
 from node.uploads import Upload, UploadManager
@@ -102,8 +104,10 @@ class Registry:
         *,
         default_registry: str = "default",
         domain: str = "",
+        gate: Gate | None = None,
     ) -> None:
         self.ns = ns
+        self.gate = gate  # None: the open mode (--no-auth)
         self.store = store
         self.uploads = uploads
         self.default_registry = default_registry
@@ -122,6 +126,9 @@ class Registry:
         if route is None:
             raise RegistryError(Code.UNSUPPORTED, "no such endpoint", {"path": path}, status=404)
         kind = route.kind
+        name = check_name(route.name) if route.name else ""
+        reg = self.registry_for(request)
+        access = await self.gate.authorize(request, reg, route) if self.gate else None
         if kind == "base":
             if method in ("GET", "HEAD"):
                 return web.json_response({}, headers=API_HEADERS)
@@ -129,9 +136,7 @@ class Registry:
         if kind == "catalog":
             if method != "GET":
                 raise unsupported(method)
-            return self.catalog(request)
-        name = check_name(route.name)
-        reg = self.registry_for(request)
+            return await self.catalog(request, reg, access)
         if kind == "tags":
             if method != "GET":
                 raise unsupported(method)
@@ -146,7 +151,7 @@ class Registry:
             raise unsupported(method)
         if kind == "uploads":
             if method == "POST":
-                return await self.start_upload(request, reg, name)
+                return await self.start_upload(request, reg, name, access)
             raise unsupported(method)
         if kind == "upload":
             up = await self.uploads.get(route.arg, reg, name)
@@ -163,7 +168,13 @@ class Registry:
             raise unsupported(method)
         if kind == "blob":
             if method in ("GET", "HEAD"):
-                return await self.get_blob(request, reg, name, route.arg)
+                resp = await self.get_blob(request, reg, name, route.arg)
+                if access is not None and request.headers.get(GRANT_HEADER) == "want":
+                    assert self.gate is not None
+                    if resp.status in (200, 206):
+                        grant = await self.gate.blob_grant(access, name, route.arg)
+                        resp.headers[GRANT_HEADER] = grant
+                return resp
             if method == "DELETE":
                 return await self.delete_blob(reg, name, route.arg)
             raise unsupported(method)
@@ -173,9 +184,22 @@ class Registry:
 
     # -- listing -----------------------------------------------------------
 
-    def catalog(self, request: web.Request) -> web.Response:
+    async def _reader(self, access: Access | None) -> Callable[[str], bool]:
+        """Whether the caller may read a repository (by its identity's
+        current rights, not only the scopes its token names)."""
+        if access is None or self.gate is None:
+            return lambda _repo: True
+        principal = await self.gate.principal(access)
+        if principal is None:
+            return lambda _repo: False
+        return lambda repo: bool(principal.actions(repo) & {"pull", "metadata_read"})
+
+    async def catalog(self, request: web.Request, reg: str, access: Access | None) -> web.Response:
+        """Only the repositories the caller may read are listed."""
         n, last = _page_args(request)
-        repos, more = _paginate(self.ns.repos(self.registry_for(request)), n, last)
+        may_read = await self._reader(access)
+        visible = [r for r in self.ns.repos(reg) if may_read(r)]
+        repos, more = _paginate(visible, n, last)
         headers = {}
         if more and repos:
             q = urlencode({"n": n, "last": repos[-1]})
@@ -526,16 +550,23 @@ class Registry:
             },
         )
 
-    async def _mount(self, reg: str, name: str, digest: str, source: str | None) -> bool:
+    async def _mount(
+        self, reg: str, name: str, digest: str, source: str | None, access: Access | None
+    ) -> bool:
+        """Link a blob of another repository, if the caller may read it
+        there (no escalation: a mount never reaches what a pull could not)."""
+        may_read = await self._reader(access)
         if source is not None:
             try:
                 check_name(source)
             except RegistryError:
                 return False
-            size = self.ns.blob_size(reg, source, digest)
+            size = self.ns.blob_size(reg, source, digest) if may_read(source) else None
         else:
             size = None
             for repo in sorted(self.ns.repos_with_blob(reg, digest)):
+                if not may_read(repo):
+                    continue
                 size = self.ns.blob_size(reg, repo, digest)
                 if size is not None:
                     break
@@ -549,10 +580,12 @@ class Registry:
         await self.ns.link_blob(reg, name, digest, size)
         return True
 
-    async def start_upload(self, request: web.Request, reg: str, name: str) -> web.Response:
+    async def start_upload(
+        self, request: web.Request, reg: str, name: str, access: Access | None = None
+    ) -> web.Response:
         mount = request.query.get("mount")
         if mount is not None and is_digest(mount):
-            if await self._mount(reg, name, mount, request.query.get("from")):
+            if await self._mount(reg, name, mount, request.query.get("from"), access):
                 return self._created(name, mount)
         digest = request.query.get("digest")
         if digest is not None:

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 import uuid
 
@@ -14,20 +15,24 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from cluster import runtime
+from cluster.auth.identities import OWNER_PASSWORD_ENV, ensure_owner
+from cluster.httpserver import start_server
 from cluster.kv import KVStore, KVUnavailable
 from cluster.membership import keep_registered
 from cluster.namespace import Namespace, RegionInfo
+from cluster.pki import server_context
 from cluster.runtime import setup_logging, wait_for_stop_signal
 from cluster.status import PATH as STATUS_PATH
 from cluster.status import NodeStatus
 from node.api import Registry, map_store_errors
+from node.auth import TOKEN_PATH, Gate
 from node.config import NodeConfig
 from node.replication.plan import status_rows
 from node.storage.base import BlobStore
 from node.storage.filesystem import FilesystemBlobStore, SpaceReserve
 from node.uploads import UploadManager
 from ocidist.errors import Code, RegistryError
-from ocidist.paths import API_HEADERS
+from ocidist.paths import API_HEADERS, normalize_domain
 
 log = logging.getLogger("meridian.node")
 
@@ -166,11 +171,26 @@ def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Applicati
         max_per_repo=cfg.max_uploads_per_repo,
         max_total=cfg.max_uploads,
     )
-    registry = Registry(ns, store, uploads, default_registry=cfg.registry, domain=cfg.domain)
+    gate = (
+        Gate(
+            ns,
+            domain=normalize_domain(cfg.domain),
+            default_registry=cfg.registry,
+            trusted_proxies=cfg.proxies(),
+        )
+        if cfg.auth
+        else None
+    )
+    registry = Registry(
+        ns, store, uploads, default_registry=cfg.registry, domain=cfg.domain, gate=gate
+    )
     # Manifests are read with their own 4 MiB limit; blob bodies are streamed.
     app = web.Application(middlewares=[make_middleware(cfg.access_log)], client_max_size=0)
     app[REGISTRY_KEY] = registry
     app.router.add_route("*", "/v2/{path:.*}", registry.dispatch)
+    if gate is not None:
+        app.router.add_route("GET", TOKEN_PATH, gate.token)
+        app.router.add_route("POST", TOKEN_PATH, gate.token)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/meridian/v1/regions", regions)
@@ -194,6 +214,29 @@ def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Applicati
     return app
 
 
+def show_owner_password(password: str, data: str) -> None:
+    """Show a generated owner password once: on the terminal, or, when
+    stderr is not one (a log file), in a file only its owner can read --
+    never in a log line."""
+    if sys.stderr.isatty():
+        print(
+            f"meridian: created the cluster owner: user name 'owner', password {password}\n"
+            f"meridian: it is not shown again (set {OWNER_PASSWORD_ENV} to choose it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    path = os.path.join(os.path.abspath(data), "owner-password")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    log.warning(
+        "created the cluster owner (user name 'owner'); its generated password is in %s "
+        "(readable by this user only): read it, then delete the file",
+        path,
+    )
+
+
 async def serve(cfg: NodeConfig) -> None:
     os.makedirs(cfg.data, exist_ok=True)
     # Space held back for the embedded namespace on a full disk; released
@@ -208,6 +251,15 @@ async def serve(cfg: NodeConfig) -> None:
         except KVUnavailable as e:
             log.warning("namespace store unreachable, retrying: %s", e)
             await asyncio.sleep(1)
+    if cfg.auth:
+        generated = await ensure_owner(ns, os.environ.get(OWNER_PASSWORD_ENV))
+        if generated is not None:
+            show_owner_password(generated, cfg.data)
+    else:
+        log.warning(
+            "authentication is OFF (--no-auth): anyone who can reach this node may "
+            "push, pull and delete anything"
+        )
     if cfg.storage == "azure":
         from node.storage.azure import connect
 
@@ -245,13 +297,11 @@ async def serve(cfg: NodeConfig) -> None:
         app.router.add_get("/meridian/v1/replication", replication_status)
         app[REPLICATION_KEY] = replication
         await replication.start()
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, backlog=1024)
-    await site.start()
+    ssl_context = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+    runner = await start_server(app, cfg.host, cfg.port, cfg.limits(), ssl_context=ssl_context)
     log.info(
         "node listening",
-        extra={"path": f"http://{cfg.listen}"},
+        extra={"path": f"{'https' if ssl_context else 'http'}://{cfg.listen}"},
     )
     info = RegionInfo(
         name=cfg.region, http=cfg.base_url, grpc=cfg.grpc_advertise or cfg.grpc_listen

@@ -4,10 +4,12 @@ its ``MERIDIAN_*`` twin, help and default (``cluster.settings``)."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 from dataclasses import dataclass
 
 from cluster import settings
+from cluster.httpserver import ServerLimits
 from cluster.runtime import split_hostport
 from cluster.settings import setting
 from cluster.units import parse_size
@@ -27,7 +29,7 @@ class Secret(str):
 
 
 @dataclass
-class NodeConfig:
+class NodeConfig(ServerLimits):
     listen: str = setting("127.0.0.1:5000", "HTTP host:port to serve the OCI API on")
     data: str = setting("./data", "data directory (blobs, uploads, embedded namespace)")
     region: str = setting("local", "the region this node serves")
@@ -41,6 +43,18 @@ class NodeConfig:
     advertise: str = setting(
         "", "base URL the router and other regions use for HTTP", show="http://<listen>"
     )
+    auth: bool = setting(
+        True,
+        "require authentication (Docker token flow); --no-auth lets anyone push, pull and "
+        "delete: for experiments only",
+    )
+    trusted_proxies: str = setting(
+        "",
+        "comma-separated CIDRs of the routers in front of this node: their X-Forwarded-For "
+        "names the client (rate limits, network rules)",
+    )
+    tls_cert: str = setting("", "PEM certificate (chain) to serve HTTPS with; none: plain HTTP")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
     registry: str = setting("default", "registry served when the Host names none")
     domain: str = setting("", "<registry>.<domain> in Host selects a registry")
     loop: str = setting("uvloop", "event loop", choices=("asyncio", "uvloop"))
@@ -101,7 +115,15 @@ class NodeConfig:
 
     @property
     def base_url(self) -> str:
-        return self.advertise or f"http://{self.listen}"
+        scheme = "https" if self.tls_cert else "http"
+        return self.advertise or f"{scheme}://{self.listen}"
+
+    def proxies(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [
+            ipaddress.ip_network(c.strip(), strict=False)
+            for c in self.trusted_proxies.split(",")
+            if c.strip()
+        ]
 
     @property
     def azure_container_name(self) -> str:
@@ -112,6 +134,13 @@ class NodeConfig:
 
     def check(self) -> str | None:
         """What is wrong with the settings together, or None."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            return "--tls-cert and --tls-key go together"
+        for cidr in filter(None, (c.strip() for c in self.trusted_proxies.split(","))):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                return f"--trusted-proxies: {cidr!r} is not a CIDR (e.g. 10.0.0.0/8)"
         if self.storage == "azure":
             if not self.azure_connection_string:
                 return (

@@ -26,10 +26,11 @@ import time
 from dataclasses import dataclass, field
 
 from cluster.auth import scopes as sc
-from cluster.auth.secrets import DECOY, verify_secret
-from cluster.namespace import AUTH, REG, Namespace
+from cluster.auth.secrets import DECOY, generate, hash_secret, verify_secret
+from cluster.namespace import AUTH, REG, Conflict, Namespace
 
 OWNER = "owner"
+OWNER_PASSWORD_ENV = "MERIDIAN_OWNER_PASSWORD"
 OWNER_KEY = AUTH + "owner"
 SP_PREFIX = AUTH + "sp/"
 
@@ -244,3 +245,20 @@ class Identities:
 def _safe_name(name: str) -> bool:
     """Identity names become key components: no separators, bounded."""
     return 0 < len(name) <= 128 and all(c.isalnum() or c in "-_." for c in name)
+
+
+async def ensure_owner(ns: Namespace, password: str | None) -> str | None:
+    """Create the cluster owner on first start: with ``password``
+    (``MERIDIAN_OWNER_PASSWORD``), else a generated one, which is returned
+    so the caller can show it once. Returns None when the owner existed
+    already (a later start never changes it) or was created from
+    ``password``. Safe when several nodes start at once: one creates it."""
+    if await ns.fresh_record(OWNER_KEY) is not None:
+        return None
+    generated = None if password else generate()
+    record = {"passwords": [hash_secret(password or generated or "")], "created": time.time()}
+    try:
+        await ns.put_record(OWNER_KEY, json.dumps(record).encode(), create=True)
+    except Conflict:
+        return None  # another node created it first
+    return generated

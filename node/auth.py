@@ -1,0 +1,422 @@
+"""Authentication and authorization of the v2 API, and the token endpoint.
+
+Clients speak the Docker token-authentication protocol:
+
+1. A request without a usable token gets ``401 UNAUTHORIZED`` with
+   ``WWW-Authenticate: Bearer realm="<the address the client used>/oauth2/token",
+   service="<registry service>",scope="repository:<name>:<actions>"``. The
+   realm comes from the request's own Host (or ``X-Forwarded-Host`` /
+   ``X-Forwarded-Proto`` from the router), so it works through the router.
+2. The client asks the token endpoint: ``GET /oauth2/token`` with Basic
+   credentials (Docker's token flow), or ``POST /oauth2/token`` with
+   ``grant_type=password`` or ``refresh_token`` (OAuth2, used by containerd
+   and docker). It answers a short-lived access token listing what was
+   granted (``cluster.auth.identities.Principal.grant``).
+3. Every request then carries ``Authorization: Bearer <token>``; the gate
+   checks the token (signature verified once, then cached), that its subject
+   still exists and is enabled, and that it grants the action the endpoint
+   needs. A token lacking the action gets a 401 naming the scope needed (the
+   client fetches a token for it; an identity without the right gets a
+   token without it and stops there).
+
+The service name of a registry is its login server: ``<registry>.<domain>``
+with ``--domain``, else the registry's name. A token is for one service, so
+a token of another registry is refused.
+
+Failed logins are limited per user name and per source address
+(``TOOMANYREQUESTS`` with ``Retry-After``); no answer tells whether a user
+name exists. Secrets never reach logs or error messages.
+
+Network rules (a registry's ``network`` setting: ``public_access`` and
+``allowed_cidrs``) are checked before anything else: with public access off,
+only clients from an allowed CIDR get in; others get ``403 DENIED``.
+
+Blob grants: a router redirecting a blob GET to a region cannot count on the
+client re-sending its token to another host (Go clients drop
+``Authorization`` on a cross-host redirect). So when the router asks
+(``X-Meridian-Grant: want`` on its authorized HEAD), the node answers a
+grant: a token for exactly that blob of that repository, valid for a
+minute, that the router appends to the redirect as ``meridian_grant``. A
+blob GET carrying a valid grant for its own repository and digest needs no
+other credential.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from cluster.auth import scopes as sc
+from cluster.auth import tokens
+from cluster.auth.identities import Identities, Principal
+from cluster.namespace import Namespace
+from ocidist.errors import Code, RegistryError
+from ocidist.paths import Route, registry_for_host
+
+TOKEN_PATH = "/oauth2/token"
+GRANT_HEADER = "X-Meridian-Grant"
+GRANT_PARAM = "meridian_grant"
+GRANT_TTL = 60
+MAX_AUTH_HEADER = tokens.MAX_TOKEN_BYTES + 16
+FAILURES_ALLOWED = 10  # failed logins per user name, and per source, in the window
+FAILURE_WINDOW = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What a request may do: its principal's subject and granted scopes."""
+
+    kind: str
+    name: str
+    registry: str
+    granted: dict[tuple[str, str], frozenset[str]]
+
+    def allows(self, typ: str, name: str, action: str) -> bool:
+        acts = self.granted.get((typ, name), frozenset())
+        return action in acts or "*" in acts
+
+
+@dataclass
+class FailureLimiter:
+    """Sliding-window count of failed logins per key (user name, address)."""
+
+    allowed: int = FAILURES_ALLOWED
+    window: float = FAILURE_WINDOW
+    _seen: dict[str, deque[float]] = field(default_factory=lambda: defaultdict(deque))
+
+    def _trim(self, key: str, now: float) -> deque[float]:
+        q = self._seen[key]
+        while q and now - q[0] > self.window:
+            q.popleft()
+        if not q:
+            del self._seen[key]
+            return deque()
+        return q
+
+    def retry_after(self, keys: list[str], now: float | None = None) -> int:
+        """Seconds until a login for ``keys`` may be tried again; 0: now."""
+        now = time.monotonic() if now is None else now
+        wait = 0.0
+        for k in keys:
+            q = self._trim(k, now)
+            if len(q) >= self.allowed:
+                wait = max(wait, self.window - (now - q[0]))
+        return int(wait) + 1 if wait > 0 else 0
+
+    def failed(self, keys: list[str], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for k in keys:
+            self._seen[k].append(now)
+        if len(self._seen) > 100_000:  # bounded memory under a spray of names
+            for k in list(self._seen)[:50_000]:
+                del self._seen[k]
+
+
+def required_scope(route: Route, method: str) -> tuple[str, str, str] | None:
+    """(type, name, action) an endpoint needs; None for ``/v2/`` itself,
+    which needs any valid token (that is how clients check a login)."""
+    if route.kind == "base":
+        return None
+    if route.kind == "catalog":
+        return ("registry", "catalog", "*")
+    if route.kind in ("uploads", "upload"):
+        return ("repository", route.name, sc.PUSH)
+    if method in ("GET", "HEAD"):
+        return ("repository", route.name, sc.PULL)
+    if method == "DELETE":
+        return ("repository", route.name, sc.DELETE)
+    return ("repository", route.name, sc.PUSH)
+
+
+class Gate:
+    def __init__(
+        self,
+        ns: Namespace,
+        *,
+        domain: str,
+        default_registry: str,
+        trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
+    ) -> None:
+        self.ns = ns
+        self.domain = domain
+        self.default_registry = default_registry
+        self.trusted_proxies = trusted_proxies or []
+        self.identities = Identities(ns)
+        self.keys = tokens.KeyRing(ns)
+        self.verifier = tokens.Verifier(self.keys)
+        self.limiter = FailureLimiter()
+
+    # -- naming -------------------------------------------------------------
+
+    def service_for(self, reg: str) -> str:
+        return f"{reg}.{self.domain}" if self.domain else reg
+
+    def source(self, request: web.Request) -> str:
+        """The client's address: the peer, or the last hop a trusted proxy
+        (the router) appended to ``X-Forwarded-For``."""
+        peer = request.remote or ""
+        fwd = request.headers.get("X-Forwarded-For")
+        if fwd and self._trusted(peer):
+            return fwd.split(",")[-1].strip()
+        return peer
+
+    def _trusted(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted_proxies)
+
+    def realm(self, request: web.Request) -> str:
+        host = request.headers.get("X-Forwarded-Host") or request.host
+        scheme = request.headers.get("X-Forwarded-Proto") or request.scheme
+        return f"{scheme}://{host}{TOKEN_PATH}"
+
+    def challenge(
+        self,
+        request: web.Request,
+        reg: str,
+        need: tuple[str, str, str] | None,
+        message: str = "authentication required",
+        error: str | None = None,
+    ) -> RegistryError:
+        parts = [f'realm="{self.realm(request)}"', f'service="{self.service_for(reg)}"']
+        detail = None
+        if need is not None:
+            typ, name, action = need
+            actions = "pull,push" if action == sc.PUSH else action
+            parts.append(f'scope="{typ}:{name}:{actions}"')
+            detail = [{"Type": typ, "Name": name, "Action": action}]
+        if error:
+            parts.append(f'error="{error}"')
+        return RegistryError(
+            Code.UNAUTHORIZED,
+            message,
+            detail,
+            headers={"WWW-Authenticate": "Bearer " + ",".join(parts)},
+        )
+
+    # -- the request path ---------------------------------------------------------
+
+    def check_network(self, request: web.Request, reg: str) -> None:
+        rules = self.identities.registry_settings(reg).get("network") or {}
+        if rules.get("public_access", True) is not False:
+            return
+        try:
+            ip = ipaddress.ip_address(self.source(request))
+        except ValueError:
+            ip = None
+        for cidr in rules.get("allowed_cidrs", []):
+            try:
+                if ip is not None and ip in ipaddress.ip_network(cidr, strict=False):
+                    return
+            except ValueError:
+                continue
+        raise RegistryError(
+            Code.DENIED,
+            "this registry accepts clients from its allowed networks only",
+            {"source": self.source(request)},
+        )
+
+    async def authorize(self, request: web.Request, reg: str, route: Route) -> Access:
+        self.check_network(request, reg)
+        need = required_scope(route, request.method)
+        grant = request.query.get(GRANT_PARAM)
+        if grant is not None and route.kind == "blob" and request.method in ("GET", "HEAD"):
+            return await self._blob_grant(request, reg, route, need, grant)
+        header = request.headers.get("Authorization", "")
+        if len(header) > MAX_AUTH_HEADER:
+            raise self.challenge(request, reg, need, "authorization header too long")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise self.challenge(request, reg, need)
+        try:
+            claims = await self.verifier.verify(token.strip(), self.service_for(reg))
+        except tokens.InvalidToken:
+            raise self.challenge(
+                request, reg, need, "invalid or expired token", "invalid_token"
+            ) from None
+        kind, _, name = str(claims["sub"]).partition(":")
+        if claims.get("reg") != reg or not await self.identities.still_valid(kind, name, reg):
+            raise self.challenge(request, reg, need, "invalid or expired token", "invalid_token")
+        access = _access_of(claims, kind, name, reg)
+        if need is not None and not access.allows(*need):
+            raise self.challenge(request, reg, need, "insufficient scope", "insufficient_scope")
+        return access
+
+    async def _blob_grant(
+        self, request: web.Request, reg: str, route: Route, need: Any, grant: str
+    ) -> Access:
+        try:
+            claims = await self.verifier.verify(grant, self.service_for(reg), token_type="blob")
+        except tokens.InvalidToken:
+            raise self.challenge(request, reg, need, "invalid or expired grant") from None
+        target = f"{route.name}@{route.arg}"
+        kind, _, name = str(claims["sub"]).partition(":")
+        if (
+            claims.get("reg") != reg
+            or claims["access"] != [{"type": "blob", "name": target, "actions": ["pull"]}]
+            or not await self.identities.still_valid(kind, name, reg)
+        ):
+            raise self.challenge(request, reg, need, "invalid or expired grant")
+        return Access(kind, name, reg, {("repository", route.name): frozenset({sc.PULL})})
+
+    async def blob_grant(self, access: Access, name: str, digest: str) -> str:
+        """A one-minute token for exactly blob ``digest`` of ``name``."""
+        key = await self.keys.ensure()
+        return tokens.issue(
+            key,
+            subject=f"{access.kind}:{access.name}",
+            kind=access.kind,
+            registry=access.registry,
+            service=self.service_for(access.registry),
+            access=[{"type": "blob", "name": f"{name}@{digest}", "actions": ["pull"]}],
+            ttl=GRANT_TTL,
+            token_type="blob",
+        )
+
+    async def principal(self, access: Access) -> Principal | None:
+        return await self.identities.principal_for(access.kind, access.name, access.registry)
+
+    # -- the token endpoint ---------------------------------------------------------
+
+    async def token(self, request: web.Request) -> web.Response:
+        reg = registry_for_host(
+            request.headers.get("X-Forwarded-Host") or request.host,
+            self.domain,
+            self.default_registry,
+        )
+        self.check_network(request, reg)
+        service = self.service_for(reg)
+        if request.method == "POST":
+            form = await request.post()
+            params: dict[str, Any] = {k: str(v) for k, v in form.items()}
+            scope_values = [str(v) for v in form.getall("scope", [])]
+        else:
+            params = dict(request.query)
+            scope_values = request.query.getall("scope", [])
+        if params.get("service", service) != service:
+            raise RegistryError(
+                Code.DENIED, "this endpoint issues tokens for another service", status=400
+            )
+        requested = sc.parse_scopes(scope_values)
+        principal, offline = await self._token_principal(request, reg, params)
+        granted = principal.grant(requested)
+        key = await self.keys.ensure()
+        now = time.time()
+        access_token = tokens.issue(
+            key,
+            subject=principal.subject,
+            kind=principal.kind,
+            registry=reg,
+            service=service,
+            access=[s.as_claim() for s in granted],
+            now=now,
+        )
+        body: dict[str, Any] = {
+            "access_token": access_token,
+            "expires_in": tokens.TOKEN_TTL,
+            "issued_at": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "scope": " ".join(str(s) for s in granted),
+        }
+        if request.method == "GET":
+            body["token"] = access_token
+        if offline and principal.kind != "anonymous":
+            body["refresh_token"] = tokens.issue(
+                key,
+                subject=principal.subject,
+                kind=principal.kind,
+                registry=reg,
+                service=service,
+                access=[],
+                ttl=tokens.REFRESH_TTL,
+                now=now,
+                token_type="refresh",
+            )
+        return web.Response(
+            body=json.dumps(body).encode(),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _token_principal(
+        self, request: web.Request, reg: str, params: dict[str, Any]
+    ) -> tuple[Principal, bool]:
+        """Who asks for a token, and whether they want a refresh token."""
+        grant = params.get("grant_type")
+        if request.method == "POST" and grant == "refresh_token":
+            try:
+                claims = await self.verifier.verify(
+                    str(params.get("refresh_token", "")),
+                    self.service_for(reg),
+                    token_type="refresh",
+                )
+            except tokens.InvalidToken:
+                raise self._login_failed(request, reg) from None
+            kind, _, name = str(claims["sub"]).partition(":")
+            p = await self.identities.principal_for(kind, name, reg)
+            if p is None or claims.get("reg") != reg:
+                raise self._login_failed(request, reg)
+            return p, True
+        if request.method == "POST":
+            if grant != "password":
+                raise RegistryError(
+                    Code.UNSUPPORTED, "grant_type must be password or refresh_token", status=400
+                )
+            username, password = str(params.get("username", "")), str(params.get("password", ""))
+            offline = params.get("access_type") == "offline" or bool(params.get("client_id"))
+        else:
+            creds = _basic(request.headers.get("Authorization", ""))
+            if creds is None:
+                anon = self.identities.anonymous(reg)
+                if anon is not None:
+                    return anon, False
+                raise self.challenge(request, reg, None)
+            username, password = creds
+            offline = params.get("offline_token") == "true"
+        keys = [f"user:{reg}:{username}", f"addr:{self.source(request)}"]
+        wait = self.limiter.retry_after(keys)
+        if wait:
+            raise RegistryError(
+                Code.TOOMANYREQUESTS,
+                "too many failed logins; retry later",
+                headers={"Retry-After": str(wait)},
+            )
+        principal = await self.identities.authenticate(reg, username, password)
+        if principal is None:
+            self.limiter.failed(keys)
+            raise self._login_failed(request, reg)
+        return principal, offline
+
+    def _login_failed(self, request: web.Request, reg: str) -> RegistryError:
+        # One answer for every failure: unknown user, wrong password, disabled.
+        return self.challenge(request, reg, None, "invalid credentials")
+
+
+def _basic(header: str) -> tuple[str, str] | None:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value or len(value) > MAX_AUTH_HEADER:
+        return None
+    try:
+        user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (user, password) if sep else None
+
+
+def _access_of(claims: dict[str, Any], kind: str, name: str, reg: str) -> Access:
+    granted: dict[tuple[str, str], frozenset[str]] = {}
+    for a in claims.get("access", []):
+        if isinstance(a, dict) and isinstance(a.get("actions"), list):
+            key = (str(a.get("type")), str(a.get("name")))
+            granted[key] = granted.get(key, frozenset()) | frozenset(map(str, a["actions"]))
+    return Access(kind, name, reg, granted)

@@ -52,6 +52,7 @@ aiohttp upgrade that changes these internals fails there first.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import resource
@@ -300,13 +301,16 @@ class LimitedRunner(web.AppRunner):
         return LimitedServer(await super()._make_server(), self.limits)
 
 
-def ensure_open_files(wanted: int) -> None:
+FD_RESERVE = 256  # files the process needs besides client connections
+
+
+def ensure_open_files(wanted: int) -> int | None:
     """Raise this process's soft limit on open files towards ``wanted`` (up
-    to the hard limit); warn when it stays below."""
+    to the hard limit); returns the limit in force (None: unlimited)."""
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (OSError, ValueError):
-        return
+        return None
     if soft != resource.RLIM_INFINITY and soft < wanted:
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         try:
@@ -314,13 +318,17 @@ def ensure_open_files(wanted: int) -> None:
             soft = target
         except (OSError, ValueError):
             pass
-        if soft < wanted:
-            log.warning(
-                "open-file limit %d is below the %d the connection cap needs; "
-                "raise it (ulimit -n) or lower --max-connections",
-                soft,
-                wanted,
-            )
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def fitted_cap(cap: int, open_files: int | None) -> int:
+    """The connection cap the open-file limit can hold: a connection may
+    hold two descriptors (a proxied one holds one to a backend as well) and
+    the process keeps ``FD_RESERVE`` for its own files; so the cap always
+    triggers before the process runs out of descriptors."""
+    if open_files is None:
+        return cap
+    return max(8, min(cap, (open_files - FD_RESERVE) // 2))
 
 
 async def start_server(
@@ -339,8 +347,17 @@ async def start_server(
     ``runner_kwargs`` go to
     aiohttp's ``AppRunner`` (default: no access log, no signal handling)."""
     if limits.max_connections > 0:
-        # A proxied connection may hold one towards a backend as well.
-        ensure_open_files(2 * limits.max_connections + 256)
+        wanted = 2 * limits.max_connections + FD_RESERVE
+        cap = fitted_cap(limits.max_connections, ensure_open_files(wanted))
+        if cap < limits.max_connections:
+            log.warning(
+                "the open-file limit holds %d connections, not --max-connections %d: "
+                "capping at %d (raise ulimit -n for more)",
+                cap,
+                limits.max_connections,
+                cap,
+            )
+            limits = dataclasses.replace(limits, max_connections=cap)
     runner_kwargs.setdefault("access_log", None)
     runner_kwargs.setdefault("handle_signals", False)
     runner = LimitedRunner(app, limits, **runner_kwargs)

@@ -29,7 +29,14 @@ from pathlib import Path
 
 from cluster.runtime import free_port
 from loadtest.procstats import process_tree_cpu_seconds, process_tree_rss_bytes
-from localcluster.supervisor import REPO_ROOT, Child, StartError, python_env, spawn
+from localcluster.supervisor import (
+    REPO_ROOT,
+    Child,
+    StartError,
+    python_env,
+    registry_answers,
+    spawn,
+)
 
 DISTRIBUTION_BIN = "docker-registry"
 DISTRIBUTION_INSTALL = "apt-get install -y docker-registry"
@@ -103,11 +110,6 @@ class Server:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _v2_ready(status: int, body: bytes) -> bool:
-    # 401: up, but wants a token; the caller deals with auth
-    return status in (200, 401)
-
-
 def _spawn(
     name: str,
     argv: list[str],
@@ -124,7 +126,7 @@ def _spawn(
         raise LaunchError(str(e)) from None
     server = Server(name, port, child, workdir, owns_workdir=owns_workdir)
     try:
-        child.wait_ready(url=server.base_url + "/v2/", ok=_v2_ready, timeout=ready_timeout)
+        child.wait_ready(url=server.base_url + "/v2/", ok=registry_answers, timeout=ready_timeout)
     except StartError as e:
         server.stop()
         raise LaunchError(str(e)) from None

@@ -84,6 +84,12 @@ def get_json(url: str, timeout: float = 2.0) -> Any:
         return json.loads(resp.read())
 
 
+def registry_answers(status: int, body: bytes) -> bool:
+    """Readiness of a registry's ``GET /v2/``: 200, or 401 (it is up and
+    wants a token; the caller deals with auth)."""
+    return status in (200, 401)
+
+
 def tail(path: Path, lines: int = 20, indent: str = "") -> str:
     """The last ``lines`` lines of a log file ("" if unreadable)."""
     try:

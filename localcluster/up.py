@@ -61,6 +61,7 @@ from localcluster.supervisor import (
     get_json,
     meridian_argv,
     python_env,
+    registry_answers,
     spawn,
     start_etcd,
     stop_all,
@@ -457,7 +458,7 @@ class Cluster:
             )  # fmt: skip
             started.append((child, f"http://{http}/v2/"))
         for child, url in started:
-            child.wait_ready(url=url, timeout=60, interval=0.1)
+            child.wait_ready(url=url, ok=registry_answers, timeout=60, interval=0.1)
 
     def start_router(self, name: str, *, source: str | None = None, port: int = 0) -> str:
         """Start a router (``name`` in the status and logs) on ``port`` (a

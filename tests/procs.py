@@ -11,7 +11,14 @@ import subprocess
 from pathlib import Path
 
 from cluster.runtime import free_port
-from localcluster.supervisor import REPO_ROOT, Child, StartError, meridian_argv, spawn
+from localcluster.supervisor import (
+    REPO_ROOT,
+    Child,
+    StartError,
+    meridian_argv,
+    registry_answers,
+    spawn,
+)
 
 ROOT = REPO_ROOT
 
@@ -73,7 +80,7 @@ class NodeProcess:
         # In pytest's own process group: Ctrl-C reaches the nodes too.
         self.child = spawn(f"node {self.region}", cmd, self.log, cwd=ROOT, new_session=False)
         try:
-            self.child.wait_ready(url=self.url + "/v2/", timeout=20)
+            self.child.wait_ready(url=self.url + "/v2/", ok=registry_answers, timeout=20)
         except StartError as e:
             raise RuntimeError(str(e)) from None
         return self

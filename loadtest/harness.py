@@ -44,6 +44,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cluster import units
+from cluster.preflight import CliError
 from loadtest import loadgen
 from loadtest.common import host_info, machine_busy_seconds, percentile
 from loadtest.ocipush import OciClient
@@ -54,6 +55,7 @@ from loadtest.samples import MIB, Rows, stats, stats_by_op, timeseries
 from loadtest.sites import LocalCluster
 from loadtest.workers import Job, WorkerResult, require_loopback, run_jobs, session, split
 from localcluster import topology as topo
+from localcluster.supervisor import StartError
 
 SCHEMA = "meridian.loadtest/1"
 GIB = 1 << 30
@@ -154,6 +156,10 @@ def start_cluster(
     cl = LocalCluster(wd, topology, sites=sites, emulate=emulate, site_rtt_ms=site_rtt_ms)
     try:
         cl.start()
+    except (StartError, CliError) as e:  # a part that would not start: its log's tail
+        cl.stop()
+        shutil.rmtree(wd, ignore_errors=True)
+        raise HarnessError(f"the cluster did not start: {e}") from None
     except BaseException:
         cl.stop()
         shutil.rmtree(wd, ignore_errors=True)

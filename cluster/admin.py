@@ -13,7 +13,7 @@ import aiohttp
 
 from cluster import discovery
 from cluster.namespace import ALIVE, REGIONS, RegionInfo
-from cluster.preflight import CliError, answer
+from cluster.preflight import CliError, Parser, answer
 
 
 def namespace_args(p: argparse.ArgumentParser) -> None:
@@ -81,7 +81,7 @@ async def list_regions(ns: discovery.Where) -> list[dict]:
 
 
 def regions_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="meridian regions", description="list the regions of a cluster and their health"
     )
     namespace_args(p)
@@ -133,9 +133,7 @@ def replication_main(argv: list[str]) -> int:
     management API (``--node``)."""
     import urllib.request
 
-    p = argparse.ArgumentParser(
-        prog="meridian replication", description="replication status of a cluster"
-    )
+    p = Parser(prog="meridian replication", description="replication status of a cluster")
     p.add_argument("verb", choices=["list"], nargs="?", default="list")
     namespace_args(p)
     args = p.parse_args(argv)

@@ -3,7 +3,6 @@ imported only when that subcommand runs."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
@@ -12,7 +11,7 @@ def _node(argv: list[str]) -> int:
     from node import config
     from node.app import run
 
-    p = argparse.ArgumentParser(prog="meridian node", description="run one registry node")
+    p = preflight.Parser(prog="meridian node", description="run one registry node")
     config.add_arguments(p)
     cfg = config.from_args(p.parse_args(argv))
     listens = {"--listen": cfg.listen, "--grpc-listen": cfg.grpc_listen}

@@ -20,6 +20,7 @@ import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from cluster import procfs
 
@@ -32,6 +33,14 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = FAILED) -> None:
         super().__init__(message)
         self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (what is wrong, and where
+    the rest is said), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def answer(prog: str, fn: Callable[[], int]) -> int:

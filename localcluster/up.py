@@ -615,7 +615,7 @@ def options_from(cfg: UpConfig) -> ClusterOptions:
 
 
 def up_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = preflight.Parser(
         prog="meridian up",
         description="a complete local multi-region cluster on loopback: etcd, regions, "
         "a WAN emulator and the router, in the foreground until Ctrl-C",

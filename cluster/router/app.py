@@ -9,8 +9,10 @@ region that will serve it fastest (``cluster.router.proxy``). It serves with
 the client-side limits of ``cluster.httpserver``.
 
 Own endpoints: ``/healthz``, ``/metrics`` (``meridian_router_*``) and
-``/meridian/v1/router`` (the table as JSON). Anything else that is not under
-``/v2/`` is ``404 UNSUPPORTED``, answered by the router itself.
+``/meridian/v1/router`` (the table as JSON). ``/oauth2/token`` is proxied to
+a region (the token endpoint). Anything else that is not under ``/v2/`` is
+``404 UNSUPPORTED``, answered by the router itself. With ``--tls-cert`` and
+``--tls-key`` the router serves HTTPS.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from cluster.backoff import Backoff
 from cluster.httpserver import start_server
 from cluster.kv import KVStore
 from cluster.namespace import ALIVE, REGIONS, Namespace
+from cluster.pki import server_context
 from cluster.router import config
 from cluster.router.config import RouterConfig
-from cluster.router.proxy import Proxy, error_response
+from cluster.router.proxy import GRANT_PARAM, TOKEN_PATH, Proxy, error_response
 from cluster.router.table import RegionTable
 from cluster.runtime import setup_logging, wait_for_stop_signal
 from ocidist.errors import Code, RegistryError
@@ -157,6 +160,8 @@ def build_app(router: Router) -> web.Application:
     app = web.Application(client_max_size=0)
     app.router.add_route("*", "/v2", router.handle)
     app.router.add_route("*", "/v2/{tail:.*}", router.handle)
+    app.router.add_route("GET", TOKEN_PATH, router.token)
+    app.router.add_route("POST", TOKEN_PATH, router.token)
     app.router.add_get("/healthz", router.healthz)
     app.router.add_get("/metrics", router.metrics)
     app.router.add_get("/meridian/v1/router", router.status_handler)
@@ -173,7 +178,7 @@ def make_access_log_middleware():  # noqa: ANN201 - aiohttp middleware type
             "request",
             extra={
                 "method": request.method,
-                "path": request.path_qs,
+                "path": _redacted(request),
                 "status": resp.status,
                 "ms": round((time.perf_counter() - t0) * 1000, 2),
             },
@@ -183,19 +188,30 @@ def make_access_log_middleware():  # noqa: ANN201 - aiohttp middleware type
     return access
 
 
+def _redacted(request: web.Request) -> str:
+    """The request's path and query for the log, a blob grant blanked."""
+    if GRANT_PARAM not in request.query:
+        return request.path_qs
+    query = request.query.copy()
+    query[GRANT_PARAM] = "REDACTED"
+    return str(request.rel_url.with_query(query))
+
+
 async def serve(cfg: RouterConfig, ready: Callable[[Router], None] | None = None) -> None:
-    if not cfg.etcd:
-        raise SystemExit("meridian router: --etcd is required (or MERIDIAN_ETCD)")
+    problem = cfg.check()
+    if problem:
+        raise SystemExit(f"meridian router: {problem}")
+    ssl_context = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     ns = Namespace(make_kv(cfg), region="")
     table = RegionTable(cfg.table_settings())
     router = Router(cfg, ns, table)
     app = build_app(router)
     if cfg.access_log:
         app.middlewares.append(make_access_log_middleware())
-    runner = await start_server(app, cfg.host, cfg.port, cfg.limits())
+    runner = await start_server(app, cfg.host, cfg.port, cfg.limits(), ssl_context=ssl_context)
     starter = asyncio.create_task(router.start_namespace(), name="namespace-start")
     checker = asyncio.create_task(router.check_store(), name="namespace-check")
-    log.info("router listening (etcd %s)", cfg.etcd, extra={"path": f"http://{cfg.listen}"})
+    log.info("router listening (etcd %s)", cfg.etcd, extra={"path": f"{cfg.scheme}://{cfg.listen}"})
     if ready is not None:
         ready(router)
     await wait_for_stop_signal()
@@ -221,7 +237,8 @@ def router_main(argv: list[str]) -> int:
     )
     config.add_arguments(p)
     cfg = config.from_args(p.parse_args(argv))
-    if not cfg.etcd:
-        p.error("--etcd is required (or MERIDIAN_ETCD)")
+    problem = cfg.check()
+    if problem:
+        p.error(problem)
     run(cfg)
     return 0

@@ -1,11 +1,15 @@
 """Configuration of the router: every setting declared once, with its flag,
 its ``MERIDIAN_*`` twin, help and default (``cluster.settings``). The
 server-side limits (client header/body timeouts, keep-alive, connection
-cap) come from ``cluster.httpserver.ServerLimits``."""
+cap) come from ``cluster.httpserver.ServerLimits``. With ``--tls-cert`` and
+``--tls-key`` the router serves HTTPS; it verifies HTTPS regions with
+``--tls-ca`` (default: the system's trusted roots)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import ssl
 from dataclasses import dataclass
 
 from cluster import settings
@@ -32,6 +36,11 @@ class RouterConfig(ServerLimits):
     )
     redirect_blobs: bool = setting(True, "answer blob GETs with a redirect (else proxy the bytes)")
     direct_uploads: bool = setting(True, "point upload URLs at the chosen region itself")
+    tls_cert: str = setting("", "PEM certificate (chain) to serve HTTPS with; none: plain HTTP")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
+    tls_ca: str = setting(
+        "", "PEM CA file to verify HTTPS regions with", show="the system's trusted roots"
+    )
     loop: str = setting("uvloop", "event loop", choices=("asyncio", "uvloop"))
     access_log: bool = setting(False, "log every request")
     log_level: str = setting(
@@ -46,12 +55,37 @@ class RouterConfig(ServerLimits):
     def port(self) -> int:
         return split_hostport(self.listen)[1]
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    def check(self) -> str | None:
+        """What is wrong with the settings together, or None."""
+        if not self.etcd:
+            return "--etcd is required (or MERIDIAN_ETCD)"
+        if bool(self.tls_cert) != bool(self.tls_key):
+            return "--tls-cert and --tls-key go together"
+        for flag, path in (
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-ca", self.tls_ca),
+        ):
+            if path and not os.access(path, os.R_OK):
+                return f"{flag}: cannot read {path}"
+        return None
+
+    def client_ssl(self) -> ssl.SSLContext:
+        """How the router verifies HTTPS regions: ``--tls-ca``, else the
+        system's trusted roots."""
+        return ssl.create_default_context(cafile=self.tls_ca or None)
+
     def table_settings(self) -> TableSettings:
         return TableSettings(
             probe_interval=self.probe_interval,
             probe_timeout=self.probe_timeout,
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
+            ssl_context=self.client_ssl(),
         )
 
 

@@ -43,6 +43,27 @@ registry exactly as it would for a direct request. A redirect or a direct
 upload URL would reach the region under the region's own host name, so for a
 registry named by the host the router proxies blob GETs and keeps upload
 URLs pointing at itself (still pinned to the session's region).
+
+Every proxied request carries ``Host`` and ``X-Forwarded-Host`` (the address
+the client used), ``X-Forwarded-Proto`` (``https`` when the router serves
+TLS) and ``X-Forwarded-For`` with the client's address appended: a node's
+``401`` challenge names the router's own token endpoint as its realm, and
+its failed-login limits and network rules see the real client (nodes take
+``X-Forwarded-For`` only from ``--trusted-proxies``).
+
+Authentication (nodes with auth on): the token endpoint (``GET``/``POST
+/oauth2/token``) is proxied to the nearest region, the next one when a
+region fails (never hedged: one login, one attempt at a time); neither its
+body nor the ``Authorization`` header is ever logged. A token any region
+issued is good in every region. A blob GET's verifying ``HEAD`` carries the
+client's ``Authorization`` and ``X-Meridian-Grant: want``; the region's
+grant (a one-minute token for that one blob) goes into the redirect as
+``meridian_grant=...``, because Go clients (containerd, docker) drop
+``Authorization`` on a redirect to another host. A ``401`` to that ``HEAD``
+is the client's answer (with the region's challenge), not a redirect.
+``--no-verify-redirects`` cannot get a grant without the ``HEAD``: a blob GET
+that carries ``Authorization`` is verified anyway; the flag saves the round
+trip for clients without credentials only.
 """
 
 from __future__ import annotations
@@ -73,6 +94,12 @@ from ocidist.paths import API_HEADERS, normalize_domain, registry_for_host
 log = logging.getLogger("meridian.router")
 
 PIN = "meridian_region"  # query parameter naming the region an URL belongs to
+# The node's blob grants (node.auth: the router talks to nodes over HTTP only).
+GRANT_HEADER = "X-Meridian-Grant"
+GRANT_PARAM = "meridian_grant"
+TOKEN_PATH = "/oauth2/token"
+TOKEN_BODY_MAX = 64 << 10  # a token request's form body, at most
+TOKEN_ATTEMPT_MIN = 5.0  # seconds a region may take to issue a token (a slow hash)
 BUFFER_MAX = 4 << 20  # responses up to this size are read whole (retryable)
 MANIFEST_MAX = 4 << 20
 STREAM_CHUNK = 256 << 10
@@ -625,9 +652,13 @@ class Proxy:
         self, request: web.Request, cands: list[Region], holders: list[str] | None
     ) -> web.StreamResponse:
         dest: Region | None = None
-        if not self.cfg.verify_redirects:
+        grant: str | None = None
+        credentials = "Authorization" in request.headers
+        if not self.cfg.verify_redirects and not credentials:
             dest = next((r for r in cands if r.up), cands[0] if cands else None)
         else:
+            # Verified: the region answers HEAD for the blob (and, for a
+            # client with credentials, checks them and grants the blob).
             held = set(holders or ())
 
             def retry_404(r: Region) -> bool:
@@ -635,6 +666,9 @@ class Proxy:
 
             headers = self._headers(request, with_length=False)
             headers.popall("Range", None)
+            headers.popall(GRANT_HEADER, None)
+            if credentials:
+                headers[GRANT_HEADER] = "want"
             send = self._sender("HEAD", target(request), headers)
             up, why = await self._race(
                 cands, send, hedge=self.cfg.hedge, retry_404=retry_404, latency_sample=True
@@ -643,6 +677,9 @@ class Proxy:
                 return _error(503, Code.UNAVAILABLE, "no region could answer; retry shortly", why)
             if up.resp.status == 200:
                 dest = up.region
+                grant = up.resp.headers.get(GRANT_HEADER)
+            elif up.resp.status == 401:
+                return self._unauthorized(up)
             else:
                 # Not there (404) or refused: let the region answer the GET
                 # itself, with its error body.
@@ -652,15 +689,88 @@ class Proxy:
         if dest is None:
             return _error(503, Code.UNAVAILABLE, "no region is known", None)
         self._count(dest, "redirect")
-        return web.Response(
-            status=307,
-            headers={
-                **API_HEADERS,
-                "Location": dest.base + target(request),
-                "X-Meridian-Region": dest.name,
-                "Content-Length": "0",
-            },
-        )
+        location = target(request)
+        headers = {**API_HEADERS, "X-Meridian-Region": dest.name, "Content-Length": "0"}
+        if grant:
+            location = with_param(location, GRANT_PARAM, grant)
+            headers["Cache-Control"] = "no-store"  # the grant expires in a minute
+        headers["Location"] = dest.base + location
+        return web.Response(status=307, headers=headers)
+
+    def _unauthorized(self, up: _Up) -> web.Response:
+        """The region's ``401`` to a verifying ``HEAD``, as the answer to the
+        client's GET: its challenge (the realm is this router's token
+        endpoint: the region saw ``X-Forwarded-Host``) and an error body."""
+        headers: CIMultiDict[str] = CIMultiDict(API_HEADERS)
+        for v in up.resp.headers.getall("WWW-Authenticate", []):
+            headers.add("WWW-Authenticate", v)
+        headers["X-Meridian-Region"] = up.region.name
+        self._count(up.region, "proxy")
+        body = RegistryError(Code.UNAUTHORIZED, "authentication required").body()
+        return web.Response(status=401, headers=headers, body=body, content_type="application/json")
+
+    # -- the token endpoint ------------------------------------------------------
+
+    async def token(self, request: web.Request) -> web.StreamResponse:
+        """``GET``/``POST /oauth2/token``, proxied to the nearest region that
+        answers; on a region's failure (connection error, timeout, 5xx) the
+        next one. Neither the body nor ``Authorization`` is logged."""
+        self.requests += 1
+        try:
+            return await self._token(request)
+        except RegistryError as e:
+            return error_response(e)
+        except _OwnError as e:
+            self.errors += 1
+            log.error("%s %s: %s", request.method, TOKEN_PATH, e)
+            return _error(500, Code.UNAVAILABLE, "internal error in the router", str(e))
+
+    async def _token(self, request: web.Request) -> web.StreamResponse:
+        if not self.table.regions:
+            why = "no regions known yet" if self.synced_once else "namespace not loaded yet"
+            return _error(503, Code.UNAVAILABLE, f"the router has {why}; retry shortly")
+        data: bytes | None = None
+        if request.method == "POST":
+            if (request.content_length or 0) > TOKEN_BODY_MAX:
+                raise RegistryError(Code.SIZE_INVALID, "token request too large", status=413)
+            buf = bytearray()
+            async for chunk in request.content.iter_chunked(STREAM_CHUNK):
+                buf += chunk
+                if len(buf) > TOKEN_BODY_MAX:
+                    raise RegistryError(Code.SIZE_INVALID, "token request too large", status=413)
+            data = bytes(buf)
+        headers = self._headers(request, with_length=False)
+        send = self._sender(request.method, target(request), headers, data)
+        cands = self.table.ranked(None)
+        why = "no region could be reached"
+        for n, r in enumerate(cands):
+            if r.session is None:
+                continue
+            if n:
+                self.retries += 1
+                RETRIES.labels("token").inc()
+            last = n == len(cands) - 1
+            limit = self.cfg.request_timeout
+            if not last:
+                limit = min(limit, max(TOKEN_ATTEMPT_MIN, r.attempt_timeout(limit)))
+            try:
+                up = await asyncio.wait_for(send(r), limit)
+            except Exception as e:
+                if not _region_failure(e):
+                    raise _OwnError(f"sending to {r.name}: {_describe(e)}") from e
+                why = f"{r.name}: {_describe(e)}"
+                fatal = not isinstance(e, TimeoutError)
+                self.table.report_error(r, why, fatal=fatal)
+                continue
+            if up.resp.status >= 500:
+                why = f"{r.name} answered {up.resp.status}"
+                self.table.report_error(r, why, fatal=False)
+                if up.body is None:
+                    up.resp.release()
+                continue
+            self.table.report_ok(r, None)
+            return await self._respond(request, up)
+        return _error(503, Code.UNAVAILABLE, "no region could issue a token; retry shortly", why)
 
     # -- uploads -------------------------------------------------------------
 
@@ -757,6 +867,15 @@ class Proxy:
                 self._remember(upload_id, r.name)
                 return r
         return None
+
+
+def with_param(raw_target: str, name: str, value: str) -> str:
+    """``raw_target`` (path and query, encoded) with query parameter
+    ``name`` set to ``value`` (URL-encoded), replacing any it had."""
+    path, _, query = raw_target.partition("?")
+    params = [p for p in query.split("&") if p and not p.startswith(name + "=")]
+    params.append(f"{name}={quote(value, safe='')}")
+    return f"{path}?{'&'.join(params)}"
 
 
 def _chunked(request: web.Request) -> bool:

@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class TableSettings:
     up_after: int = 2  # consecutive good probes to come back
     fail_after: int = 3  # consecutive 5xx answers to go out
     pool_size: int = 512
+    ssl_context: ssl.SSLContext | None = None  # verifies HTTPS regions (None: the system's roots)
 
 
 def normalize_base(url: str) -> tuple[str, str]:
@@ -220,7 +222,11 @@ class RegionTable:
     def _session(self) -> aiohttp.ClientSession:
         s = self.settings
         connector = aiohttp.TCPConnector(
-            limit=s.pool_size, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=10
+            limit=s.pool_size,
+            limit_per_host=0,
+            keepalive_timeout=30,
+            ttl_dns_cache=10,
+            ssl=s.ssl_context if s.ssl_context is not None else True,
         )
         return aiohttp.ClientSession(
             connector=connector,

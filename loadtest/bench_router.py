@@ -80,7 +80,11 @@ class UpCluster:
         self.child = spawn(
             "meridian up", meridian_argv(*args), workdir / "up.out", env=python_env()
         )
-        self.child.wait_ready(check=(self.data / "up.json").exists, timeout=90, interval=0.1)
+        try:
+            self.child.wait_ready(check=(self.data / "up.json").exists, timeout=90, interval=0.1)
+        except BaseException:
+            self.stop()
+            raise
         self.state = json.loads((self.data / "up.json").read_text())
         self.router = self.state["router"]
         self.order = [
@@ -111,39 +115,46 @@ class PlainCluster:
 
     def __init__(self, workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        env = python_env()
         self.procs: list[Child] = []
-        etcd = start_etcd(
-            workdir / "etcd", workdir / "etcd.log", name="default", extra=["--log-level", "warn"]
-        )
-        self.procs.append(etcd)
-        self.etcd = etcd.extra["client_url"]
-        nport = free_port()
-        self.node = f"http://127.0.0.1:{nport}"
-        node = spawn(
-            "node",
-            meridian_argv("node", "--region", "solo", "--listen", f"127.0.0.1:{nport}")
-            + ["--data", str(workdir / "node"), "--etcd", self.etcd],
-            workdir / "node.log",
-            env=env,
-        )
-        self.procs.append(node)
-        node.wait_ready(url=self.node + "/v2/", timeout=90)
-        rport = free_port()
-        self.router = f"http://127.0.0.1:{rport}"
-        router = spawn(
-            "router",
-            meridian_argv("router", "--etcd", self.etcd, "--listen", f"127.0.0.1:{rport}"),
-            workdir / "router.log",
-            env=env,
-        )
-        self.procs.append(router)
-        router.wait_ready(
-            check=lambda: any(
-                r["up"] for r in get_json(self.router + "/meridian/v1/router")["regions"]
-            ),
-            timeout=90,
-        )
+        try:
+            env = python_env()
+            etcd = start_etcd(
+                workdir / "etcd",
+                workdir / "etcd.log",
+                name="default",
+                extra=["--log-level", "warn"],
+            )
+            self.procs.append(etcd)
+            self.etcd = etcd.extra["client_url"]
+            nport = free_port()
+            self.node = f"http://127.0.0.1:{nport}"
+            node = spawn(
+                "node",
+                meridian_argv("node", "--region", "solo", "--listen", f"127.0.0.1:{nport}")
+                + ["--data", str(workdir / "node"), "--etcd", self.etcd],
+                workdir / "node.log",
+                env=env,
+            )
+            self.procs.append(node)
+            node.wait_ready(url=self.node + "/v2/", timeout=90)
+            rport = free_port()
+            self.router = f"http://127.0.0.1:{rport}"
+            router = spawn(
+                "router",
+                meridian_argv("router", "--etcd", self.etcd, "--listen", f"127.0.0.1:{rport}"),
+                workdir / "router.log",
+                env=env,
+            )
+            self.procs.append(router)
+            router.wait_ready(
+                check=lambda: any(
+                    r["up"] for r in get_json(self.router + "/meridian/v1/router")["regions"]
+                ),
+                timeout=90,
+            )
+        except BaseException:
+            self.stop()  # whatever started before the failure
+            raise
 
     def stop(self) -> None:
         for p in reversed(self.procs):

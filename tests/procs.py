@@ -82,6 +82,7 @@ class NodeProcess:
         try:
             self.child.wait_ready(url=self.url + "/v2/", ok=registry_answers, timeout=20)
         except StartError as e:
+            self.child.kill()  # never leave a node that did not come up running
             raise RuntimeError(str(e)) from None
         return self
 

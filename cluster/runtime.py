@@ -75,3 +75,15 @@ def free_port(taken: set[int] | None = None) -> int:
 def split_hostport(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host or "127.0.0.1", int(port)
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]], nudge: float = 1.0) -> None:
+    """Cancel ``tasks`` and wait until every one has finished. Cancels
+    again each ``nudge`` seconds: on Python 3.11 ``asyncio.wait_for`` can
+    swallow a cancellation that arrives as its inner awaitable completes,
+    and a loop around it then runs on; one ``cancel`` + ``gather`` would
+    hang shutdown."""
+    while pending := [t for t in tasks if not t.done()]:
+        for t in pending:
+            t.cancel()
+        await asyncio.wait(pending, timeout=nudge)

@@ -38,6 +38,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from cluster.backoff import Backoff
 from cluster.namespace import REG, ManifestRecord, Namespace
+from cluster.runtime import cancel_and_wait
 from node.replication.plan import BLOB, Item, backlog, find_manifest
 from node.replication.transfer import ERRORS, Fetcher
 from node.storage.base import BlobStore
@@ -121,9 +122,7 @@ class Replicator:
             self.ns.cache.listeners.remove(self._on_change)
         except ValueError:
             pass
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
 
     def _on_change(self, key: str, value: bytes | None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import shutil
 import signal
 import sys
@@ -41,7 +42,7 @@ from loadtest.harness import (
     start_server,
 )
 from loadtest.progress import Progress
-from loadtest.reference import REPO_ROOT, LaunchError
+from loadtest.reference import DISTRIBUTION_ENV, REPO_ROOT, LaunchError
 from loadtest.report import load_result, write_html, write_result
 from loadtest.scenarios import SCENARIOS, cluster_topology, create
 from loadtest.workers import NotLoopback
@@ -69,6 +70,13 @@ def add_common(p: argparse.ArgumentParser) -> None:
         help="start a registry for the run (repeatable): distribution (CNCF Distribution, "
         "Debian docker-registry), meridian (one standalone node), cluster (etcd, nodes, WAN "
         "emulator, router). Default when no --target: the scenario's own choice",
+    )
+    g.add_argument(
+        "--distribution-binary",
+        metavar="PATH",
+        help="the CNCF Distribution binary --start distribution runs (env "
+        "MERIDIAN_DISTRIBUTION_BINARY; default: .bench/distribution-v3/registry when built "
+        "with shared/tools/build-distribution-v3.sh, else Debian's docker-registry 2.8.2)",
     )
     g.add_argument("--up", metavar="DIR", help="drive a running `meridian up` (its data dir)")
     g.add_argument(
@@ -285,6 +293,8 @@ def scenario_main(name: str, argv: list[str], prog: str | None = None) -> int:
         resolve_params(args, sc.params)
         if args.rounds is not None and args.rounds < 1:
             raise HarnessError("--rounds must be at least 1")
+        if args.distribution_binary:
+            os.environ[DISTRIBUTION_ENV] = args.distribution_binary
         args.out.mkdir(parents=True, exist_ok=True)
         if args.workdir:
             args.workdir.mkdir(parents=True, exist_ok=True)

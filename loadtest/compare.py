@@ -1,7 +1,9 @@
 """``meridian loadtest compare``: Meridian and CNCF Distribution side by side.
 
-Starts CNCF Distribution 2.8.2 (Debian ``docker-registry``) and a standalone
-Meridian node, each on its own free loopback port with its own data dir, runs
+Starts CNCF Distribution (v3 when built locally or named with
+``--distribution-binary``, else Debian's 2.8.2: see
+``loadtest.reference.distribution_binary``; the report names the version that
+ran) and a standalone Meridian node, each on its own free loopback port with its own data dir, runs
 a fixed suite of scenarios on both (every step on both targets back to back,
 the order alternating every round), and prints every figure with its ratio
 (Meridian vs Distribution, > 1: Meridian better). The rollout runs

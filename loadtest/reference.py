@@ -2,10 +2,15 @@
 of :mod:`localcluster.supervisor` (its own session, output in a log file,
 stopped by PID).
 
-- :func:`start_distribution` runs CNCF Distribution 2.8 (Debian package
-  ``docker-registry``) on a free loopback port with a generated config:
-  filesystem storage in its own data dir, deletes enabled, no auth, log level
-  warn, access log off.
+- :func:`start_distribution` runs CNCF Distribution on a free loopback port
+  with a generated config: filesystem storage in its own data dir, deletes
+  enabled, no auth, log level warn, access log off. Which binary
+  (:func:`distribution_binary`): ``$MERIDIAN_DISTRIBUTION_BINARY``
+  (``--distribution-binary``), else v3 built by
+  ``shared/tools/build-distribution-v3.sh`` into ``.bench/distribution-v3/``,
+  else Debian's 2.8.2 (``docker-registry``), which rebuilds its URL router on
+  every request and so is ~4x slower than v3 on small requests. The result
+  records the version that ran.
 - :func:`start_meridian` runs one standalone Meridian node
   (``python -m cluster.cli node --listen 127.0.0.1:PORT --data DIR``).
 
@@ -40,6 +45,8 @@ from localcluster.supervisor import (
 
 DISTRIBUTION_BIN = "docker-registry"
 DISTRIBUTION_INSTALL = "apt-get install -y docker-registry"
+DISTRIBUTION_V3 = REPO_ROOT / ".bench" / "distribution-v3" / "registry"
+DISTRIBUTION_ENV = "MERIDIAN_DISTRIBUTION_BINARY"
 
 #: Default command for a Meridian node; ``{python}``, ``{port}`` and ``{data}``
 #: are filled in. Override with ``--meridian-cmd`` / ``MERIDIAN_BENCH_NODE_CMD``.
@@ -184,6 +191,19 @@ def distribution_version(binary: str) -> str:
         return "unknown"
 
 
+def distribution_binary() -> str:
+    """The Distribution to compare with: the one named, else a locally built
+    v3, else Debian's 2.8.2."""
+    named = os.environ.get(DISTRIBUTION_ENV)
+    if named:
+        if not (os.path.isfile(named) and os.access(named, os.X_OK)):
+            raise LaunchError(f"{DISTRIBUTION_ENV}={named}: not an executable file")
+        return named
+    if os.access(DISTRIBUTION_V3, os.X_OK):
+        return str(DISTRIBUTION_V3)
+    return require_tool(DISTRIBUTION_BIN, DISTRIBUTION_INSTALL)
+
+
 def start_distribution(
     workdir: Path | None = None,
     ready_timeout: float = 30.0,
@@ -192,7 +212,7 @@ def start_distribution(
     """Start CNCF Distribution on a free loopback port; returns when it answers.
     ``extra_env`` (e.g. ``{"GOGC": "400"}``) is for sensitivity checks only:
     the reference is Distribution as packaged."""
-    binary = require_tool(DISTRIBUTION_BIN, DISTRIBUTION_INSTALL)
+    binary = distribution_binary()
     wd, owns = _make_workdir(workdir, "distribution")
     data = wd / "data"
     data.mkdir()
@@ -200,6 +220,8 @@ def start_distribution(
     config = wd / "config.yml"
     config.write_text(distribution_config(port, data))
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    # v3 exports traces to localhost:4318 unless told not to (an error per batch).
+    env["OTEL_TRACES_EXPORTER"] = "none"
     env.update(extra_env or {})
     try:
         server = _spawn(

@@ -713,6 +713,23 @@ class Namespace:
     async def set_registry_config(self, reg: str, config: dict) -> None:
         await self._commit([], [Put(config_key(reg), json.dumps(config).encode())])
 
+    async def update_registry_config(self, reg: str, change: Callable[[dict], dict]) -> dict:
+        """Apply ``change`` to the registry's config as the store holds it
+        now, compare-and-swap on its revision (retried when another writer
+        got in between), so keys others set meanwhile are kept. Returns
+        the config written."""
+        key = config_key(reg)
+        for _ in range(PUSH_ATTEMPTS):
+            entry = await self.kv.get(key)
+            config = change(json.loads(entry.value) if entry is not None else {})
+            rev = entry.mod_revision if entry is not None else 0
+            try:
+                await self._commit([Compare(key, rev)], [Put(key, json.dumps(config).encode())])
+            except Conflict:
+                continue
+            return config
+        raise Conflict()
+
     # -- replication settings (config key ``replicas``) ----------------------
 
     def registries(self) -> list[str]:

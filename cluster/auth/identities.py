@@ -95,6 +95,8 @@ class Principal:
                     out.append(sc.Scope(s.type, s.name, tuple(sorted(acts))))
             elif (s.type, s.name) == sc.CATALOG and self.may_list_catalog():
                 out.append(sc.Scope(s.type, s.name, ("*",)))
+            elif (s.type, s.name) == sc.MANAGE and self.manage:
+                out.append(sc.Scope(s.type, s.name, ("*",)))
         return out
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 PULL, PUSH, DELETE = "pull", "push", "delete"
 REPOSITORY_ACTIONS = (PULL, PUSH, DELETE)
 CATALOG = ("registry", "catalog")
+MANAGE = ("registry", "manage")  # the management API (node/manage.py)
 
 # ACR's scope-map actions and the Docker actions they allow.
 SCOPE_MAP_ACTIONS = {

@@ -45,6 +45,27 @@ def _up(argv: list[str]) -> int:
     return up_main(argv)
 
 
+def _login(argv: list[str]) -> int:
+    from cluster.manage_cli import login_main
+
+    return login_main(argv)
+
+
+def _logout(argv: list[str]) -> int:
+    from cluster.manage_cli import logout_main
+
+    return logout_main(argv)
+
+
+def _group(name: str):  # noqa: ANN202 - the identity verbs (cluster/manage_cli.py)
+    def run(argv: list[str]) -> int:
+        from cluster.manage_cli import group_main
+
+        return group_main(name, argv)
+
+    return run
+
+
 def _loadtest(argv: list[str]) -> int:
     from loadtest.cli import main as loadtest_main
 
@@ -57,6 +78,14 @@ COMMANDS = {
     "replication": (_replication, "replication status per region: pending items, bytes, lag"),
     "router": (_router, "the latency-aware endpoint clients pull from"),
     "up": (_up, "a complete local multi-region cluster (etcd, regions, WAN emulator, router)"),
+    "login": (_login, "log in to a server; credentials stored as docker stores them"),
+    "logout": (_logout, "forget a server's stored credentials"),
+    "sp": (_group("sp"), "service principals: create, list, show, delete (cluster owner)"),
+    "token": (_group("token"), "a registry's repository-scoped tokens"),
+    "scope-map": (_group("scope-map"), "a registry's scope maps: what tokens may do"),
+    "credential": (_group("credential"), "a registry's admin user: show, enable, renew"),
+    "settings": (_group("settings"), "a registry's anonymous pull and public access"),
+    "network-rule": (_group("network-rule"), "the networks a registry accepts clients from"),
     "loadtest": (_loadtest, "load tests of any OCI registry, with a JSON result and HTML report"),
 }
 
@@ -74,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: meridian <command> [options]\n\ncommands:")
         for name, (_, help_) in COMMANDS.items():
-            print(f"  {name:<12} {help_}")
+            print(f"  {name:<13} {help_}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     fn, _ = COMMANDS[argv[0]]
     return fn(argv[1:])

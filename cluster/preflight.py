@@ -8,7 +8,10 @@ these exit codes, never a traceback:
 - 3: this machine refuses: an address in use, a data dir in use by another
   ``meridian up``, not a directory or not writable, a program that is missing;
 - 4: no cluster to talk to: none found (no ``--etcd``, no running
-  ``meridian up``), or etcd / the node does not answer.
+  ``meridian up``), or etcd / the node does not answer;
+- 5: not logged in, credentials refused, or not allowed (the identity verbs);
+- 6: what the command names does not exist;
+- 7: it exists already, or is in use, or changed concurrently.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import NoReturn
 from cluster import procfs
 
 OK, FAILED, USAGE, UNAVAILABLE, NO_CLUSTER = 0, 1, 2, 3, 4
+DENIED, NOT_FOUND, CONFLICT = 5, 6, 7
 
 
 class CliError(Exception):

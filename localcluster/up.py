@@ -25,6 +25,17 @@ SIGTERM if this process dies (PR_SET_PDEATHSIG). Ports are remembered in
 data dir brings the same cluster back; ``<data>/up.json`` describes the
 running cluster (PIDs, addresses) for scripts and tests.
 
+Authentication is on: the cluster owner (user ``owner``) gets
+``MERIDIAN_OWNER_PASSWORD``, else the password kept in
+``<data>/owner-password`` (mode 0600) from an earlier start, else a new one;
+it reaches the nodes by environment only, and the start-up table prints it
+with ready ``skopeo login``/``podman login`` lines. Nodes take
+``X-Forwarded-For`` from the router (``--trusted-proxies``). ``--no-auth``
+runs the open mode, and says so. ``--tls``: a local CA and certificates
+(``<data>/tls/``, :mod:`cluster.pki`) for the router and every region, which
+then serve HTTPS; the table says how to point skopeo, podman, containerd and
+curl at the CA.
+
 :class:`Cluster` is the same cluster for programs (the load tests start
 theirs with it): ``Cluster(ClusterOptions(data=..., topology=...))``, then
 ``start()``, ``start_router()`` for more routers, ``stop()``.
@@ -33,12 +44,15 @@ theirs with it): ``Cluster(ClusterOptions(data=..., topology=...))``, then
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
+import ssl
 import sys
 import time
 import urllib.error
@@ -47,7 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from cluster import preflight, procfs, settings
+from cluster import pki, preflight, procfs, settings
+from cluster.auth.identities import OWNER, OWNER_PASSWORD_ENV
+from cluster.auth.secrets import generate
 from cluster.discovery import UP_STATE
 from cluster.preflight import CliError
 from cluster.runtime import free_port
@@ -70,6 +86,11 @@ from localcluster.supervisor import (
 
 STOP_GRACE = 10.0
 UP_LOCK = "up.lock"
+OWNER_PASSWORD_FILE = "owner-password"
+TLS_DIR = "tls"
+#: Who the nodes take X-Forwarded-For from: the router, on loopback (as is
+#: the WAN emulator that carries its connections).
+TRUSTED_PROXIES = "127.0.0.1/32"
 # tiers, stopped highest first
 ETCD, WAN, REGIONS, ROUTERS = 0, 1, 2, 3
 
@@ -120,6 +141,17 @@ class UpConfig:
     status_interval: float = setting(
         1.0, "seconds between status lines", env="MERIDIAN_UP_STATUS_INTERVAL"
     )
+    auth: bool = setting(
+        True,
+        "require logins (user owner; its password is printed at start); --no-auth: anyone "
+        "who reaches the cluster may push, pull and delete",
+        env="MERIDIAN_UP_AUTH",
+    )
+    tls: bool = setting(
+        False,
+        f"HTTPS for the router and the regions, with a local CA made in <data>/{TLS_DIR}/",
+        env="MERIDIAN_UP_TLS",
+    )
 
 
 @dataclass
@@ -131,7 +163,12 @@ class ClusterOptions:
     replication crosses the emulator either way). ``sources``: more emulated
     places, by name, with their round trip (ms) to each region: a process
     whose command line carries ``--region <name>`` gets those latencies on
-    the links into the regions (see :meth:`Cluster.start_router`)."""
+    the links into the regions (see :meth:`Cluster.start_router`).
+
+    ``auth``: nodes require logins; the cluster owner's password is
+    ``MERIDIAN_OWNER_PASSWORD``, else the one kept in ``<data>/owner-password``,
+    else a new one (kept there, mode 0600). ``tls``: the router and the
+    regions serve HTTPS with certificates of a local CA (``<data>/tls/``)."""
 
     data: Path
     topology: topo.Topology = field(default_factory=topo.default)
@@ -139,6 +176,8 @@ class ClusterOptions:
     emulate: bool = True
     sources: dict[str, dict[str, float]] = field(default_factory=dict)
     status_interval: float = 1.0
+    auth: bool = True
+    tls: bool = False
 
 
 class DataDirInUse(CliError):
@@ -195,6 +234,15 @@ class Cluster:
         self.logs = self.data / "logs"
         self.children: list[tuple[int, Child]] = []
         self.env = python_env()
+        # The owner's password goes to the nodes alone (by environment, never
+        # on a command line).
+        self.env.pop(OWNER_PASSWORD_ENV, None)
+        self.owner_password: str | None = None
+        self.password_file = self.data / OWNER_PASSWORD_FILE
+        self.tls_dir = self.data / TLS_DIR
+        self.scheme = "https" if options.tls else "http"
+        # How this process (and its clients) verify the cluster's HTTPS.
+        self.client_ssl: ssl.SSLContext | None = None
         self.addr: dict[str, Any] = {}
         self._ports = Ports()
         self._taken: set[int] = set()
@@ -218,6 +266,38 @@ class Cluster:
     def regions(self) -> dict[str, dict[str, Any]]:
         return dict(self.addr.get("regions", {}))
 
+    @property
+    def ca(self) -> Path:
+        """The local CA's certificate (``--tls``)."""
+        return self.tls_dir / "ca.crt"
+
+    @property
+    def cert_dir(self) -> Path:
+        """A directory holding only ``ca.crt``: skopeo's and podman's ``--cert-dir``."""
+        return self.tls_dir / "client"
+
+    @property
+    def hosts_dir(self) -> Path:
+        """containerd's hosts directory for the router (``ctr --hosts-dir``)."""
+        return self.tls_dir / "hosts"
+
+    def open(self, url: str, timeout: float = 2.0) -> Any:
+        """``urllib.request.urlopen`` trusting the cluster's CA."""
+        return urllib.request.urlopen(url, timeout=timeout, context=self.client_ssl)
+
+    def get_json(self, url: str, timeout: float = 2.0) -> Any:
+        with self.open(url, timeout) as resp:
+            return json.loads(resp.read())
+
+    def registry_answers(self, url: str) -> bool:
+        """A registry's ``GET /v2/`` answers 200, or 401 (up, wants a token)."""
+        try:
+            with self.open(url) as resp:
+                status, body = resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            status, body = e.code, e.read()
+        return registry_answers(status, body)
+
     def child(self, name: str) -> Child | None:
         for _, c in self.children:
             if c.name == name:
@@ -238,12 +318,14 @@ class Cluster:
 
     # -- start ---------------------------------------------------------------
 
-    def _spawn(self, name: str, tier: int, argv: list[str]) -> Child:
+    def _spawn(
+        self, name: str, tier: int, argv: list[str], env: dict[str, str] | None = None
+    ) -> Child:
         child = spawn(
             name,
             argv,
             self.logs / f"{name.replace(' ', '-')}.log",
-            env=self.env,
+            env=self.env if env is None else env,
             die_with_parent=True,
         )
         self.children.append((tier, child))
@@ -262,6 +344,10 @@ class Cluster:
             raise
         self._replace_stale_state()
         self.logs.mkdir(exist_ok=True)
+        if self.options.auth:
+            self._choose_owner_password()
+        if self.options.tls:
+            self._make_certificates()
         ports_file = self.data / "ports.json"
         self._ports = ports = Ports.load(ports_file)
         router_port = self.options.port
@@ -288,13 +374,20 @@ class Cluster:
                 headers={"Content-Type": "application/json"},
             )
             urllib.request.urlopen(req, timeout=2).read()
+        if self.options.auth:
+            self._check_owner(
+                f"{self.scheme}://127.0.0.1:{regions[self.topo.regions[0].name]['http']}"
+            )
         self.addr["router"] = self.start_router("router", port=router_port)
+        if self.options.tls:
+            self._write_hosts_dir()
+        scheme = self.scheme
         self.addr["regions"] = {
             r.name: {
-                "node": f"http://127.0.0.1:{regions[r.name]['http']}",
-                "advertised": f"http://127.0.0.1:{regions[r.name]['site']}"
+                "node": f"{scheme}://127.0.0.1:{regions[r.name]['http']}",
+                "advertised": f"{scheme}://127.0.0.1:{regions[r.name]['site']}"
                 if self.options.emulate
-                else f"http://127.0.0.1:{regions[r.name]['http']}",
+                else f"{scheme}://127.0.0.1:{regions[r.name]['http']}",
                 "grpc": f"127.0.0.1:{regions[r.name]['grpc']}",
                 "grpc_advertised": f"127.0.0.1:{regions[r.name]['link']}",
                 "rtt_ms": r.rtt_ms,
@@ -303,6 +396,85 @@ class Cluster:
             for r in self.topo.regions
         }
         self._write_state()
+
+    # -- identity and TLS ------------------------------------------------------
+
+    def _choose_owner_password(self) -> None:
+        """``MERIDIAN_OWNER_PASSWORD``, else the one kept from an earlier
+        start of this data dir, else a new one; kept in
+        ``<data>/owner-password`` (mode 0600) either way. An owner exists
+        once: a password from the environment that differs from the kept
+        one is noted and not used (the owner's password is not changed by a
+        restart)."""
+        from_env = os.environ.get(OWNER_PASSWORD_ENV) or None
+        try:
+            kept: str | None = self.password_file.read_text().strip() or None
+        except FileNotFoundError:
+            kept = None
+        if kept is not None and from_env is not None and from_env != kept:
+            self.notes.append(
+                f"{OWNER_PASSWORD_ENV} differs from the owner password this data dir was "
+                f"created with (in {self.password_file}); the owner keeps that one"
+            )
+        password = kept or from_env or generate(18)
+        if password != kept:
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+        os.chmod(self.password_file, 0o600)
+        self.owner_password = password
+
+    def _check_owner(self, node: str) -> None:
+        """Whether the owner's password is the cluster's (a data dir whose
+        password file was replaced or removed, say): one login at a node."""
+        assert self.owner_password is not None
+        basic = base64.b64encode(f"{OWNER}:{self.owner_password}".encode()).decode()
+        req = urllib.request.Request(
+            node + "/oauth2/token", headers={"Authorization": f"Basic {basic}"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=self.client_ssl) as resp:
+                resp.read()
+        except urllib.error.HTTPError as e:
+            if e.code == 401:
+                self.notes.append(
+                    f"the owner password in {self.password_file} is not accepted: this "
+                    "cluster's owner was created with another one (set "
+                    f"{OWNER_PASSWORD_ENV} to it, or start on a new --data)"
+                )
+        except OSError:
+            pass
+
+    def _make_certificates(self) -> None:
+        """The local CA (made once, kept) and certificates for the router and
+        every region (made at every start), for 127.0.0.1 and localhost; the
+        CA alone in ``tls/client/`` for skopeo's and podman's ``--cert-dir``."""
+        ca, _ = pki.ensure_ca(self.tls_dir, "Meridian local cluster CA")
+        hosts = ["127.0.0.1", "localhost"]
+        for leaf in ["router", *(f"region-{r.name}" for r in self.topo.regions)]:
+            pki.issue(self.tls_dir, leaf, hosts)
+        self.cert_dir.mkdir(exist_ok=True)
+        shutil.copyfile(ca, self.cert_dir / "ca.crt")
+        self.client_ssl = ssl.create_default_context(cafile=str(ca))
+
+    def _leaf(self, name: str) -> list[str]:
+        """``--tls-cert``/``--tls-key`` for a leaf certificate (``--tls``)."""
+        if not self.options.tls:
+            return []
+        d = self.tls_dir
+        return ["--tls-cert", str(d / f"{name}.crt"), "--tls-key", str(d / f"{name}.key")]
+
+    def _write_hosts_dir(self) -> None:
+        """containerd's hosts.toml for the router, trusting the CA."""
+        host = self.router.split("://", 1)[1]
+        d = self.hosts_dir / host
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "hosts.toml").write_text(
+            f'server = "{self.router}"\n\n'
+            f'[host."{self.router}"]\n'
+            '  capabilities = ["pull", "resolve", "push"]\n'
+            f'  ca = "{self.ca}"\n'
+        )
 
     # -- the data dir is ours -------------------------------------------------
 
@@ -442,6 +614,12 @@ class Cluster:
             rdir.mkdir(parents=True, exist_ok=True)
             http = f"127.0.0.1:{p['http']}"
             advertise = f"127.0.0.1:{p['site']}" if self.options.emulate else http
+            if self.options.auth:
+                auth = ["--auth", "--trusted-proxies", TRUSTED_PROXIES]
+                assert self.owner_password is not None
+                env = {**self.env, OWNER_PASSWORD_ENV: self.owner_password}
+            else:
+                auth, env = ["--no-auth"], self.env
             child = self._spawn(
                 f"region {r.name}",
                 REGIONS,
@@ -453,12 +631,17 @@ class Cluster:
                     "--etcd", self.addr["etcd"],
                     "--grpc-listen", f"127.0.0.1:{p['grpc']}",
                     "--grpc-advertise", f"127.0.0.1:{p['link']}",
-                    "--advertise", f"http://{advertise}",
+                    "--advertise", f"{self.scheme}://{advertise}",
+                    *auth,
+                    *self._leaf(f"region-{r.name}"),
                 ),
+                env,
             )  # fmt: skip
-            started.append((child, f"http://{http}/v2/"))
+            started.append((child, f"{self.scheme}://{http}/v2/"))
         for child, url in started:
-            child.wait_ready(url=url, ok=registry_answers, timeout=60, interval=0.1)
+            child.wait_ready(
+                check=lambda url=url: self.registry_answers(url), timeout=60, interval=0.1
+            )
 
     def start_router(self, name: str, *, source: str | None = None, port: int = 0) -> str:
         """Start a router (``name`` in the status and logs) on ``port`` (a
@@ -467,8 +650,10 @@ class Cluster:
         carries ``--region <source>``, so the emulator applies that source's
         latencies to its connections."""
         port = port or free_port(self._taken)
-        url = f"http://127.0.0.1:{port}"
+        url = f"{self.scheme}://127.0.0.1:{port}"
         args = ["router", "--etcd", self.addr["etcd"], "--listen", f"127.0.0.1:{port}"]
+        if self.options.tls:
+            args += [*self._leaf("router"), "--tls-ca", str(self.ca)]
         if source is None:
             argv = meridian_argv(*args)
         else:
@@ -477,7 +662,7 @@ class Cluster:
         want = len(self.topo.regions)
         child.wait_ready(
             check=lambda: (
-                sum(r["up"] for r in get_json(url + "/meridian/v1/router")["regions"]) >= want
+                sum(r["up"] for r in self.get_json(url + "/meridian/v1/router")["regions"]) >= want
             ),
             timeout=60,
             interval=0.1,
@@ -494,6 +679,18 @@ class Cluster:
                 c.name: {"pid": c.pid, "log": str(c.log), "cmd": c.argv} for _, c in self.children
             },
             "topology": self.topo.as_dict(),
+            "auth": self.options.auth,
+            # Where the owner's password is (never the password itself).
+            "owner": {"user": OWNER, "password_file": str(self.password_file)}
+            if self.options.auth
+            else None,
+            "tls": {
+                "ca": str(self.ca),
+                "cert_dir": str(self.cert_dir),
+                "hosts_dir": str(self.hosts_dir),
+            }
+            if self.options.tls
+            else None,
         }
         tmp = self.data / (UP_STATE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
@@ -505,6 +702,15 @@ class Cluster:
         rows = [("router", self._pid("router"), self.addr["router"], "the endpoint clients use")]
         rows.append(("etcd", self._pid("etcd"), self.addr["etcd"], f"data {self.data / 'etcd'}"))
         rows.append(("wan emulator", self._pid("wan"), self.addr["wan"], "control API"))
+        if self.options.auth:
+            rows.append(
+                (
+                    "owner",
+                    "-",
+                    f"user {OWNER}",
+                    f"password {self.owner_password} (kept in {self.password_file}, mode 0600)",
+                )
+            )
         for r in self.topo.regions:
             a = self.addr["regions"][r.name]
             rows.append(
@@ -532,20 +738,59 @@ class Cluster:
         ]
         if pairs:
             lines += ["", "  between regions (gRPC): " + ", ".join(pairs)]
-        host = self.addr["router"].removeprefix("http://")
+        lines += ["", *self._howto()]
         lines += [
-            "",
-            "Try it (plain HTTP on loopback, so no TLS):",
-            f"  skopeo copy --dest-tls-verify=false docker://docker.io/library/alpine:latest "
-            f"docker://{host}/library/alpine:latest",
-            f"  skopeo inspect --tls-verify=false docker://{host}/library/alpine:latest",
-            f"  ctr images pull --plain-http {host}/library/alpine:latest",
-            f"  meridian regions --etcd {self.addr['etcd']}",
-            f"  curl -s {self.addr['router']}/meridian/v1/router",
             "",
             "Ctrl-C stops everything.",
         ]
         return "\n".join(lines)
+
+    def _howto(self) -> list[str]:
+        """How to log in, point clients at the CA, and try it."""
+        router = self.addr["router"]
+        host = router.split("://", 1)[1]
+        ref = f"{host}/library/alpine:latest"
+        pw = self.password_file
+        if self.options.tls:
+            verify = f"--cert-dir {self.cert_dir}"
+            lines = [
+                f"HTTPS with a local CA ({self.ca}); point clients at it:",
+                f"  skopeo, podman: --cert-dir {self.cert_dir} (it holds ca.crt), or copy "
+                f"ca.crt to /etc/containers/certs.d/{host}/",
+                f"  containerd:     --hosts-dir {self.hosts_dir} (hosts.toml with ca = ...)",
+                f"  curl:           --cacert {self.ca}",
+                "",
+            ]
+            copy_verify = f"--dest-cert-dir {self.cert_dir}"
+            ctr = f"ctr images pull --hosts-dir {self.hosts_dir}"
+            curl = f"curl -s --cacert {self.ca}"
+        else:
+            verify = "--tls-verify=false"
+            lines = ["Plain HTTP on loopback (meridian up --tls for HTTPS):"]
+            copy_verify = "--dest-tls-verify=false"
+            ctr = "ctr images pull --plain-http"
+            curl = "curl -s"
+        if self.options.auth:
+            lines += [
+                f"Log in as {OWNER} (the password is in {pw}):",
+                f"  skopeo login {verify} -u {OWNER} --password-stdin {host} < {pw}",
+                f"  podman login {verify} -u {OWNER} --password-stdin {host} < {pw}",
+            ]
+            ctr += f' --user "{OWNER}:$(cat {pw})"'
+        else:
+            lines += [
+                "AUTHENTICATION IS OFF (--no-auth): anyone who can reach the cluster may "
+                "push, pull and delete anything.",
+            ]
+        lines += [
+            "Try it:",
+            f"  skopeo copy {copy_verify} docker://docker.io/library/alpine:latest docker://{ref}",
+            f"  skopeo inspect {verify} docker://{ref}",
+            f"  {ctr} {ref}",
+            f"  meridian regions --etcd {self.addr['etcd']}",
+            f"  {curl} {router}/meridian/v1/router",
+        ]
+        return lines
 
     def _pid(self, name: str) -> str:
         c = self.child(name)
@@ -556,7 +801,7 @@ class Cluster:
         routed, and which children exited."""
         parts = []
         try:
-            st = get_json(self.addr["router"] + "/meridian/v1/router", timeout=0.5)
+            st = self.get_json(self.addr["router"] + "/meridian/v1/router", timeout=0.5)
             regions = st["regions"]
             up = [r for r in regions if r["up"]]
             parts.append(f"regions {len(up)}/{len(regions)} in rotation")
@@ -611,6 +856,8 @@ def options_from(cfg: UpConfig) -> ClusterOptions:
         topology=topology,
         port=cfg.port,
         status_interval=cfg.status_interval,
+        auth=cfg.auth,
+        tls=cfg.tls,
     )
 
 
@@ -634,6 +881,13 @@ def up_main(argv: list[str]) -> int:
     cluster = Cluster(options)
     stop_signal: list[int] = []
     prog = "meridian up"
+    if not options.auth:
+        print(
+            f"{prog}: AUTHENTICATION IS OFF (--no-auth): anyone who can reach the cluster "
+            "may push, pull and delete anything",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop_signal.append(signum)

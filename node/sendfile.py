@@ -46,6 +46,10 @@ async def send_file_range(
         except NotImplementedError:
             await _copy(resp, fobj, offset, count)
             return
+    if transport.get_extra_info("sslcontext") is not None:
+        # HTTPS: the bytes must go through the transport's encryption.
+        await _copy(resp, fobj, offset, count)
+        return
     sock = transport.get_extra_info("socket")
     if sock is None:
         raise ConnectionResetError("connection lost")

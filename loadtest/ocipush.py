@@ -1,10 +1,21 @@
-"""A small OCI Distribution client for seeding benchmark content.
+"""A small OCI Distribution client for seeding benchmark content, and the
+client side of registry authentication (the Docker token flow).
 
 Only what the harness needs: blob uploads (POST then PUT ``?digest=``, single
 POST monolithic, chunked PATCH), blob HEAD/GET, manifest PUT/GET/HEAD, and
 image building: random layers that are real gzip'd tar files, an OCI image
 config whose ``rootfs.diff_ids`` match them, the image manifest, and an OCI
 image layout directory on disk (what ``skopeo copy oci:DIR ...`` reads).
+
+Authentication (:class:`TokenAuth`) is what a real client does: a request
+answered ``401`` with ``WWW-Authenticate: Bearer realm=...,service=...,
+scope=...`` is sent again with ``Authorization: Bearer <token>``, the token
+fetched from the realm with Basic credentials for exactly that scope and
+kept per (host, scope) until shortly before it expires. A request whose body
+cannot be sent twice (a stream) gets its token first. It plugs into an
+aiohttp session as a client middleware (``middlewares=[auth]``) and offers
+the same steps to a synchronous client (``TokenAuth.send``). A registry that
+never challenges (Distribution here) sees no difference.
 
 Layers are gzip streams at level 0 (stored deflate blocks): valid gzip that
 every tool recognises as compressed (so skopeo does not recompress it on push)
@@ -13,18 +24,29 @@ and costs no CPU to build; random content keeps them incompressible anyway.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import io
 import json
+import os
 import random
+import re
 import tarfile
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
 import aiohttp
+from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
+from aiohttp.payload import AsyncIterablePayload
+from yarl import URL
 
+from cluster.auth.identities import OWNER, OWNER_PASSWORD_ENV
 from ocidist.mediatypes import (
     DOCKER_MANIFEST,
     OCI_CONFIG,
@@ -182,8 +204,245 @@ def _with_query(url: str, **params: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
 
 
+# -- authentication (the Docker token flow, client side) -------------------------------
+
+_PARAM = re.compile(r'(\w+)="([^"]*)"')
+_REPO_PATH = re.compile(r"^/v2/(.+)/(?:blobs|manifests|tags|referrers)/")
+EXPIRY_MARGIN = 30.0  # a cached token this close to expiry is fetched anew
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """A ``WWW-Authenticate: Bearer`` challenge."""
+
+    realm: str
+    service: str = ""
+    scope: str = ""
+    error: str = ""
+
+    @classmethod
+    def parse(cls, header: str | None) -> Challenge | None:
+        scheme, _, rest = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        params = dict(_PARAM.findall(rest))
+        if not params.get("realm"):
+            return None
+        return cls(params["realm"], params.get("service", ""), params.get("scope", ""),
+                   params.get("error", ""))  # fmt: skip
+
+
+def request_scope(method: str, path: str) -> str | None:
+    """The scope a request needs, decided as a Docker client decides it
+    before it asks (GET/HEAD pull, DELETE delete, anything else pull,push);
+    ``""`` for ``/v2/`` (any token), None when the path names no repository."""
+    if path.rstrip("/") == "/v2":
+        return ""
+    if path == "/v2/_catalog":
+        return "registry:catalog:*"
+    m = _REPO_PATH.match(path)
+    if m is None:
+        return None
+    action = {"GET": "pull", "HEAD": "pull", "DELETE": "delete"}.get(method, "pull,push")
+    return f"repository:{m.group(1)}:{action}"
+
+
+@dataclass(frozen=True)
+class _Realm:
+    """Where one registry (a Host) hands out tokens."""
+
+    challenge: Challenge
+    via: str  # scheme://host:port the registry's requests went to
+
+    def token_request(self, scope: str) -> tuple[str, dict[str, str]]:
+        """URL and extra headers of a token request. A realm on the Host the
+        client named, reached at another address (a registry selected by
+        Host on a loopback node), is asked at that address, as after a DNS
+        lookup."""
+        query = {"service": self.challenge.service} if self.challenge.service else {}
+        if scope:
+            query["scope"] = scope
+        url = _with_query(self.challenge.realm, **query) if query else self.challenge.realm
+        realm = urlsplit(url)
+        via = urlsplit(self.via)
+        if realm.netloc == via.netloc:
+            return url, {}
+        return urlunsplit((via.scheme, via.netloc, realm.path, realm.query, "")), {
+            "Host": realm.netloc
+        }
+
+
+class TokenAuth:
+    """Credentials (None: anonymous) and the tokens fetched with them, one
+    per (registry Host, scope). An aiohttp client middleware; ``send`` does
+    the same for urllib."""
+
+    def __init__(self, username: str | None = None, password: str | None = None) -> None:
+        self.username = username
+        self.password = password
+        self._realms: dict[str, _Realm] = {}
+        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.fetched = 0  # tokens fetched so far
+
+    @classmethod
+    def owner_from_env(cls) -> TokenAuth | None:
+        """The cluster owner with ``$MERIDIAN_OWNER_PASSWORD``; None when unset."""
+        password = os.environ.get(OWNER_PASSWORD_ENV)
+        return cls(OWNER, password) if password else None
+
+    def __repr__(self) -> str:  # never the password
+        return f"TokenAuth({self.username!r})"
+
+    # -- the steps, shared by both clients -------------------------------------------
+
+    def _basic(self) -> dict[str, str]:
+        if self.username is None:
+            return {}
+        basic = b64encode(f"{self.username}:{self.password or ''}".encode()).decode()
+        return {"Authorization": f"Basic {basic}"}
+
+    def cached(self, host: str, scope: str | None) -> str | None:
+        hit = self._tokens.get((host, scope)) if scope is not None else None
+        if hit is None or hit[1] - time.monotonic() < EXPIRY_MARGIN:
+            return None
+        return hit[0]
+
+    def _learn(self, host: str, header: str | None, url: str) -> Challenge | None:
+        challenge = Challenge.parse(header)
+        if challenge is not None:
+            parts = urlsplit(url)
+            self._realms[host] = _Realm(challenge, f"{parts.scheme}://{parts.netloc}")
+        return challenge
+
+    def _store(self, host: str, scope: str, status: int, body: bytes) -> str | None:
+        if status != 200:
+            return None
+        try:
+            doc = json.loads(body)
+            token = doc.get("token") or doc.get("access_token")
+            ttl = float(doc.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            return None
+        if not isinstance(token, str) or not token:
+            return None
+        self.fetched += 1
+        self._tokens[(host, scope)] = (token, time.monotonic() + ttl)
+        return token
+
+    # -- aiohttp ---------------------------------------------------------------------
+
+    async def __call__(self, req: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        if "Authorization" in req.headers:  # the caller's own credentials
+            return await handler(req)
+        host = req.headers.get("Host") or _netloc(str(req.url))
+        scope = request_scope(req.method, req.url.path)
+        token = self.cached(host, scope)
+        if token is None and scope is not None and isinstance(req.body, AsyncIterablePayload):
+            # A stream cannot be sent twice: its token first.
+            token = await self._prefetch(req.session, req.url, host, scope)
+        if token is not None:
+            req.headers["Authorization"] = f"Bearer {token}"
+        resp = await handler(req)
+        if resp.status != 401 or getattr(req.body, "consumed", False):
+            return resp
+        challenge = self._learn(host, resp.headers.get("WWW-Authenticate"), str(req.url))
+        if challenge is None:
+            return resp
+        fresh = await self._fetch(req.session, host, challenge.scope, stale=token)
+        if fresh is None:
+            return resp
+        resp.release()
+        req.headers["Authorization"] = f"Bearer {fresh}"
+        return await handler(req)
+
+    async def authorization(
+        self, session: aiohttp.ClientSession, method: str, url: str
+    ) -> dict[str, str]:
+        """The ``Authorization`` header this client would send with
+        ``method url`` (for requests written by hand); {} if none is needed."""
+        yurl = URL(url, encoded=True)
+        host, scope = _netloc(url), request_scope(method, yurl.path)
+        if scope is None:
+            return {}
+        token = self.cached(host, scope) or await self._prefetch(session, yurl, host, scope)
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def _fetch(
+        self, session: aiohttp.ClientSession, host: str, scope: str, stale: str | None = None
+    ) -> str | None:
+        """A token for ``scope``: one fetch at a time per (host, scope), so
+        requests challenged together share it; ``stale`` (the token just
+        refused) is never the answer."""
+        async with self._locks.setdefault((host, scope), asyncio.Lock()):
+            current = self.cached(host, scope)
+            if current is not None and current != stale:
+                return current
+            url, headers = self._realms[host].token_request(scope)
+            async with session.get(
+                URL(url, encoded=True), headers={**headers, **self._basic()}, middlewares=()
+            ) as r:
+                return self._store(host, scope, r.status, await r.read())
+
+    async def _prefetch(
+        self, session: aiohttp.ClientSession, url: URL, host: str, scope: str
+    ) -> str | None:
+        """A token before sending; learns the realm from ``GET /v2/`` first
+        if need be (None: the registry wants none)."""
+        if host not in self._realms:
+            ping = url.with_path("/v2/").with_query(None)
+            async with session.get(ping, headers={"Host": host}, middlewares=()) as r:
+                await r.read()
+                if r.status != 401 or self._learn(host, r.headers.get("WWW-Authenticate"),
+                                                  str(url)) is None:  # fmt: skip
+                    return None
+        return await self._fetch(session, host, scope)
+
+    # -- urllib ----------------------------------------------------------------------
+
+    def send(
+        self, req: urllib.request.Request, timeout: float
+    ) -> tuple[int, dict[str, str], bytes]:
+        """``req`` (with a body that can be sent twice) through urllib,
+        answering a Bearer challenge once."""
+        host = req.get_header("Host") or _netloc(req.full_url)
+        own = req.has_header("Authorization")  # the caller's own credentials
+        token = self.cached(host, request_scope(req.get_method(), urlsplit(req.full_url).path))
+        if token is not None and not own:
+            req.add_header("Authorization", f"Bearer {token}")
+        status, headers, body = urlopen_whole(req, timeout)
+        if own or status != 401:
+            return status, headers, body
+        challenge = self._learn(host, headers.get("WWW-Authenticate"), req.full_url)
+        if challenge is None:
+            return status, headers, body
+        url, extra = self._realms[host].token_request(challenge.scope)
+        token_req = urllib.request.Request(url, headers={**extra, **self._basic()})
+        got = urlopen_whole(token_req, timeout)
+        fresh = self._store(host, challenge.scope, got[0], got[2])
+        if fresh is None:
+            return status, headers, body
+        req.add_header("Authorization", f"Bearer {fresh}")
+        return urlopen_whole(req, timeout)
+
+
+def _netloc(url: str) -> str:
+    """The Host a client sends for ``url`` (the port only when not the default)."""
+    return urlsplit(url).netloc
+
+
+def urlopen_whole(req: urllib.request.Request, timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of ``req``, error statuses included."""
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers.items()), e.read()
+
+
 class OciClient:
-    """Minimal OCI Distribution client on an aiohttp session (no auth)."""
+    """Minimal OCI Distribution client on an aiohttp session (authenticated
+    when the session has a :class:`TokenAuth` middleware)."""
 
     def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
         self.base_url = base_url.rstrip("/")

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -8,9 +7,8 @@ import pytest
 
 from tests.procs import NodeProcess
 
-# Interim, while the suite moves to authentication on: nodes started by the
-# tests run in the open mode. Removed by the migration commit.
-os.environ.setdefault("MERIDIAN_AUTH", "0")
+# Nodes run with authentication on (their owner's password comes from the
+# environment, see tests/procs.py); tests about the open mode pass --no-auth.
 
 
 @pytest.fixture

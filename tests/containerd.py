@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from localcluster.supervisor import Child, StartError, spawn
-from tests.procs import require_tool
+from tests.procs import redact, require_tool
 
 NAMESPACE = "meridian-tests"
 DISABLED_PLUGINS = (
@@ -118,8 +118,10 @@ class Containerd:
         )
         if check and r.returncode != 0:
             raise AssertionError(
-                f"ctr {' '.join(args)} exited {r.returncode}\nstdout:\n{r.stdout[-3000:]}\n"
-                f"stderr:\n{r.stderr[-3000:]}\ncontainerd log tail:\n{self.logs()[-3000:]}"
+                redact(
+                    f"ctr {' '.join(args)} exited {r.returncode}\nstdout:\n{r.stdout[-3000:]}\n"
+                    f"stderr:\n{r.stderr[-3000:]}\ncontainerd log tail:\n{self.logs()[-3000:]}"
+                )
             )
         return r
 

@@ -10,7 +10,8 @@
 - ``write_layout`` / ``read_layout`` / ``verify_layout``: OCI image layout
   directories on disk (what ``skopeo copy oci:DIR:REF`` reads and writes).
 - ``Registry``: a tiny synchronous HTTP client (urllib) to push and fetch
-  blobs and manifests, for what the CLI tools cannot push.
+  blobs and manifests, for what the CLI tools cannot push; it logs in as
+  the cluster owner by default (``loadtest.ocipush.TokenAuth``).
 
 Layers are gzip streams at level 0 (stored deflate blocks): valid gzip that
 every tool treats as compressed (so none recompresses it) at no CPU cost;
@@ -24,14 +25,14 @@ import hashlib
 import json
 import os
 import random
-import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlencode, urljoin
 
-from loadtest.ocipush import tar_gzip
+from loadtest.ocipush import TokenAuth, tar_gzip, urlopen_whole
 from ocidist.mediatypes import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -43,6 +44,7 @@ from ocidist.mediatypes import (
     OCI_LAYER_GZIP,
     OCI_MANIFEST,
 )
+from tests.procs import OWNER_LOGIN
 
 REF_NAME = "org.opencontainers.image.ref.name"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
@@ -438,11 +440,18 @@ class HTTPStatusError(RuntimeError):
 
 
 class Registry:
-    """Push and fetch over the OCI Distribution API with urllib (no auth)."""
+    """Push and fetch over the OCI Distribution API with urllib. ``auth``:
+    who it logs in as (default the cluster owner); None: never."""
 
-    def __init__(self, base_url: str, timeout: float = 60) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 60,
+        auth: TokenAuth | None | Literal["owner"] = "owner",
+    ) -> None:
         self.base = base_url.rstrip("/")
         self.timeout = timeout
+        self.auth = TokenAuth(*OWNER_LOGIN) if auth == "owner" else auth
 
     def request(
         self,
@@ -453,11 +462,9 @@ class Registry:
     ) -> tuple[int, dict[str, str], bytes]:
         url = path if path.startswith("http") else urljoin(self.base + "/", path.lstrip("/"))
         req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.status, dict(resp.headers.items()), resp.read()
-        except urllib.error.HTTPError as e:
-            return e.code, dict(e.headers.items()), e.read()
+        if self.auth is None:
+            return urlopen_whole(req, self.timeout)
+        return self.auth.send(req, self.timeout)
 
     def push_blob(self, repo: str, blob: Blob) -> None:
         status, hdrs, body = self.request("HEAD", f"/v2/{repo}/blobs/{blob.digest}")

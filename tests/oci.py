@@ -4,6 +4,11 @@ Content builders (blobs, image manifests, indexes, artifacts) that keep the
 exact bytes they will push, a thin aiohttp client that returns whole
 responses, error assertions, and fixture factories for a node shared by one
 test module.
+
+The client logs in as the cluster owner by default, as a real client does
+(``loadtest.ocipush.TokenAuth``: a 401 Bearer challenge is answered with a
+token for its scope and the request sent again), so what a test sees is the
+answer to its own request, never the challenge.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from loadtest.ocipush import TokenAuth
 from ocidist.mediatypes import (  # noqa: F401 - the tests' vocabulary, re-exported
     DOCKER_CONFIG,
     DOCKER_LIST,
@@ -35,7 +41,7 @@ from ocidist.mediatypes import (  # noqa: F401 - the tests' vocabulary, re-expor
 )
 from ocidist.mediatypes import DOCKER_LAYER_GZIP as DOCKER_LAYER
 from ocidist.mediatypes import OCI_LAYER_GZIP as OCI_LAYER
-from tests.procs import NodeProcess
+from tests.procs import OWNER_LOGIN, NodeProcess
 
 OCI_NONDIST_LAYER = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
 EMPTY_JSON = b"{}"
@@ -229,23 +235,43 @@ class Resp:
         return f"<{self.method} {self.url} -> {self.status} {hdrs} {self.body[:600]!r}>"
 
 
+def owner_auth() -> TokenAuth:
+    """Credentials of the cluster owner of the nodes the tests start."""
+    return TokenAuth(*OWNER_LOGIN)
+
+
 class Client:
     """One aiohttp session against a node. Paths are sent exactly as given
     (no client-side normalisation of ``..`` or ``//``); no Accept or
-    Content-Type header is added unless the test sets it."""
+    Content-Type header is added unless the test sets it. ``auth``: who it
+    logs in as (default the owner); None sends every request as given."""
 
-    def __init__(self, base: str, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, base: str, session: aiohttp.ClientSession, auth: TokenAuth | None = None
+    ) -> None:
         self.base = base.rstrip("/")
         self.session = session
+        self.auth = auth
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, base: str) -> AsyncIterator[Client]:
+    async def connect(
+        cls, base: str, auth: TokenAuth | None | Literal["owner"] = "owner"
+    ) -> AsyncIterator[Client]:
+        auth = owner_auth() if auth == "owner" else auth
         async with aiohttp.ClientSession(
             skip_auto_headers=("Accept", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=60),
+            middlewares=() if auth is None else (auth,),
         ) as s:
-            yield cls(base, s)
+            yield cls(base, s, auth)
+
+    async def auth_headers(self, method: str, path: str) -> dict[str, str]:
+        """The ``Authorization`` header this client sends with ``method
+        path``, for requests written by hand (``raw_exchange``)."""
+        if self.auth is None:
+            return {}
+        return await self.auth.authorization(self.session, method, str(self.url(path)))
 
     def url(self, path: str) -> URL:
         if path.startswith(("http://", "https://")):

@@ -1,15 +1,24 @@
 """Real processes for tests: free loopback ports, Meridian nodes, tool checks.
 
 Processes are started and stopped by :mod:`localcluster.supervisor`, as
-``meridian up`` and the load tests start theirs."""
+``meridian up`` and the load tests start theirs.
+
+Authentication is on in every node the tests start (but those about the
+open mode, ``--no-auth``). The cluster owner's password is chosen once per
+test session (random, or ``$MERIDIAN_OWNER_PASSWORD`` if already set) and
+put in this process's environment, so every node, router and harness the
+tests start gets it; clients log in with ``OWNER_CREDS``."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
+from cluster.auth.identities import OWNER, OWNER_PASSWORD_ENV
 from cluster.runtime import free_port
 from localcluster.supervisor import (
     REPO_ROOT,
@@ -22,7 +31,23 @@ from localcluster.supervisor import (
 
 ROOT = REPO_ROOT
 
-__all__ = ["ROOT", "NodeProcess", "free_port", "require_tool", "skopeo"]
+__all__ = [
+    "OWNER_CREDS",
+    "OWNER_LOGIN",
+    "OWNER_PASSWORD",
+    "ROOT",
+    "NodeProcess",
+    "creds_args",
+    "free_port",
+    "redact",
+    "require_tool",
+    "skopeo",
+    "with_creds",
+]
+
+OWNER_PASSWORD = os.environ.setdefault(OWNER_PASSWORD_ENV, secrets.token_urlsafe(18))
+OWNER_LOGIN = (OWNER, OWNER_PASSWORD)
+OWNER_CREDS = f"{OWNER}:{OWNER_PASSWORD}"  # user:password, as skopeo, podman and ctr take them
 
 INSTALL_HINTS = {
     "skopeo": "apt-get install -y skopeo",
@@ -106,9 +131,35 @@ class NodeProcess:
             return ""
 
 
+def redact(text: str, *secrets_: str) -> str:
+    """``text`` without the owner's password (nor ``secrets_``), for
+    assertion messages that quote a command line or a client's output."""
+    for secret in (OWNER_PASSWORD, *secrets_):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def creds_args(command: str, creds: str = OWNER_CREDS) -> list[str]:
+    """skopeo's credential options for ``command``: a copy or sync logs in
+    on both sides, anything else (inspect, list-tags, delete) once."""
+    if command in ("copy", "sync"):
+        return ["--src-creds", creds, "--dest-creds", creds]
+    return ["--creds", creds]
+
+
+def with_creds(args: Sequence[str], creds: str = OWNER_CREDS) -> list[str]:
+    """skopeo ``args`` with ``creds_args`` after the command (the first
+    argument that is not a global option)."""
+    i = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+    if i is None:
+        return list(args)
+    return [*args[: i + 1], *creds_args(args[i], creds), *args[i + 1 :]]
+
+
 def skopeo(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``skopeo ARGS`` logged in as the owner (on both sides of a copy)."""
     exe = require_tool("skopeo")
-    env = dict(os.environ)
     return subprocess.run(
-        [exe, *args], capture_output=True, text=True, check=check, timeout=timeout, env=env
+        [exe, *with_creds(args)], capture_output=True, text=True, check=check, timeout=timeout
     )

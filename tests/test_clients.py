@@ -1,8 +1,10 @@
 """Real clients against a real node: skopeo, containerd's ctr, podman.
 
-Every image is built locally (tests/images.py) and every round trip is
-checked byte for byte: the manifest digest, config and layer digests that
-come back out are those that went in.
+Each logs in as the cluster owner (skopeo ``--creds``/``--src-creds``/
+``--dest-creds``, ctr ``--user``, podman ``--creds``). Every image is built
+locally (tests/images.py) and every round trip is checked byte for byte:
+the manifest digest, config and layer digests that come back out are those
+that went in.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 
 from tests import images as im
 from tests.containerd import Containerd
-from tests.procs import NodeProcess, require_tool
+from tests.procs import OWNER_CREDS, NodeProcess, redact, require_tool, with_creds
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.timeout(240)
 def run_skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     exe = require_tool("skopeo")
     r = subprocess.run(
-        [exe, "--insecure-policy", *args], capture_output=True, text=True, timeout=300
+        [exe, "--insecure-policy", *with_creds(args)], capture_output=True, text=True, timeout=300
     )
     if check and r.returncode != 0:
         raise AssertionError(
@@ -53,7 +55,13 @@ def inspect(ref: str, *extra: str) -> dict:
 def inspect_raw(ref: str, *extra: str) -> bytes:
     exe = require_tool("skopeo")
     r = subprocess.run(
-        [exe, "--insecure-policy", "inspect", "--raw", "--tls-verify=false", *extra, ref],
+        [
+            exe,
+            "--insecure-policy",
+            *with_creds(["inspect", "--raw", "--tls-verify=false"]),
+            *extra,
+            ref,
+        ],  # fmt: skip
         capture_output=True,
         timeout=120,
     )
@@ -429,9 +437,9 @@ def test_containerd_pull(node: NodeProcess, tmp_path: Path) -> None:
 
     with Containerd(tmp_path / "containerd") as ctrd:
         host = node.hostport
-        ctrd.pull(f"{host}/ctr/single:v1")
-        ctrd.pull(f"{host}/ctr/multi:v1", "--all-platforms")
-        ctrd.pull(f"{host}/ctr/docker:v1")
+        ctrd.pull(f"{host}/ctr/single:v1", "--user", OWNER_CREDS)
+        ctrd.pull(f"{host}/ctr/multi:v1", "--all-platforms", "--user", OWNER_CREDS)
+        ctrd.pull(f"{host}/ctr/docker:v1", "--user", OWNER_CREDS)
         listed = ctrd.images()
         assert listed[f"{host}/ctr/single:v1"] == (im.OCI_MANIFEST, img.digest)
         assert listed[f"{host}/ctr/multi:v1"] == (im.OCI_INDEX, idx.digest)
@@ -484,19 +492,20 @@ def test_podman_pull(node: NodeProcess, tmp_path: Path) -> None:
 
     def podman(*args: str) -> str:
         r = subprocess.run([*base, *args], capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0, f"podman {' '.join(args)}: {r.stderr[-3000:]}"
+        assert r.returncode == 0, redact(f"podman {' '.join(args)}: {r.stderr[-3000:]}")
         return r.stdout
 
     try:
         host = node.hostport
-        podman("pull", "-q", "--tls-verify=false", f"{host}/pod/single:v1")
+        podman("pull", "-q", "--tls-verify=false", "--creds", OWNER_CREDS, f"{host}/pod/single:v1")
         info = json.loads(podman("image", "inspect", f"{host}/pod/single:v1"))[0]
         assert info["Digest"] == img.digest
         assert info["Id"] == img.config.digest.split(":")[1]
         assert info["Architecture"] == "amd64"
         assert f"{host}/pod/single@{img.digest}" in info["RepoDigests"]
 
-        podman("pull", "-q", "--tls-verify=false", "--arch", "arm64", f"{host}/pod/multi:v1")
+        podman("pull", "-q", "--tls-verify=false", "--creds", OWNER_CREDS, "--arch", "arm64",
+               f"{host}/pod/multi:v1")  # fmt: skip
         info = json.loads(podman("image", "inspect", f"{host}/pod/multi:v1"))[0]
         arm64 = idx.image_for("arm64")
         assert info["Architecture"] == "arm64"

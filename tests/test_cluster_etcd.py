@@ -50,7 +50,7 @@ from tests import images as im
 from tests import oci
 from tests.etcd_server import EtcdServer
 from tests.oci import OCI_MANIFEST, Client, assert_error
-from tests.procs import ROOT, NodeProcess, require_tool
+from tests.procs import ROOT, NodeProcess, require_tool, with_creds
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -244,7 +244,7 @@ async def regions_json(etcd: EtcdServer) -> dict[str, dict]:
 def run_skopeo(*args: str) -> str:
     exe = require_tool("skopeo")
     r = subprocess.run(
-        [exe, "--insecure-policy", *args], capture_output=True, text=True, timeout=120
+        [exe, "--insecure-policy", *with_creds(args)], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, f"skopeo {' '.join(args)}: {r.stderr[-2000:]}"
     return r.stdout
@@ -253,7 +253,7 @@ def run_skopeo(*args: str) -> str:
 def skopeo_raw(ref: str) -> bytes:
     exe = require_tool("skopeo")
     r = subprocess.run(
-        [exe, "--insecure-policy", "inspect", "--raw", "--tls-verify=false", ref],
+        [exe, "--insecure-policy", *with_creds(["inspect", "--raw", "--tls-verify=false"]), ref],
         capture_output=True,
         timeout=120,
     )
@@ -640,8 +640,9 @@ async def test_node_killed_mid_push_loses_nothing_acknowledged(tmp_path: Path) -
             async with aiohttp.ClientSession(
                 skip_auto_headers=("Accept", "Content-Type"),
                 timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT),
+                middlewares=(auth := oci.owner_auth(),),
             ) as s:
-                c = Client(east.url, s)
+                c = Client(east.url, s, auth)
                 i = 0
                 while not stop.is_set():
                     m = oci.image([oci.blob_bytes(1000 + 97 * i + w)])

@@ -35,7 +35,8 @@ import aiohttp
 import pytest
 
 from tests import images as im
-from tests.procs import NodeProcess, require_tool
+from tests.oci import owner_auth
+from tests.procs import NodeProcess, require_tool, with_creds
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -436,7 +437,7 @@ async def crash_once(
             and len(ledger.manifests) >= 2 * (it + 1)
         )
 
-    async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+    async with aiohttp.ClientSession(timeout=TIMEOUT, middlewares=(owner_auth(),)) as http:
         c = Client(node.url, http)
         tasks = {
             asyncio.create_task(mono_post_put(c, mono_a, ledger)): "mono_a",
@@ -475,7 +476,7 @@ async def crash_once(
 
     node.start()
     check_store(node.data, seen)
-    async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+    async with aiohttp.ClientSession(timeout=TIMEOUT, middlewares=(owner_auth(),)) as http:
         c = Client(node.url, http)
         await check_nothing_lost(c, ledger, verified)
         # Half-sent monolithic blobs cannot be visible: not all bytes left.
@@ -566,7 +567,7 @@ async def run_skopeo(*args: str) -> tuple[int, str]:
     p = await asyncio.create_subprocess_exec(
         exe,
         "--insecure-policy",
-        *args,
+        *with_creds(args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

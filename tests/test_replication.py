@@ -81,7 +81,10 @@ class RegionNode(NodeProcess):
         return scrape(self.url)
 
     def registry(self) -> Registry:
-        return Registry(self.url)
+        """A client logged in as the owner (one per node: its tokens are kept)."""
+        if getattr(self, "_registry", None) is None:
+            self._registry = Registry(self.url)
+        return self._registry
 
     def status(self) -> NodeStatus:
         """What the node says about itself to the router (``cluster.status``)."""

@@ -21,6 +21,7 @@ user exists, so timing tells nothing about which names exist.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -110,12 +111,18 @@ def _json(raw: bytes | None) -> dict | None:
     return d if isinstance(d, dict) else None
 
 
-def _password_ok(password: str, hashes: list[str]) -> bool:
+def _check_passwords(password: str, hashes: list[str]) -> bool:
     """Checks every stored hash (at most two) so timing does not tell which matched."""
     ok = False
     for h in hashes or [DECOY]:
         ok = verify_secret(password, h) or ok
     return ok
+
+
+async def _password_ok(password: str, hashes: list[str]) -> bool:
+    """``_check_passwords`` off the event loop: a slow hash takes tens of
+    milliseconds, which would stall every request of the region."""
+    return await asyncio.to_thread(_check_passwords, password, hashes)
 
 
 class Identities:
@@ -141,29 +148,29 @@ class Identities:
         """The principal these credentials name in ``reg``, or None. One
         slow hash is always computed."""
         if not username or not password:
-            verify_secret(password or "x", DECOY)
+            await asyncio.to_thread(verify_secret, password or "x", DECOY)
             return None
         if username == OWNER:
             rec = await self._get(OWNER_KEY)
-            if rec is None or not _password_ok(password, rec.get("passwords", [])):
+            if rec is None or not await _password_ok(password, rec.get("passwords", [])):
                 return None
             return self.owner(reg)
         if username == reg:
             rec = await self._get(admin_key(reg))
-            ok = _password_ok(password, (rec or {}).get("passwords", []))
+            ok = await _password_ok(password, (rec or {}).get("passwords", []))
             if rec is None or not ok or rec.get("enabled") is not True:
                 return None
             return self.admin(reg)
         sp = await self._get(SP_PREFIX + username) if _safe_name(username) else None
         if sp is not None:
-            if not _password_ok(password, sp.get("secrets", [])):
+            if not await _password_ok(password, sp.get("secrets", [])):
                 return None
             return self.service_principal(reg, username, sp)
         tok = await self._get(token_key(reg, username)) if _safe_name(username) else None
         if tok is None:
-            _password_ok(password, [])
+            await _password_ok(password, [])
             return None
-        if not _password_ok(password, tok.get("passwords", [])):
+        if not await _password_ok(password, tok.get("passwords", [])):
             return None
         return await self.token(reg, username, tok)
 

@@ -195,8 +195,9 @@ def get_token(
 ) -> tuple[int, str, str]:
     """(status, granted scope, token) from the node's token endpoint for ``reg``."""
     headers = host(reg) | (basic(*creds) if creds else {})
-    status, _, raw = http("GET", f"{node.url}/oauth2/token?{urlencode({'scope': scope})}",
-                          headers=headers)  # fmt: skip
+    status, _, raw = http(
+        "GET", f"{node.url}/oauth2/token?{urlencode({'scope': scope})}", headers=headers
+    )
     if status != 200:
         return status, "", ""
     doc = json.loads(raw)
@@ -204,9 +205,14 @@ def get_token(
 
 
 def v2(
-    node: Node, reg: str, method: str, path: str, token: str = "", data: bytes | None = None,
+    node: Node,
+    reg: str,
+    method: str,
+    path: str,
+    token: str = "",
+    data: bytes | None = None,
     ctype: str = "application/octet-stream",
-) -> tuple[int, dict[str, str]]:  # fmt: skip
+) -> tuple[int, dict[str, str]]:
     headers = host(reg) | {"Content-Type": ctype}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -309,16 +315,19 @@ def test_login_writes_a_docker_config_skopeo_and_the_cli_use(node: Node, tmp_pat
     base = [skopeo]
     env = {k: v for k, v in os.environ.items() if k not in CLUSTER_ENV}
     env.update(HOME=str(tmp_path / "empty-home"), XDG_RUNTIME_DIR=str(tmp_path / "run"))
-    run = lambda *a: subprocess.run([*base, *a], capture_output=True, text=True, env=env,  # noqa: E731
-                                    timeout=120)  # fmt: skip
-    refused = run("inspect", "--tls-verify=false", ref)
-    assert refused.returncode != 0
-    pushed = run("copy", "--dest-tls-verify=false", "--dest-authfile", str(config),
-                 f"oci:{layout}:v1", ref)  # fmt: skip
+
+    def run(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *a], capture_output=True, text=True, env=env, timeout=120)
+
+    pushed = run(
+        "copy", "--dest-tls-verify=false", "--dest-authfile", str(config), f"oci:{layout}:v1", ref
+    )
     assert pushed.returncode == 0, pushed.stderr
     inspected = run("inspect", "--tls-verify=false", "--authfile", str(config), ref)
     assert inspected.returncode == 0, inspected.stderr
     assert json.loads(inspected.stdout)["Name"].endswith("team/app")
+    refused = run("inspect", "--tls-verify=false", ref)  # no credentials anywhere: refused
+    assert refused.returncode != 0 and "unauthorized" in refused.stderr.lower(), refused.stderr
 
     # ...and from its default place when DOCKER_CONFIG is unset: ~/.docker/config.json.
     home_cli = Cli(tmp_path / "home2", None)
@@ -363,8 +372,9 @@ def test_service_principal_with_acrpull_pulls_but_cannot_push(node: Node, tmp_pa
     status, granted, tok = get_token(node, "default", "registry:manage:*", (OWNER, OWNER_PASSWORD))
     assert granted == "registry:manage:*"
     bearer = {"Authorization": f"Bearer {tok}"}
-    status, doc = api(node, "POST", "/serviceprincipals", {"roles": {"contoso": ["AcrPush"]}},
-                      auth=bearer)  # fmt: skip
+    status, doc = api(
+        node, "POST", "/serviceprincipals", {"roles": {"contoso": ["AcrPush"]}}, auth=bearer
+    )
     assert status == 201, doc
     pusher = (doc["id"], node.secret(doc["secret"]))
     assert can_push(node, "contoso", "app", pusher)
@@ -381,8 +391,9 @@ def test_owner_role_manages_its_registry_only(node: Node, tmp_path: Path) -> Non
     lead = Cli(tmp_path / "lead-home", tmp_path / "lead-docker")
     assert lead.login(node.url, "team-lead", node.secret(sp["secret"])).returncode == 0
 
-    tok = lead.ok("token", "create", "ci", "--scope-map", "_repositories_pull",
-                  "--registry", "contoso")  # fmt: skip
+    tok = lead.ok(
+        "token", "create", "ci", "--scope-map", "_repositories_pull", "--registry", "contoso"
+    )
     for p in tok["passwords"]:
         node.secret(p["value"])
     assert lead.ok("token", "list", "--registry", "contoso")[0]["name"] == "ci"
@@ -391,21 +402,31 @@ def test_owner_role_manages_its_registry_only(node: Node, tmp_path: Path) -> Non
     assert "may not manage registry 'fabrikam'" in line
     line = lead.fails(5, "sp", "create", "--id", "sneaky", "--role", "contoso=Owner")
     assert "only the cluster owner" in line
-    status, doc = api(node, "POST", "/serviceprincipals", {"id": "sneaky2", "roles":
-                      {"contoso": ["Owner"]}}, auth=basic("team-lead", sp["secret"]))  # fmt: skip
+    status, doc = api(
+        node,
+        "POST",
+        "/serviceprincipals",
+        {"id": "sneaky2", "roles": {"contoso": ["Owner"]}},
+        auth=basic("team-lead", sp["secret"]),
+    )
     assert status == 403 and error_code(doc) == "DENIED"
     assert [s["id"] for s in cli.ok("sp", "list")] == ["team-lead"]  # nothing created
 
     # A pull-only service principal may not manage anything.
     puller = cli.ok("sp", "create", "--id", "puller", "--role", "contoso=AcrPull")
-    status, doc = api(node, "GET", "/registries/contoso/tokens",
-                      auth=basic("puller", node.secret(puller["secret"])))  # fmt: skip
+    status, doc = api(
+        node,
+        "GET",
+        "/registries/contoso/tokens",
+        auth=basic("puller", node.secret(puller["secret"])),
+    )
     assert status == 403 and error_code(doc) == "DENIED"
     # Its bearer token does not get the manage scope either.
     _, granted, t = get_token(node, "contoso", "registry:manage:*", ("puller", puller["secret"]))
     assert granted == ""
-    status, doc = api(node, "GET", "/registries/contoso/tokens",
-                      auth={"Authorization": f"Bearer {t}"})  # fmt: skip
+    status, doc = api(
+        node, "GET", "/registries/contoso/tokens", auth={"Authorization": f"Bearer {t}"}
+    )
     assert status == 403
 
 
@@ -418,11 +439,22 @@ def test_token_with_a_team_scope_map(node: Node, tmp_path: Path) -> None:
     push_image(node, "contoso", "team-a/app", "v1")
     push_image(node, "contoso", "team-b/app", "v1")
 
-    smap = cli.ok("scope-map", "create", "team-a", "--repository", "team-a/*", "content/read",
-                  "content/write", "--description", "team A", *reg)  # fmt: skip
+    smap = cli.ok(
+        "scope-map",
+        "create",
+        "team-a",
+        "--repository",
+        "team-a/*",
+        "content/read",
+        "content/write",
+        "--description",
+        "team A",
+        *reg,
+    )
     assert smap["actions"] == {"team-a/*": ["content/read", "content/write"]}
-    tok = cli.ok("token", "create", "team-a-ci", "--scope-map", "team-a",
-                 "--expiration-in-days", "30", *reg)  # fmt: skip
+    tok = cli.ok(
+        "token", "create", "team-a-ci", "--scope-map", "team-a", "--expiration-in-days", "30", *reg
+    )
     p1, p2 = (node.secret(p["value"]) for p in tok["passwords"])
     assert tok["status"] == "enabled" and tok["expiry"].startswith("20")
     assert [p["name"] for p in tok["passwords"]] == ["password1", "password2"]
@@ -433,8 +465,9 @@ def test_token_with_a_team_scope_map(node: Node, tmp_path: Path) -> None:
         assert can_push(node, "contoso", "team-a/app", creds)
         assert not can_pull(node, "contoso", "team-b/app", "v1", creds)
         assert not can_push(node, "contoso", "team-b/app", creds)
-    _, granted, _ = get_token(node, "contoso", "repository:team-a/x:pull,push,delete",
-                              ("team-a-ci", p1))  # fmt: skip
+    _, granted, _ = get_token(
+        node, "contoso", "repository:team-a/x:pull,push,delete", ("team-a-ci", p1)
+    )
     assert granted == "repository:team-a/x:pull,push"
 
     # Disabled: refused; enabled again: back.
@@ -469,15 +502,20 @@ def test_token_with_a_team_scope_map(node: Node, tmp_path: Path) -> None:
     assert names == ["_repositories_pull", "_repositories_push", "_repositories_admin"]
 
     # The same through the API: expiry in the past is refused, null clears it.
-    status, doc = api(node, "POST", "/registries/contoso/tokens",
-                      {"name": "puller", "scope_map": "_repositories_pull"})  # fmt: skip
+    status, doc = api(
+        node,
+        "POST",
+        "/registries/contoso/tokens",
+        {"name": "puller", "scope_map": "_repositories_pull"},
+    )
     assert status == 201 and len(doc["passwords"]) == 2
     for p in doc["passwords"]:
         node.secret(p["value"])
     status, doc = api(node, "PATCH", "/registries/contoso/tokens/puller", {"expiry": 1})
     assert status == 400 and "in the past" in doc["errors"][0]["message"]
-    status, doc = api(node, "PATCH", "/registries/contoso/tokens/puller",
-                      {"expiry": "2099-01-01T00:00:00Z"})  # fmt: skip
+    status, doc = api(
+        node, "PATCH", "/registries/contoso/tokens/puller", {"expiry": "2099-01-01T00:00:00Z"}
+    )
     assert status == 200 and doc["expiry"] == "2099-01-01T00:00:00Z"
     status, doc = api(node, "PATCH", "/registries/contoso/tokens/puller", {"expiry": None})
     assert status == 200 and doc["expiry"] is None
@@ -556,8 +594,12 @@ def test_anonymous_pull_and_network_rules(node: Node, tmp_path: Path) -> None:
     assert status == 200 and doc["public_access"] is True
     assert can_pull(node, "contoso", "pub/app", "v1", owner)
     status, doc = api(node, "GET", "/registries/contoso/settings")
-    assert doc == {"registry": "contoso", "anonymous_pull": False, "public_access": True,
-                   "allowed_cidrs": []}  # fmt: skip
+    assert doc == {
+        "registry": "contoso",
+        "anonymous_pull": False,
+        "public_access": True,
+        "allowed_cidrs": [],
+    }
 
 
 async def test_settings_keep_the_registry_config_s_other_keys(tmp_path: Path) -> None:
@@ -674,22 +716,30 @@ def test_bad_input_is_refused_and_changes_nothing(node: Node, tmp_path: Path) ->
         got, doc = api(node, method, path, body)
         assert (got, error_code(doc)) == (status, code), (method, path, body, doc)
         assert doc["errors"][0]["message"]
-    status, _, raw = http("POST", node.url + "/meridian/v1/registries/contoso/tokens",
-                          data=b"{not json", headers=OWNER_BASIC)  # fmt: skip
+    status, _, raw = http(
+        "POST",
+        node.url + "/meridian/v1/registries/contoso/tokens",
+        data=b"{not json",
+        headers=OWNER_BASIC,
+    )
     assert status == 400 and error_code(json.loads(raw)) == "INVALID"
     assert state() == before
 
     # No credentials, wrong ones: 401 with a Bearer challenge for the manage scope.
     for auth in ({}, basic(OWNER, "wrong"), {"Authorization": "Bearer junk"}):
-        status, headers, raw = http("GET", node.url + "/meridian/v1/serviceprincipals",
-                                    headers=auth)  # fmt: skip
+        status, headers, raw = http(
+            "GET", node.url + "/meridian/v1/serviceprincipals", headers=auth
+        )
         assert status == 401 and error_code(json.loads(raw)) == "UNAUTHORIZED"
         challenge = headers["WWW-Authenticate"]
         assert challenge.startswith("Bearer realm=") and 'scope="registry:manage:*"' in challenge
     # A token without the manage scope: 401 insufficient_scope (the owner may ask for it).
     _, _, tok = get_token(node, "default", "repository:a:pull", (OWNER, OWNER_PASSWORD))
-    status, headers, _ = http("GET", node.url + "/meridian/v1/serviceprincipals",
-                              headers={"Authorization": f"Bearer {tok}"})  # fmt: skip
+    status, headers, _ = http(
+        "GET",
+        node.url + "/meridian/v1/serviceprincipals",
+        headers={"Authorization": f"Bearer {tok}"},
+    )
     assert status == 401 and 'error="insufficient_scope"' in headers["WWW-Authenticate"]
     assert state() == before
 

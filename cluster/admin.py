@@ -11,7 +11,8 @@ import time
 
 import aiohttp
 
-from cluster import discovery
+from cluster import discovery, etcd_options
+from cluster.etcd_options import EtcdOptions
 from cluster.namespace import ALIVE, REGIONS, RegionInfo
 from cluster.preflight import CliError, Parser, answer
 
@@ -22,7 +23,9 @@ def namespace_args(p: argparse.ArgumentParser) -> None:
     discovery.add_arguments(p)
 
 
-async def _region_records(ns: discovery.Where) -> tuple[list[RegionInfo], set[str]]:
+async def _region_records(
+    ns: discovery.Where, options: EtcdOptions | None = None
+) -> tuple[list[RegionInfo], set[str]]:
     if not ns.etcd:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
             async with s.get(ns.node.rstrip("/") + "/meridian/v1/regions") as resp:
@@ -35,7 +38,7 @@ async def _region_records(ns: discovery.Where) -> tuple[list[RegionInfo], set[st
         return infos, {r["name"] for r in doc["regions"] if r["alive"]}
     from cluster.etcd import EtcdKV
 
-    kv = EtcdKV.from_flag(ns.etcd)
+    kv = EtcdKV.from_flag(ns.etcd, options=options)
     await kv.start()
     try:
         infos, _ = await kv.range(REGIONS)
@@ -60,8 +63,8 @@ async def _probe(session: aiohttp.ClientSession, url: str) -> float | None:
     return (time.perf_counter() - start) * 1000
 
 
-async def list_regions(ns: discovery.Where) -> list[dict]:
-    infos, alive_names = await _region_records(ns)
+async def list_regions(ns: discovery.Where, options: EtcdOptions | None = None) -> list[dict]:
+    infos, alive_names = await _region_records(ns, options)
     rows = []
     timeout = aiohttp.ClientTimeout(total=2)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -86,13 +89,14 @@ def regions_main(argv: list[str]) -> int:
     )
     namespace_args(p)
     ns = p.parse_args(argv)
-    return answer("meridian regions", lambda: _print_regions(ns.etcd, ns.node, ns.json))
+    options = etcd_options.from_args(ns)
+    return answer("meridian regions", lambda: _print_regions(ns.etcd, ns.node, ns.json, options))
 
 
-def _print_regions(etcd: str, node: str, as_json: bool) -> int:
+def _print_regions(etcd: str, node: str, as_json: bool, options: EtcdOptions | None = None) -> int:
     where = discovery.find_cluster(etcd, node)
     with discovery.answering(where):
-        rows = asyncio.run(list_regions(where))
+        rows = asyncio.run(list_regions(where, options))
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -112,14 +116,14 @@ def _human(n: float) -> str:
     return str(n)
 
 
-async def _replication_rows(etcd: str) -> list[dict]:
+async def _replication_rows(etcd: str, options: EtcdOptions | None = None) -> list[dict]:
     # The backlog is computed as the nodes compute it; the CLI imports the
     # node's planning code only when this verb runs (as ``meridian node``).
     from cluster.etcd import EtcdKV
     from cluster.namespace import Namespace
     from node.replication.plan import status_rows
 
-    ns = Namespace(EtcdKV.from_flag(etcd), "")
+    ns = Namespace(EtcdKV.from_flag(etcd, options=options), "")
     await ns.start()
     try:
         return status_rows(ns)
@@ -137,11 +141,12 @@ def replication_main(argv: list[str]) -> int:
     p.add_argument("verb", choices=["list"], nargs="?", default="list")
     namespace_args(p)
     args = p.parse_args(argv)
+    options = etcd_options.from_args(args)
     try:
         where = discovery.find_cluster(args.etcd, args.node)
         with discovery.answering(where):
             if where.etcd:
-                rows = asyncio.run(_replication_rows(where.etcd))
+                rows = asyncio.run(_replication_rows(where.etcd, options))
             else:
                 url = where.node.rstrip("/") + "/meridian/v1/replication"
                 with urllib.request.urlopen(url, timeout=10) as resp:

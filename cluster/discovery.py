@@ -28,8 +28,8 @@ from typing import Any
 
 import aiohttp
 
-from cluster import procfs
-from cluster.kv import KVUnavailable
+from cluster import etcd_options, procfs
+from cluster.kv import KVRefused, KVUnavailable
 from cluster.preflight import NO_CLUSTER, USAGE, CliError
 
 DEFAULT_UP_DATA = "./meridian-data"
@@ -51,7 +51,8 @@ class Where:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``--etcd``, ``--node`` and ``--json``: what the management verbs take."""
+    """``--etcd``, ``--node``, ``--json`` and the etcd TLS and auth options
+    (``cluster.etcd_options``): what the management verbs take."""
     p.add_argument(
         "--etcd",
         default=os.environ.get("MERIDIAN_ETCD", ""),
@@ -66,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(env MERIDIAN_NODE)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    etcd_options.add_arguments(p)
 
 
 def up_data_dir() -> Path:
@@ -105,6 +107,8 @@ def answering(where: Where) -> Iterator[None]:
     found = f" (found in {where.found_in}: is that meridian up still starting?)"
     try:
         yield
+    except KVRefused as e:  # TLS or credentials: says which option to fix
+        raise CliError(f"etcd at {where.etcd}: {e}", USAGE) from None
     except KVUnavailable as e:
         why = str(e).removeprefix("etcd unavailable: ")
         raise NoCluster(

@@ -34,6 +34,19 @@ Behaviour:
   where to do it). ``close()`` stops keep-alives without revoking: leases lapse
   after their TTL.
 - ``start()`` does not need etcd to be up: channels connect lazily.
+- Locked-down etcd (``cluster.etcd_options.EtcdOptions``): ``https://``
+  endpoints (or any endpoint once ``etcd_ca``/``etcd_cert`` is given) are
+  reached over TLS, trusting ``etcd_ca`` (else the system's roots) and
+  presenting ``etcd_cert``/``etcd_key`` when given. With ``etcd_user``, the
+  client calls ``Auth.Authenticate`` once and sends the token as the
+  ``token`` metadata of every call and stream; when etcd answers that the
+  token is invalid or expired (simple tokens lapse after etcd's
+  ``--auth-token-ttl`` of idleness) or the auth store changed, it
+  authenticates again and repeats the call once. A refusal retrying cannot
+  fix -- an untrusted certificate, no client certificate, a wrong password,
+  no user where etcd wants one, permission denied -- raises ``KVRefused``
+  (a ``KVUnavailable``) at once, with one line naming the option to fix.
+  The password is never logged nor put in an error.
 """
 
 from __future__ import annotations
@@ -53,10 +66,12 @@ import grpc.aio
 from aetcd import rpc
 
 from cluster.embedded import check_txn, prefix_end
+from cluster.etcd_options import EtcdOptions
 from cluster.kv import (
     Compare,
     Entry,
     Event,
+    KVRefused,
     KVUnavailable,
     Op,
     Put,
@@ -90,13 +105,19 @@ class _Compacted(Exception):
     """etcd answered OUT_OF_RANGE: the requested revision is compacted."""
 
 
-def _target(endpoint: str) -> tuple[str, bool]:
-    """("host:port", secure) from "http://host:port", "https://..." or "host:port"."""
+def _target(endpoint: str, tls: bool = False) -> tuple[str, bool]:
+    """("host:port", secure) from "http://host:port", "https://..." or
+    "host:port" (secure when ``tls``: the options ask for TLS)."""
     if "://" not in endpoint:
-        return endpoint, False
+        return endpoint, tls
     u = urlsplit(endpoint)
     if u.scheme not in ("http", "https") or not u.hostname:
         raise ValueError(f"bad etcd endpoint: {endpoint!r}")
+    if tls and u.scheme == "http":
+        raise ValueError(
+            f"etcd endpoint {endpoint} is plain http:// but --etcd-ca/--etcd-cert ask for "
+            "TLS: write it https://"
+        )
     host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
     port = u.port or 2379
     return f"{host}:{port}", u.scheme == "https"
@@ -109,6 +130,7 @@ class _Endpoint:
     kv: Any
     watch: Any
     lease: Any
+    auth: Any
 
 
 @dataclass(eq=False)
@@ -126,6 +148,7 @@ class EtcdKV:
     ``timeout``: the budget in seconds of one call, retries included.
     ``on_lease_regranted``: called (sync or async) with a lease ID after that
     lease was found expired and granted again under the same ID.
+    ``options``: TLS and user/password (``cluster.etcd_options``).
     """
 
     @classmethod
@@ -139,11 +162,13 @@ class EtcdKV:
         *,
         timeout: float = 5.0,
         on_lease_regranted: LeaseCallback | None = None,
+        options: EtcdOptions | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("no etcd endpoints")
+        self._options = options or EtcdOptions()
         self._urls = list(endpoints)
-        self._targets = [_target(e) for e in self._urls]
+        self._targets = [_target(e, self._options.etcd_tls) for e in self._urls]
         self._timeout = timeout
         self._on_lease_regranted = on_lease_regranted
         self._endpoints: list[_Endpoint] = []
@@ -153,17 +178,20 @@ class EtcdKV:
         self._closed_event = asyncio.Event()
         self._started = False
         self._closed = False
+        # etcd auth: the token of Auth.Authenticate ("" when etcd has auth off)
+        self._token: str | None = None
+        self._auth_lock = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
         if self._started:
             return
+        credentials = None
         for url, (target, secure) in zip(self._urls, self._targets, strict=True):
             if secure:
-                channel = grpc.aio.secure_channel(
-                    target, grpc.ssl_channel_credentials(), options=_CHANNEL_OPTIONS
-                )
+                credentials = credentials or _tls_credentials(self._options)
+                channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
             else:
                 channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
             self._endpoints.append(
@@ -173,6 +201,7 @@ class EtcdKV:
                     rpc.KVStub(channel),
                     rpc.WatchStub(channel),
                     rpc.LeaseStub(channel),
+                    rpc.AuthStub(channel),
                 )
             )
         self._started = True
@@ -266,9 +295,17 @@ class EtcdKV:
         backoff = _BACKOFF_MIN
         while not self._closed:
             ep = self._endpoint()
-            call = ep.watch.Watch(metadata=_WATCH_METADATA)
-            self._calls.add(call)
             try:
+                auth = await self._auth_metadata()
+            except KVUnavailable as exc:
+                log.warning("etcd watch on %r cannot authenticate: %s", prefix, exc)
+                auth = None
+            call = None if auth is None else ep.watch.Watch(metadata=_WATCH_METADATA + auth)
+            if call is not None:
+                self._calls.add(call)
+            try:
+                if call is None:
+                    raise _Retry()
                 create = rpc.WatchCreateRequest(
                     key=key, range_end=end, start_revision=next_rev, progress_notify=True
                 )
@@ -280,7 +317,17 @@ class EtcdKV:
                     if resp.compact_revision:
                         raise WatchCompacted(resp.compact_revision)
                     if resp.canceled:
-                        log.info("etcd canceled watch on %r: %s", prefix, resp.cancel_reason)
+                        if self._stale(None, resp.cancel_reason, auth):
+                            self._forget_token(auth)
+                            log.info("etcd auth token expired; authenticating again")
+                        elif _auth_refusal(resp.cancel_reason):
+                            log.warning(
+                                "etcd refused watch on %r: %s",
+                                prefix,
+                                self._refused_message(resp.cancel_reason) or resp.cancel_reason,
+                            )
+                        else:
+                            log.info("etcd canceled watch on %r: %s", prefix, resp.cancel_reason)
                         break
                     if resp.created:
                         backoff = _BACKOFF_MIN
@@ -292,10 +339,17 @@ class EtcdKV:
                     for batch in _by_revision(resp.events):
                         next_rev = batch[-1].mod_revision + 1
                         yield batch
+            except _Retry:
+                pass
             except grpc.aio.AioRpcError as exc:
                 if self._closed:
                     return
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    self._forget_token(auth)
+                refused = self._refusal(exc)
+                if refused is not None:
+                    log.warning("etcd watch on %r refused: %s", prefix, refused)
+                elif exc.code() == grpc.StatusCode.UNAVAILABLE:
                     self._rotate(ep)
                 log.info("etcd watch on %r lost (%s); resuming at %d", prefix, exc.code(), next_rev)
             except asyncio.CancelledError:
@@ -304,8 +358,9 @@ class EtcdKV:
                     return  # our close() cancelled the call
                 raise
             finally:
-                self._calls.discard(call)
-                call.cancel()
+                if call is not None:
+                    self._calls.discard(call)
+                    call.cancel()
             if self._closed:
                 return
             with contextlib.suppress(TimeoutError):
@@ -374,7 +429,8 @@ class EtcdKV:
     async def _keep_alive_once(self, lease_id: int, budget: float) -> int:
         self._check_open()
         ep = self._endpoint()
-        call = ep.lease.LeaseKeepAlive(timeout=max(budget, 0.05))
+        auth = await self._auth_metadata()
+        call = ep.lease.LeaseKeepAlive(timeout=max(budget, 0.05), metadata=auth)
         self._calls.add(call)
         try:
             await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
@@ -383,6 +439,12 @@ class EtcdKV:
                 raise KVUnavailable("etcd closed the lease keep-alive stream")
             return int(resp.TTL)
         except grpc.aio.AioRpcError as exc:
+            if self._stale(exc.code(), exc.details(), auth):
+                self._forget_token(auth)
+                raise KVUnavailable("etcd auth token expired") from exc
+            refused = self._refusal(exc)
+            if refused is not None:
+                raise refused from exc
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._rotate(ep)
             raise _translate(exc) from exc
@@ -427,23 +489,43 @@ class EtcdKV:
             self._current = (self._current + 1) % len(self._endpoints)
 
     async def _call(
-        self, service: str, method: str, request: Any, *, retry: bool, duplicate_ok: bool = False
+        self,
+        service: str,
+        method: str,
+        request: Any,
+        *,
+        retry: bool,
+        duplicate_ok: bool = False,
+        auth: bool = True,
     ) -> Any:
         """One unary call within ``timeout``. With ``retry``, UNAVAILABLE is
-        retried (next endpoint, back-off) while the budget lasts."""
+        retried (next endpoint, back-off) while the budget lasts. A call
+        etcd refuses for a stale auth token is authenticated again and
+        repeated once (whatever ``retry``: etcd did not apply it)."""
         self._check_open()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         backoff = _BACKOFF_MIN
         attempt = 0
+        reauthenticated = False
         while True:
             ep = self._endpoint()
             fn = getattr(getattr(ep, service), method)
             attempt += 1
+            metadata = await self._auth_metadata() if auth else ()
             try:
-                return await fn(request, timeout=max(deadline - loop.time(), 0.001))
+                return await fn(
+                    request, timeout=max(deadline - loop.time(), 0.001), metadata=metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
+                if auth and not reauthenticated and self._stale(code, exc.details(), metadata):
+                    reauthenticated = True
+                    self._forget_token(metadata)
+                    continue
+                refused = self._refusal(exc)
+                if refused is not None:
+                    raise refused from exc
                 if code == grpc.StatusCode.UNAVAILABLE:
                     self._rotate(ep)
                 if (
@@ -462,9 +544,134 @@ class EtcdKV:
             except grpc.aio.UsageError as exc:  # channel closed under us
                 raise KVUnavailable(f"etcd client closed: {exc}") from exc
 
+    # -- auth and TLS refusals ------------------------------------------------
+
+    async def _auth_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The ``token`` metadata etcd auth wants (none without a user)."""
+        if not self._options.etcd_user:
+            return ()
+        token = self._token
+        if token is None:
+            async with self._auth_lock:
+                if self._token is None:
+                    self._token = await self._authenticate()
+                token = self._token
+        return (("token", token),) if token else ()
+
+    async def _authenticate(self) -> str:
+        user = self._options.etcd_user
+        req = rpc.AuthenticateRequest(name=user, password=str(self._options.etcd_password))
+        try:
+            resp = await self._call("auth", "Authenticate", req, retry=True, auth=False)
+        except ValueError as exc:
+            if "authentication is not enabled" in str(exc):
+                log.info("etcd has authentication off; --etcd-user %s is not needed", user)
+                return ""
+            raise
+        log.info("authenticated to etcd as %s", user)
+        return str(resp.token)
+
+    def _forget_token(self, metadata: tuple[tuple[str, str], ...] | None) -> None:
+        """Drop the token a refused call carried (not a newer one)."""
+        sent = dict(metadata or ()).get("token", "")
+        if self._token is not None and self._token == sent:
+            self._token = None
+
+    def _stale(
+        self,
+        code: grpc.StatusCode | None,
+        details: str | None,
+        metadata: tuple[tuple[str, str], ...] | None,
+    ) -> bool:
+        """etcd refused the call's token as expired, or the auth store
+        changed under it, or etcd turned auth on since (no token sent)."""
+        if not self._options.etcd_user:
+            return False
+        details = details or ""
+        if code == grpc.StatusCode.UNAUTHENTICATED or _token_stale(details):
+            return True
+        return not metadata and "user name is empty" in details
+
+    def _refusal(self, exc: grpc.aio.AioRpcError) -> KVRefused | None:
+        """The one-line ``KVRefused`` for an answer retrying cannot fix."""
+        message = self._refused_message(exc.details() or "", exc.code())
+        return KVRefused(message) if message else None
+
+    def _refused_message(self, details: str, code: grpc.StatusCode | None = None) -> str | None:
+        o = self._options
+        if "CERTIFICATE_VERIFY_FAILED" in details or "handshake failed" in details.lower():
+            if o.etcd_ca:
+                return (
+                    f"TLS handshake with etcd failed: its certificate is not signed by "
+                    f"--etcd-ca {o.etcd_ca} or does not name the host of the endpoint"
+                )
+            return (
+                "TLS handshake with etcd failed: its certificate is not trusted; "
+                "pass the CA that signed it with --etcd-ca"
+            )
+        if "TSI_DATA_CORRUPTED" in details or "Unwrap failed" in details:
+            if o.etcd_cert:
+                return (
+                    f"etcd refused the TLS session with --etcd-cert {o.etcd_cert}: it wants a "
+                    "client certificate signed by its own CA"
+                )
+            return (
+                "etcd refused the TLS session: it wants a client certificate signed by its CA "
+                "(--etcd-cert, --etcd-key)"
+            )
+        if "authentication failed" in details:
+            return (
+                f"etcd refused user {o.etcd_user!r}: wrong user name or password "
+                "(--etcd-user, MERIDIAN_ETCD_PASSWORD)"
+            )
+        if "user name is empty" in details and not o.etcd_user:
+            return (
+                "etcd requires authentication: pass --etcd-user and the password in "
+                "MERIDIAN_ETCD_PASSWORD"
+            )
+        if code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in details:
+            return (
+                f"etcd user {o.etcd_user!r} is not allowed this (permission denied): grant "
+                "it read and write on /meridian/"
+            )
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return "etcd refuses the auth token it just issued: check etcd's --auth-token"
+        return None
+
 
 class _DuplicateLease(Exception):
     pass
+
+
+class _Retry(Exception):
+    """The watch could not be (re)opened now: back off and try again."""
+
+
+def _token_stale(details: str) -> bool:
+    return "invalid auth token" in details or "auth store is old" in details
+
+
+def _auth_refusal(details: str) -> bool:
+    return any(
+        s in details for s in ("user name is empty", "permission denied", "authentication failed")
+    )
+
+
+def _tls_credentials(options: EtcdOptions) -> grpc.ChannelCredentials:
+    def read(flag: str, path: str) -> bytes | None:
+        if not path:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise ValueError(f"{flag}: cannot read {path} ({e.strerror})") from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read("--etcd-ca", options.etcd_ca),
+        private_key=read("--etcd-key", options.etcd_key),
+        certificate_chain=read("--etcd-cert", options.etcd_cert),
+    )
 
 
 def _translate(exc: grpc.aio.AioRpcError) -> Exception:

@@ -22,6 +22,13 @@ class KVUnavailable(Exception):
     """The store cannot be reached now; the caller may answer 503."""
 
 
+class KVRefused(KVUnavailable):
+    """The store answers but refuses this client: its TLS certificate is not
+    trusted, or it wants a client certificate, a user name or a password
+    that was not given or is wrong. Retrying does not help; the message
+    names the option to fix (and never holds a secret)."""
+
+
 class WatchCompacted(Exception):
     """The watch's start revision was compacted away: reload fully, then
     watch again from the revision the reload returned."""

@@ -180,6 +180,8 @@ class RegistryState:
     placements: dict[str, dict[str, int]] = field(default_factory=dict)
     # blob digest -> repos linking it (for mount without ``from``)
     blob_repos: dict[str, set[str]] = field(default_factory=dict)
+    # manifest digest -> repos holding its record (``Namespace.references``)
+    manifest_repos: dict[str, set[str]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     _sorted_repos: list[str] | None = None
 
@@ -311,6 +313,13 @@ class Cache:
                 rs.manifests[leaf] = rec
                 if rec.subject:
                     rs.referrers.setdefault(rec.subject, set()).add(leaf)
+                st.manifest_repos.setdefault(leaf, set()).add(repo)
+            elif old is not None:
+                repos = st.manifest_repos.get(leaf)
+                if repos is not None:
+                    repos.discard(repo)
+                    if not repos:
+                        del st.manifest_repos[leaf]
         elif kind == "_b":
             if value is None:
                 rs.blobs.pop(leaf, None)
@@ -451,6 +460,14 @@ class Namespace:
             return None
         return self.manifest(reg, repo, digest)
 
+    async def fresh_region(self, name: str) -> RegionInfo | None:
+        """A region's record, read from the store when the cache lacks it (a
+        region registered an instant ago)."""
+        info = self.cache.regions.get(name)
+        if info is None and await self._fresh(region_key(name)) is not None:
+            info = self.cache.regions.get(name)
+        return info
+
     def repo_exists(self, reg: str, repo: str) -> bool:
         return self.repo(reg, repo) is not None
 
@@ -475,6 +492,35 @@ class Namespace:
     def repos_with_blob(self, reg: str, digest: str) -> set[str]:
         st = self.cache.registries.get(reg)
         return set(st.blob_repos.get(digest, ())) if st else set()
+
+    def references(self, reg: str, digest: str) -> bool:
+        """Whether ``reg`` still references ``digest``: a repository links it
+        as a blob or holds it as a manifest (every blob a manifest references
+        stays linked: ``put_manifest``, ``collect_links``). Deleted content
+        and other registries' content are not. Two dictionary lookups."""
+        st = self.cache.registries.get(reg)
+        return st is not None and (digest in st.blob_repos or digest in st.manifest_repos)
+
+    async def caught_up(self, within: float = 2 * FRESH_READ_TIMEOUT) -> bool:
+        """Wait until the cache holds every write the store had committed
+        when this was called (a watch event a few milliseconds behind
+        another region's write): one read of the store's revision, then at
+        most ``within`` seconds for the watch. False when the store did not
+        answer or the watch did not get there in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        try:
+            # An empty range: nothing but the store's current revision.
+            _, revision = await asyncio.wait_for(
+                self.kv.range(ROOT + "_revision/"), FRESH_READ_TIMEOUT
+            )
+        except (KVUnavailable, TimeoutError):
+            return False
+        while self.cache.revision < revision:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     def tags(self, reg: str, repo: str) -> list[str]:
         rs = self.repo(reg, repo)

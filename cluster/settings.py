@@ -23,6 +23,14 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
+class Secret(str):
+    """A setting's value that must not be shown: its repr (and so the
+    config's) hides it; str() is the value itself."""
+
+    def __repr__(self) -> str:
+        return "'<redacted>'" if self else "''"
+
+
 def parse_bool(value: str) -> bool:
     v = value.strip().lower()
     if v in _TRUE:

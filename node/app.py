@@ -17,10 +17,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from cluster import runtime
 from cluster.auth.identities import OWNER_PASSWORD_ENV, ensure_owner
 from cluster.httpserver import start_server
-from cluster.kv import KVStore, KVUnavailable
+from cluster.kv import KVRefused, KVStore, KVUnavailable
 from cluster.membership import keep_registered
 from cluster.namespace import Namespace, RegionInfo
 from cluster.pki import server_context
+from cluster.preflight import USAGE, CliError
 from cluster.runtime import setup_logging, wait_for_stop_signal
 from cluster.status import PATH as STATUS_PATH
 from cluster.status import NodeStatus
@@ -150,7 +151,7 @@ def make_kv(cfg: NodeConfig) -> KVStore:
     if cfg.etcd:
         from cluster.etcd import EtcdKV
 
-        return EtcdKV.from_flag(cfg.etcd)
+        return EtcdKV.from_flag(cfg.etcd, options=cfg.etcd_options())
     from cluster.embedded import EmbeddedKV
 
     return EmbeddedKV(os.path.join(cfg.data, "namespace.sqlite"))
@@ -250,6 +251,9 @@ async def serve(cfg: NodeConfig) -> None:
         try:
             await ns.start()
             break
+        except KVRefused as e:  # TLS or credentials: waiting does not help
+            await ns.close()
+            raise CliError(f"etcd {cfg.etcd}: {e}", USAGE) from None
         except KVUnavailable as e:
             log.warning("namespace store unreachable, retrying: %s", e)
             await asyncio.sleep(1)
@@ -275,8 +279,14 @@ async def serve(cfg: NodeConfig) -> None:
     if cfg.etcd or cfg.grpc_listen:
         # Regions share a namespace: serve and fetch bytes over gRPC, and
         # read through to the other regions what is not here yet.
+        from node.grpc_service import GrpcTLS
         from node.replication.service import Replication
 
+        grpc_tls = (
+            GrpcTLS(cfg.grpc_tls_ca, cfg.grpc_tls_cert, cfg.grpc_tls_key)
+            if cfg.grpc_tls_ca
+            else None
+        )
         replication = Replication(
             ns,
             local,
@@ -285,6 +295,7 @@ async def serve(cfg: NodeConfig) -> None:
             bandwidth=cfg.replication_bandwidth,
             reclaim_interval=cfg.reclaim_interval,
             reclaim_grace=cfg.reclaim_grace,
+            tls=grpc_tls,
         )
         store = replication.store
     # A standalone node reclaims too: nothing to fetch, same collector.

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 
 from cluster import settings
+from cluster.etcd_options import EtcdOptions
 from cluster.httpserver import ServerLimits
 from cluster.runtime import split_hostport
-from cluster.settings import setting
+from cluster.settings import Secret, setting
 from cluster.units import parse_size
 
 STORAGE_DRIVERS = ("fs", "azure")
@@ -20,16 +22,8 @@ STORAGE_DRIVERS = ("fs", "azure")
 _CONTAINER = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
 
-class Secret(str):
-    """A setting's value that must not be shown: its repr (and so the
-    config's) hides it; str() is the value itself."""
-
-    def __repr__(self) -> str:
-        return "'<redacted>'" if self else "''"
-
-
 @dataclass
-class NodeConfig(ServerLimits):
+class NodeConfig(ServerLimits, EtcdOptions):
     listen: str = setting("127.0.0.1:5000", "HTTP host:port to serve the OCI API on")
     data: str = setting("./data", "data directory (blobs, uploads, embedded namespace)")
     region: str = setting("local", "the region this node serves")
@@ -40,6 +34,15 @@ class NodeConfig(ServerLimits):
     grpc_advertise: str = setting(
         "", "host:port other regions dial for gRPC (default: --grpc-listen)"
     )
+    grpc_tls_ca: str = setting(
+        "", "PEM cluster CA: gRPC between regions is mutual TLS, certificates signed by it"
+    )
+    grpc_tls_cert: str = setting(
+        "",
+        "PEM certificate of this region for gRPC (server and client auth; names the host of "
+        "--grpc-advertise)",
+    )
+    grpc_tls_key: str = setting("", "PEM private key of --grpc-tls-cert")
     advertise: str = setting(
         "", "base URL the router and other regions use for HTTP", show="http://<listen>"
     )
@@ -136,6 +139,16 @@ class NodeConfig(ServerLimits):
         """What is wrong with the settings together, or None."""
         if bool(self.tls_cert) != bool(self.tls_key):
             return "--tls-cert and --tls-key go together"
+        grpc_tls = (self.grpc_tls_ca, self.grpc_tls_cert, self.grpc_tls_key)
+        if any(grpc_tls) and not all(grpc_tls):
+            return "--grpc-tls-ca, --grpc-tls-cert and --grpc-tls-key go together"
+        flags = ("--grpc-tls-ca", "--grpc-tls-cert", "--grpc-tls-key")
+        for flag, path in zip(flags, grpc_tls, strict=True):
+            if path and not os.access(path, os.R_OK):
+                return f"{flag}: cannot read {path}"
+        problem = self.etcd_problem(self.etcd)
+        if problem is not None:
+            return problem
         for cidr in filter(None, (c.strip() for c in self.trusted_proxies.split(","))):
             try:
                 ipaddress.ip_network(cidr, strict=False)

@@ -15,6 +15,39 @@ tracker the router uses too), and ranks candidate source regions nearest
 first; a failed transfer holds a peer off until a ping succeeds again or its
 back-off passes.
 
+Who may call (issue 11: the replication port hands out blobs, so an
+outsider must neither fetch nor probe):
+
+- **Region credential, always on.** Every call carries the metadata
+  ``authorization: Bearer <JWT>``: a token of type ``region`` for the
+  subject ``region:<name>`` and the audience ``meridian-replication``,
+  signed by the calling node with the cluster's signing keys
+  (``cluster.auth.tokens.KeyRing``, in the namespace: only a process that
+  can read the namespace, i.e. holds etcd access, can mint one). It lives
+  ``REGION_TOKEN_TTL`` (2 minutes); the caller reuses it and mints the next
+  ``RENEW_BEFORE`` seconds before it expires. The server verifies it
+  (``Verifier``, cached until expiry: no signature check per call) and that
+  the subject is a region registered in the namespace (read from the store
+  once when the cache lacks it), else ``UNAUTHENTICATED`` -- for ``Ping``,
+  ``Stat`` and ``FetchBlob`` alike. It does not depend on ``--auth``: the
+  node's HTTP open mode leaves the internal port closed. Over plain TCP a
+  token seen on the wire can be replayed until it expires (at most 2
+  minutes, against this cluster's replication port only); on networks you
+  do not trust, use mutual TLS too.
+- **Mutual TLS, optional** (``GrpcTLS``: ``--grpc-tls-ca``,
+  ``--grpc-tls-cert``, ``--grpc-tls-key``): the server requires a client
+  certificate signed by the cluster CA and presents its own, which clients
+  verify against the same CA (the certificate must name the host of the
+  region's ``--grpc-advertise`` address); the region credential is still
+  sent and checked (defence in depth).
+- **Only what the registry references.** ``FetchBlob`` and ``Stat`` serve a
+  digest only when the requested registry still references it
+  (``Namespace.references``: a blob link or a manifest record in one of its
+  repositories), else ``NOT_FOUND`` / not present: deleted content and
+  other registries' content are never served. On a miss the server lets its
+  namespace cache catch up with the store once (``Namespace.caught_up``:
+  the caller may have seen a link an instant before this region did).
+
 Transport settings, chosen deliberately:
 
 - messages are bounded (``MAX_MESSAGE`` = 4 MiB; chunks are at most
@@ -36,11 +69,14 @@ import logging
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 
 import grpc
 from prometheus_client import Counter, Gauge
 
+from cluster.auth import tokens
 from cluster.health import Health
+from cluster.kv import KVUnavailable
 from cluster.namespace import Namespace
 from node.storage.base import BlobNotFound, BlobStore
 from ocidist.digests import is_digest
@@ -97,6 +133,148 @@ PEER_RTT = Gauge(
     "meridian_replication_peer_rtt_seconds", "Smoothed gRPC Ping round trip", ["region"]
 )
 PEER_UP = Gauge("meridian_replication_peer_up", "1 when the region answers Ping", ["region"])
+REFUSED = Counter(
+    "meridian_replication_refused_calls_total",
+    "gRPC calls refused for want of a valid region credential, by method",
+    ["method"],
+)
+
+# -- who may call ----------------------------------------------------------------
+
+REGION_AUDIENCE = "meridian-replication"
+REGION_TOKEN_TYPE = "region"
+REGION_SUBJECT = "region:"
+REGION_TOKEN_TTL = 120  # seconds a region credential lives (the replay window)
+RENEW_BEFORE = 40  # the caller mints the next one this long before expiry
+REGISTER_WAIT = 5.0  # a starting node waits this long for its own region record
+
+
+class CredentialUnavailable(Exception):
+    """This node cannot mint a region credential now (no signing key and
+    the namespace store unreachable)."""
+
+
+@dataclass(frozen=True)
+class GrpcTLS:
+    """Mutual TLS on the replication port: PEM files of the cluster CA, and
+    this region's certificate (server and client auth) and key. Read when a
+    server starts or a channel opens, so renewed files are picked up by new
+    channels (the server: at its next start)."""
+
+    ca: str
+    cert: str
+    key: str
+
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        out = []
+        for path in (self.ca, self.cert, self.key):
+            with open(path, "rb") as f:
+                out.append(f.read())
+        return out[0], out[1], out[2]
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        ca, cert, key = self._read()
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        ca, cert, key = self._read()
+        return grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert
+        )
+
+
+class RegionCredential:
+    """The caller's side: a region token minted with the cluster's signing
+    keys, reused until ``RENEW_BEFORE`` seconds before it expires."""
+
+    def __init__(self, ns: Namespace, region: str, *, ttl: int = REGION_TOKEN_TTL) -> None:
+        self.ns = ns
+        self.region = region
+        self.ttl = ttl
+        self.keys = tokens.KeyRing(ns)
+        self._token = ""
+        self._expires = 0.0
+        self._lock = asyncio.Lock()
+        self._registered = False
+
+    async def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata carrying the credential."""
+        if self._expires - time.time() < RENEW_BEFORE:
+            async with self._lock:
+                if self._expires - time.time() < RENEW_BEFORE:
+                    await self._mint()
+        return (("authorization", "Bearer " + self._token),)
+
+    async def _mint(self) -> None:
+        if not self._registered:
+            # A node starts replicating a moment before it registers its
+            # region: a token minted now would be refused.
+            deadline = time.monotonic() + REGISTER_WAIT
+            while self.region not in self.ns.cache.regions:
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.05)
+            self._registered = True
+        try:
+            key = await self.keys.ensure()
+        except KVUnavailable as e:
+            found = self.keys.signing_key()
+            if found is None:
+                raise CredentialUnavailable(f"no signing key and the store is down: {e}") from e
+            key = found
+        now = time.time()
+        self._token = tokens.issue(
+            key,
+            subject=REGION_SUBJECT + self.region,
+            kind="region",
+            registry="",
+            service=REGION_AUDIENCE,
+            access=[],
+            ttl=self.ttl,
+            now=now,
+            token_type=REGION_TOKEN_TYPE,
+        )
+        self._expires = now + self.ttl
+
+
+class RegionAuth:
+    """The server's side: which region calls, or ``UNAUTHENTICATED``."""
+
+    def __init__(self, ns: Namespace) -> None:
+        self.ns = ns
+        self.verifier = tokens.Verifier(tokens.KeyRing(ns))
+
+    async def caller(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+        """The calling region, or ``tokens.InvalidToken`` saying why not."""
+        header = ""
+        for k, v in metadata or ():
+            if k == "authorization" and isinstance(v, str):
+                header = v
+                break
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise tokens.InvalidToken("no region credential")
+        claims = await self.verifier.verify(
+            token.strip(), REGION_AUDIENCE, token_type=REGION_TOKEN_TYPE
+        )
+        subject = str(claims.get("sub", ""))
+        name = subject.removeprefix(REGION_SUBJECT)
+        if not subject.startswith(REGION_SUBJECT) or not name:
+            raise tokens.InvalidToken("not a region credential")
+        if await self.ns.fresh_region(name) is None:
+            raise tokens.InvalidToken(f"{name!r} is not a region of this cluster")
+        return name
+
+    async def check(self, context: grpc.aio.ServicerContext, method: str) -> str:
+        try:
+            return await self.caller(context.invocation_metadata())
+        except tokens.InvalidToken as e:
+            REFUSED.labels(method).inc()
+            log.debug("refused %s: %s (peer %s)", method, e, context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"refused: {e}")
+            raise  # abort raises; for the type checker
 
 
 # -- server ------------------------------------------------------------------
@@ -110,16 +288,28 @@ async def _crc32(data: bytes) -> int:
 
 class ReplicationService(pb_grpc.ReplicationServicer):
     """Serves the region's own store (never a read-through one: only bytes
-    held here, whole)."""
+    held here, whole), to other regions only, and only what the requested
+    registry references."""
 
-    def __init__(self, region: str, store: BlobStore) -> None:
-        self.region = region
+    def __init__(self, ns: Namespace, store: BlobStore) -> None:
+        self.ns = ns
+        self.region = ns.region
         self.store = store
+        self.auth = RegionAuth(ns)
         self.active = 0
+
+    async def _referenced(self, reg: str, digests: list[str]) -> list[bool]:
+        """Which of ``digests`` ``reg`` references; on a miss, once more
+        after this region's namespace cache caught up with the store."""
+        refs = [self.ns.references(reg, d) for d in digests]
+        if not all(refs) and await self.ns.caught_up():
+            refs = [self.ns.references(reg, d) for d in digests]
+        return refs
 
     async def Ping(  # noqa: N802 - gRPC method name
         self, request: pb.PingRequest, context: grpc.aio.ServicerContext
     ) -> pb.PingReply:
+        await self.auth.check(context, "Ping")
         return pb.PingReply(
             region=self.region,
             sent_unix_nanos=request.sent_unix_nanos,
@@ -130,23 +320,38 @@ class ReplicationService(pb_grpc.ReplicationServicer):
     async def Stat(  # noqa: N802
         self, request: pb.StatRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatReply:
+        await self.auth.check(context, "Stat")
         if len(request.digests) > MAX_STAT_DIGESTS:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_STAT_DIGESTS} digests per call"
             )
+        if not request.registry:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "registry is required")
+        digests = list(request.digests)
+        refs = await self._referenced(request.registry, digests)
         out = []
-        for d in request.digests:
-            size = await self.store.stat(d) if is_digest(d) else None
+        for d, referenced in zip(digests, refs, strict=True):
+            size = await self.store.stat(d) if referenced and is_digest(d) else None
             out.append(pb.BlobStat(digest=d, present=size is not None, size=size or 0))
         return pb.StatReply(blobs=out)
 
     async def FetchBlob(  # noqa: N802
         self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Chunk]:
+        await self.auth.check(context, "FetchBlob")
         digest = request.digest
         if not is_digest(digest):
             SERVED_FETCHES.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid digest {digest!r}")
+        if not request.registry:
+            SERVED_FETCHES.labels("invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "registry is required")
+        if not (await self._referenced(request.registry, [digest]))[0]:
+            SERVED_FETCHES.labels("unreferenced").inc()
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"{digest} is not referenced in registry {request.registry!r}",
+            )
         chunk = min(max(request.chunk_size or MAX_CHUNK, MIN_CHUNK), MAX_CHUNK)
         length = request.length if request.length > 0 else None
         self.active += 1
@@ -180,22 +385,35 @@ class ReplicationService(pb_grpc.ReplicationServicer):
 
 
 class GrpcServer:
-    """The region's gRPC server, started and stopped on the running loop."""
+    """The region's gRPC server, started and stopped on the running loop;
+    with ``tls``, mutual TLS only."""
 
-    def __init__(self, listen: str, region: str, store: BlobStore) -> None:
+    def __init__(
+        self, listen: str, ns: Namespace, store: BlobStore, *, tls: GrpcTLS | None = None
+    ) -> None:
         self.listen = listen
-        self.service = ReplicationService(region, store)
+        self.tls = tls
+        self.service = ReplicationService(ns, store)
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
     async def start(self) -> None:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_ReplicationServicer_to_server(self.service, self.server)
-        self.port = self.server.add_insecure_port(self.listen)
+        if self.tls is not None:
+            self.port = self.server.add_secure_port(self.listen, self.tls.server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(self.listen)
         if not self.port:
             raise OSError(f"cannot listen for gRPC on {self.listen}")
         await self.server.start()
-        log.info("grpc listening", extra={"path": self.listen})
+        log.info(
+            "grpc listening (%s)",
+            "mutual TLS and region credentials"
+            if self.tls is not None
+            else "region credentials over plain TCP: use --grpc-tls-* on untrusted networks",
+            extra={"path": self.listen},
+        )
 
     async def stop(self, grace: float = 2.0) -> None:
         if self.server is not None:
@@ -225,20 +443,31 @@ class Peer(Health):
         self.stub = stub
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
+def open_channel(address: str, tls: GrpcTLS | None = None) -> grpc.aio.Channel:
+    if tls is not None:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
 class Peers:
-    """Channels to the other regions, their RTT and health."""
+    """Channels to the other regions, their RTT and health; every call
+    carries this region's credential (``call_metadata``)."""
 
     def __init__(
-        self, ns: Namespace, region: str, *, ping_interval: float = 2.0, ping_timeout: float = 2.0
+        self,
+        ns: Namespace,
+        region: str,
+        *,
+        ping_interval: float = 2.0,
+        ping_timeout: float = 2.0,
+        tls: GrpcTLS | None = None,
     ) -> None:
         self.ns = ns
         self.region = region
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        self.tls = tls
+        self.credential = RegionCredential(ns, region)
         self.peers: dict[str, Peer] = {}
         self._task: asyncio.Task[None] | None = None
         self._first_round = asyncio.Event()
@@ -269,20 +498,32 @@ class Peers:
             return p
         if p is not None:
             asyncio.get_running_loop().create_task(p.channel.close())
-        channel = open_channel(info.grpc)
+        channel = open_channel(info.grpc, self.tls)
         p = Peer(region, info.grpc, channel, pb_grpc.ReplicationStub(channel))
         self.peers[region] = p
         return p
 
+    async def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata every call to another region carries (its
+        credential); raises ``CredentialUnavailable``."""
+        return await self.credential.metadata()
+
     async def ping(self, region: str) -> float | None:
         p = self.peer(region)
         if p is None:
+            return None
+        try:
+            metadata = await self.call_metadata()
+        except CredentialUnavailable as e:
+            p.probe_failed(f"no region credential: {e}")
+            PEER_UP.labels(region).set(0)
             return None
         start = time.perf_counter()
         try:
             reply = await p.stub.Ping(
                 pb.PingRequest(from_region=self.region, sent_unix_nanos=time.time_ns()),
                 timeout=self.ping_timeout,
+                metadata=metadata,
             )
         except grpc.aio.AioRpcError as e:
             p.probe_failed(f"ping failed: {e.code().name}")

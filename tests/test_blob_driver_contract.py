@@ -102,12 +102,14 @@ class ReadThroughHarness(Harness):
         self.east_ns = Namespace(self.kv, "eastus")  # eastus's writes, same store
         self.east_ns.cache = self.ns.cache
         self.east = FilesystemBlobStore(str(self.tmp_path / "east"))
-        self.server = GrpcServer(f"127.0.0.1:{free_port()}", "eastus", self.east)
+        self.server = GrpcServer(f"127.0.0.1:{free_port()}", self.east_ns, self.east)
         await self.server.start()
         lease = await self.kv.grant_lease(60)
         await self.east_ns.register_region(
             RegionInfo(name="eastus", http="", grpc=f"127.0.0.1:{self.server.port}"), lease
         )
+        # westeurope's record: the server accepts only registered regions' credentials
+        await self.ns.register_region(RegionInfo(name="westeurope", http=""), lease)
         self.peers = Peers(self.ns, "westeurope")
         self.local = FilesystemBlobStore(str(self.tmp_path / "west"))
         self.fetcher = Fetcher(self.ns, self.local, self.peers)

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from cluster.embedded import EmbeddedKV
 from cluster.namespace import ManifestRecord, Namespace, RegionInfo
-from node.grpc_service import GrpcServer, Peers, ReplicationService
+from node.grpc_service import GrpcServer, Peers, RegionCredential, ReplicationService
 from node.ranges import parse_range
 from node.replication.plan import BLOB, IMAGE, INDEX, backlog, status_rows
 from node.replication.transfer import Fetcher, FetchError
@@ -133,18 +133,28 @@ class Liar(ReplicationService):
             )
 
 
+def eastus_view(ns: Namespace) -> Namespace:
+    """eastus's namespace: its writes go to the same store, it reads the same cache."""
+    east = Namespace(ns.kv, "eastus")
+    east.cache = ns.cache
+    return east
+
+
+async def register(ns: Namespace, name: str, grpc_addr: str = "") -> None:
+    """A region record (what the gRPC server checks a caller's credential against)."""
+    lease = await ns.kv.grant_lease(30)
+    await ns.register_region(RegionInfo(name=name, http="", grpc=grpc_addr), lease)
+
+
 async def _source(tmp_path: Path, ns: Namespace, service_cls, data: bytes) -> GrpcServer:
     store = FilesystemBlobStore(str(tmp_path / "src"))
     await store.put_bytes(digest_of(data), data)
-    server = GrpcServer("127.0.0.1:0", "eastus", store)
-    server.service = service_cls("eastus", store)
+    east = eastus_view(ns)
+    server = GrpcServer("127.0.0.1:0", east, store)
+    server.service = service_cls(east, store)
     await server.start()
-    lease = await ns.kv.grant_lease(30)
-    east = Namespace(ns.kv, "eastus")
-    east.cache = ns.cache
-    await east.register_region(
-        RegionInfo(name="eastus", http="", grpc=f"127.0.0.1:{server.port}"), lease
-    )
+    await register(ns, "eastus", f"127.0.0.1:{server.port}")
+    await register(ns, "westeurope")
     await east.link_blob(REG, "app", digest_of(data), len(data))
     return server
 
@@ -191,35 +201,51 @@ async def test_bytes_that_do_not_match_the_digest_are_never_stored(
         await server.stop()
 
 
-async def test_fetch_blob_rejects_bad_requests(tmp_path: Path) -> None:
+async def test_fetch_blob_rejects_bad_requests(ns: Namespace, tmp_path: Path) -> None:
     store = FilesystemBlobStore(str(tmp_path))
     data = b"x" * 1000
+    unlinked = b"y" * 1000  # held here, referenced by no registry
     await store.put_bytes(digest_of(data), data)
-    server = GrpcServer("127.0.0.1:0", "eastus", store)
+    await store.put_bytes(digest_of(unlinked), unlinked)
+    east = eastus_view(ns)
+    await east.link_blob(REG, "app", digest_of(data), len(data))
+    await register(ns, "westeurope")
+    server = GrpcServer("127.0.0.1:0", east, store)
     await server.start()
     from node.grpc_service import open_channel
     from proto import replication_pb2_grpc as pb_grpc
 
     channel = open_channel(f"127.0.0.1:{server.port}")
     stub = pb_grpc.ReplicationStub(channel)
+    md = await RegionCredential(ns, "westeurope").metadata()
     try:
         for req, code in (
-            (pb.FetchRequest(digest="nope"), grpc.StatusCode.INVALID_ARGUMENT),
-            (pb.FetchRequest(digest="sha256:" + "0" * 64), grpc.StatusCode.NOT_FOUND),
-            (pb.FetchRequest(digest=digest_of(data), offset=1001), grpc.StatusCode.OUT_OF_RANGE),
+            (pb.FetchRequest(registry=REG, digest="nope"), grpc.StatusCode.INVALID_ARGUMENT),
+            (pb.FetchRequest(digest=digest_of(data)), grpc.StatusCode.INVALID_ARGUMENT),
+            (pb.FetchRequest(registry=REG, digest="sha256:" + "0" * 64), grpc.StatusCode.NOT_FOUND),
+            (pb.FetchRequest(registry=REG, digest=digest_of(unlinked)), grpc.StatusCode.NOT_FOUND),
+            (pb.FetchRequest(registry="other", digest=digest_of(data)), grpc.StatusCode.NOT_FOUND),
+            (
+                pb.FetchRequest(registry=REG, digest=digest_of(data), offset=1001),
+                grpc.StatusCode.OUT_OF_RANGE,
+            ),
         ):
             with pytest.raises(grpc.aio.AioRpcError) as e:
-                async for _ in stub.FetchBlob(req):
+                async for _ in stub.FetchBlob(req, metadata=md):
                     pass
-            assert e.value.code() == code
-        chunks = [c async for c in stub.FetchBlob(pb.FetchRequest(digest=digest_of(data)))]
+            assert e.value.code() == code, req
+        req = pb.FetchRequest(registry=REG, digest=digest_of(data))
+        chunks = [c async for c in stub.FetchBlob(req, metadata=md)]
         assert b"".join(c.data for c in chunks) == data
-        tail = [
-            c async for c in stub.FetchBlob(pb.FetchRequest(digest=digest_of(data), offset=1000))
-        ]
+        req = pb.FetchRequest(registry=REG, digest=digest_of(data), offset=1000)
+        tail = [c async for c in stub.FetchBlob(req, metadata=md)]
         assert [(c.data, c.total_size) for c in tail] == [(b"", 1000)]
-        stat = await stub.Stat(pb.StatRequest(digests=[digest_of(data), "sha256:" + "1" * 64]))
-        assert [(b.present, b.size) for b in stat.blobs] == [(True, 1000), (False, 0)]
+        digests = [digest_of(data), "sha256:" + "1" * 64, digest_of(unlinked)]
+        stat = await stub.Stat(pb.StatRequest(registry=REG, digests=digests), metadata=md)
+        assert [(b.present, b.size) for b in stat.blobs] == [(True, 1000), (False, 0), (False, 0)]
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Stat(pb.StatRequest(registry=REG, digests=digests))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await channel.close()
         await server.stop()
@@ -241,7 +267,7 @@ def test_range_parsing() -> None:
         span("bytes=200-")
 
 
-async def test_fetch_blob_enforces_a_minimum_chunk_size(tmp_path: Path) -> None:
+async def test_fetch_blob_enforces_a_minimum_chunk_size(ns: Namespace, tmp_path: Path) -> None:
     """A tiny ``chunk_size`` (1 byte: a message per byte) is raised to
     ``MIN_CHUNK``; larger requests are honoured up to ``MAX_CHUNK``."""
     from node.grpc_service import MAX_CHUNK, MIN_CHUNK, open_channel
@@ -251,17 +277,22 @@ async def test_fetch_blob_enforces_a_minimum_chunk_size(tmp_path: Path) -> None:
     data = os.urandom(3 * MIN_CHUNK + 100)
     d = digest_of(data)
     await store.put_bytes(d, data)
-    server = GrpcServer("127.0.0.1:0", "eastus", store)
+    east = eastus_view(ns)
+    await east.link_blob(REG, "app", d, len(data))
+    await register(ns, "westeurope")
+    server = GrpcServer("127.0.0.1:0", east, store)
     await server.start()
     channel = open_channel(f"127.0.0.1:{server.port}")
     stub = pb_grpc.ReplicationStub(channel)
+    md = await RegionCredential(ns, "westeurope").metadata()
     try:
-        call = stub.FetchBlob(pb.FetchRequest(digest=d, chunk_size=1))
+        call = stub.FetchBlob(pb.FetchRequest(registry=REG, digest=d, chunk_size=1), metadata=md)
         first = await call.read()
         call.cancel()
         assert len(first.data) == MIN_CHUNK
         for asked, size in ((1, MIN_CHUNK), (MIN_CHUNK + 1, MIN_CHUNK + 1), (8 << 20, MAX_CHUNK)):
-            chunks = [c async for c in stub.FetchBlob(pb.FetchRequest(digest=d, chunk_size=asked))]
+            req = pb.FetchRequest(registry=REG, digest=d, chunk_size=asked)
+            chunks = [c async for c in stub.FetchBlob(req, metadata=md)]
             assert b"".join(c.data for c in chunks) == data
             assert all(len(c.data) == size for c in chunks[:-1]), asked
             assert 0 < len(chunks[-1].data) <= size

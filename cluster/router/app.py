@@ -153,7 +153,7 @@ class Router(Proxy):
 def make_kv(cfg: RouterConfig) -> KVStore:
     from cluster.etcd import EtcdKV
 
-    return EtcdKV.from_flag(cfg.etcd)
+    return EtcdKV.from_flag(cfg.etcd, options=cfg.etcd_options())
 
 
 def build_app(router: Router) -> web.Application:

@@ -13,6 +13,7 @@ import ssl
 from dataclasses import dataclass
 
 from cluster import settings
+from cluster.etcd_options import EtcdOptions
 from cluster.httpserver import ServerLimits
 from cluster.router.table import TableSettings
 from cluster.runtime import split_hostport
@@ -20,7 +21,7 @@ from cluster.settings import setting
 
 
 @dataclass
-class RouterConfig(ServerLimits):
+class RouterConfig(ServerLimits, EtcdOptions):
     etcd: str = setting("", "etcd endpoints, comma-separated (required)")
     listen: str = setting("127.0.0.1:5000", "HTTP host:port", env="MERIDIAN_ROUTER_LISTEN")
     registry: str = setting("default", "registry of a Host that names none (as the nodes')")
@@ -72,7 +73,7 @@ class RouterConfig(ServerLimits):
         ):
             if path and not os.access(path, os.R_OK):
                 return f"{flag}: cannot read {path}"
-        return None
+        return self.etcd_problem(self.etcd)
 
     def client_ssl(self) -> ssl.SSLContext:
         """How the router verifies HTTPS regions: ``--tls-ca``, else the

@@ -9,7 +9,7 @@ background replicator and the reclaimer.
 from __future__ import annotations
 
 from cluster.namespace import Namespace
-from node.grpc_service import GrpcServer, Peers
+from node.grpc_service import GrpcServer, GrpcTLS, Peers
 from node.replication.reclaim import Reclaimer
 from node.replication.transfer import Fetcher
 from node.replication.worker import Replicator
@@ -28,11 +28,12 @@ class Replication:
         bandwidth: int = 0,
         reclaim_interval: float = 0.0,
         reclaim_grace: float = 3600.0,
+        tls: GrpcTLS | None = None,
     ) -> None:
         self.ns = ns
         self.local = local
-        self.server = GrpcServer(grpc_listen, ns.region, local) if grpc_listen else None
-        self.peers = Peers(ns, ns.region)
+        self.server = GrpcServer(grpc_listen, ns, local, tls=tls) if grpc_listen else None
+        self.peers = Peers(ns, ns.region, tls=tls)
         self.fetcher = Fetcher(ns, local, self.peers, bandwidth=bandwidth)
         # What the node's API reads: local bytes, else fetched from a holder.
         self.store: BlobStore = ReadThroughStore(local, self.fetcher)

@@ -41,7 +41,7 @@ import grpc
 from prometheus_client import Counter
 
 from cluster.namespace import Namespace
-from node.grpc_service import MAX_CHUNK, Peers
+from node.grpc_service import MAX_CHUNK, CredentialUnavailable, Peers
 from node.storage.base import READ_CHUNK, BlobNotFound, BlobStore, BlobWriter, DigestMismatch
 from ocidist.digests import is_digest, parse_digest
 from proto import replication_pb2 as pb
@@ -343,14 +343,19 @@ class Fetcher:
         if limiter is None:
             limiter = self.limiters[src] = Limiter(self.bandwidth)
         t.source = src
+        try:
+            metadata = await self.peers.call_metadata()
+        except CredentialUnavailable as e:
+            raise FetchError(str(e)) from e
         call = peer.stub.FetchBlob(
             pb.FetchRequest(
-                registry=next(iter(t.regs)),
+                registry=self._registry(t),
                 digest=t.digest,
                 offset=t.written,
                 chunk_size=self.chunk_size,
                 from_region=self.ns.region,
-            )
+            ),
+            metadata=metadata,
         )
         counter = BYTES_COPIED.labels(src)
         try:
@@ -382,6 +387,19 @@ class Fetcher:
             call.cancel()
         if t.written != t.size:
             raise FetchError(f"{src} ended the stream at {t.written} of {t.size}")
+
+    def _registry(self, t: Transfer) -> str:
+        """The registry to ask for ``t`` under: the holder serves only what
+        that registry still references, so one of the transfer's that does
+        per this region's namespace (a registry may have dropped it since
+        the transfer began while another still holds it)."""
+        for reg in sorted(t.regs):
+            if self.ns.references(reg, t.digest):
+                return reg
+        for reg in sorted(self.ns.cache.registries):
+            if self.ns.references(reg, t.digest):
+                return reg
+        return min(t.regs)
 
     async def _record(self, t: Transfer) -> None:
         """Record placement here in every registry that knows the digest."""

@@ -82,11 +82,20 @@ from typing import Any
 
 import aiohttp
 
+from cluster.auth.identities import OWNER_PASSWORD_ENV
+from cluster.auth.secrets import generate
 from cluster.etcd import EtcdKV
 from cluster.runtime import free_port
 from cluster.units import parse_size
 from loadtest.common import BenchError, host_info, scrape, write_json
-from loadtest.ocipush import MANIFEST_ACCEPT, Image, OciClient, random_image, sha256_digest
+from loadtest.ocipush import (
+    MANIFEST_ACCEPT,
+    Image,
+    OciClient,
+    TokenAuth,
+    random_image,
+    sha256_digest,
+)
 from loadtest.procstats import process_tree_cpu_seconds
 from localcluster.supervisor import (
     REPO_ROOT,
@@ -95,6 +104,7 @@ from localcluster.supervisor import (
     get_json,
     meridian_argv,
     python_env,
+    registry_answers,
     spawn,
     start_etcd,
 )
@@ -186,6 +196,7 @@ def start_cluster(
     log: Any,
 ) -> Cluster:
     c = Cluster()
+    os.environ.setdefault(OWNER_PASSWORD_ENV, generate())  # the nodes' owner; clients log in
     env = python_env()
     try:
         etcd = start_etcd(
@@ -259,7 +270,7 @@ def start_cluster(
             c.nodes[r] = f"http://127.0.0.1:{http[r]}"
         for r in (A, B):
             p = c.proc(r)
-            p.wait_ready(url=c.nodes[r] + "/v2/", timeout=60, interval=0.005)
+            p.wait_ready(url=c.nodes[r] + "/v2/", ok=registry_answers, timeout=60, interval=0.005)
             p.wait_ready(
                 url=c.nodes[r] + "/healthz",
                 ok=lambda st, b: st == 200 and json.loads(b).get("namespace_synced") is True,
@@ -428,7 +439,10 @@ async def pull(base: str, repo: str, tag: str, image: Image, concurrency: int) -
     t_last_404 = t0
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as s:
+    auth = TokenAuth.owner_from_env()
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, middlewares=(auth,) if auth else ()
+    ) as s:
         while True:
             async with s.get(
                 f"{base}/v2/{repo}/manifests/{tag}", headers={"Accept": MANIFEST_ACCEPT}
@@ -550,7 +564,10 @@ async def run_round(
     links0 = c.links()[link_name]
     cpu0 = c.cpu()
     mb0 = scrape(c.nodes[B])
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+    auth = TokenAuth.owner_from_env()
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), middlewares=(auth,) if auth else ()
+    ) as s:
         pushed = await push(OciClient(c.nodes[A], s), repo, tag, image)
     pulled: dict[str, Any] | None = None
     if mode == "pull":

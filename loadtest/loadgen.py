@@ -43,6 +43,7 @@ from pathlib import Path
 import aiohttp
 
 from loadtest.common import percentile
+from loadtest.ocipush import bearer_header
 
 INSTALL = {
     "wrk": "apt-get install -y wrk",
@@ -172,7 +173,7 @@ def run_wrk(
             "-s",
             str(script),
         ]
-        for k, v in (headers or {}).items():
+        for k, v in {**bearer_header(url), **(headers or {})}.items():
             argv += ["-H", f"{k}: {v}"]
         argv.append(url)
         env = dict(os.environ, BENCH_LIMIT=str(per_thread))
@@ -255,7 +256,7 @@ def run_ab(
         argv += ["-e", str(pct)]
         if method == "HEAD":
             argv.append("-i")
-        for k, v in (headers or {}).items():
+        for k, v in {**bearer_header(url), **(headers or {})}.items():
             argv += ["-H", f"{k}: {v}"]
         argv.append(url)
         cpu0 = _children_cpu()
@@ -445,6 +446,8 @@ def run_curl_downloads(
     argv = [curl, "-s", "-w", "%{http_code} %{size_download} %{time_total}\\n"]
     if parallel > 1:
         argv += ["--parallel", "--parallel-immediate", "--parallel-max", str(parallel)]
+    for k, v in bearer_header(url).items():
+        argv += ["-H", f"{k}: {v}"]
     for _ in range(count):
         argv += ["-o", "/dev/null", url]
     cpu0 = _children_cpu()

@@ -294,6 +294,11 @@ class TokenAuth:
     def __repr__(self) -> str:  # never the password
         return f"TokenAuth({self.username!r})"
 
+    @property
+    def userpass(self) -> str:
+        """``user:password``, as skopeo's ``--creds`` takes them."""
+        return f"{self.username}:{self.password}"
+
     # -- the steps, shared by both clients -------------------------------------------
 
     def _basic(self) -> dict[str, str]:
@@ -424,6 +429,20 @@ class TokenAuth:
             return status, headers, body
         req.add_header("Authorization", f"Bearer {fresh}")
         return urlopen_whole(req, timeout)
+
+
+def bearer_header(url: str, auth: TokenAuth | None = None) -> dict[str, str]:
+    """``Authorization`` for pulling ``url`` many times with a tool that
+    cannot answer a challenge (wrk, ab, curl): a token for its scope (valid
+    for minutes: enough for one load-generator run), fetched after a HEAD of
+    ``url``; ``auth`` defaults to the owner in the environment. {} when the
+    registry wants none or no credentials are known."""
+    auth = auth or TokenAuth.owner_from_env()
+    if auth is None:
+        return {}
+    auth.send(urllib.request.Request(url, method="HEAD"), timeout=30)
+    token = auth.cached(_netloc(url), request_scope("HEAD", urlsplit(url).path))
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def _netloc(url: str) -> str:

@@ -31,6 +31,7 @@ from loadtest.ocipush import (
     OCI_MANIFEST,
     OciClient,
     OciError,
+    TokenAuth,
     image_manifest,
     random_bytes,
     random_image,
@@ -525,6 +526,8 @@ async def _skopeo_loop(
     arguments (after the common ones), the bytes it moves and what to remove
     afterwards; only skopeo's own run is timed."""
     skopeo = shutil.which("skopeo") or "skopeo"
+    auth = TokenAuth.owner_from_env()
+    creds = ["--src-creds", auth.userpass, "--dest-creds", auth.userpass] if auth else []
     work = Path(tempfile.mkdtemp(prefix=f"skopeo-{name}-", dir=w.p.get("workdir")))
     try:
         await _wait_start(w)
@@ -532,7 +535,7 @@ async def _skopeo_loop(
         while w.take():
             i += 1
             args, nbytes, scratch = await prepare(work, i)
-            argv = [skopeo, "--insecure-policy", "copy", "--quiet", *args]
+            argv = [skopeo, "--insecure-policy", "copy", "--quiet", *creds, *args]
 
             async def run(argv: list[str] = argv, nbytes: int = nbytes) -> int:
                 await _skopeo(argv)

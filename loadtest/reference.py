@@ -12,7 +12,10 @@ stopped by PID).
   every request and so is ~4x slower than v3 on small requests. The result
   records the version that ran.
 - :func:`start_meridian` runs one standalone Meridian node
-  (``python -m cluster.cli node --listen 127.0.0.1:PORT --data DIR``).
+  (``python -m cluster.cli node --listen 127.0.0.1:PORT --data DIR``), with
+  authentication on: its owner's password is ``$MERIDIAN_OWNER_PASSWORD``
+  (set to a random one first when unset, so the workers, which inherit this
+  process's environment, log in with it).
 
 Both return a :class:`Server` once ``GET /v2/`` answers; :meth:`Server.stop`
 ends the process (and its process group, which it leads) by PID. Use them as
@@ -32,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.auth.identities import OWNER_PASSWORD_ENV
+from cluster.auth.secrets import generate
 from cluster.runtime import free_port
 from loadtest.procstats import process_tree_cpu_seconds, process_tree_rss_bytes
 from localcluster.supervisor import (
@@ -269,6 +274,7 @@ def start_meridian(
     data = wd / "data"
     data.mkdir()
     port = free_port()
+    os.environ.setdefault(OWNER_PASSWORD_ENV, generate())  # the node's, and the workers'
     argv = [
         part.format(python=sys.executable, port=port, data=str(data))
         for part in shlex.split(template)

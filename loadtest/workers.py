@@ -13,6 +13,11 @@ named in the job (:mod:`loadtest.ops`), and writes lines on stdout:
 - ``R {"samples", "extra"}`` the result, once, at the end;
 - ``X <traceback>`` if the operation itself crashed.
 
+Sessions log in as the cluster owner when ``$MERIDIAN_OWNER_PASSWORD`` is
+set (the harness sets it for the Meridian it starts), answering a registry's
+401 Bearer challenge as a real client does (``loadtest.ocipush.TokenAuth``);
+a registry without authentication (Distribution here) never challenges.
+
 Every request loop is bounded twice: by its share of the step's request
 count and by the step's deadline; the harness also kills a worker (by PID)
 that outlives the deadline by a grace period. Every request goes to loopback
@@ -39,6 +44,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from loadtest.ocipush import TokenAuth
 from loadtest.reference import REPO_ROOT
 from loadtest.samples import Recorder
 
@@ -80,10 +86,13 @@ def session(
     limit: int = 100, timeout: float = 300.0, read_bufsize: int = 1 << 20
 ) -> aiohttp.ClientSession:
     """An aiohttp session that can only reach loopback (checked before every
-    request, redirects included), with its own connection pool."""
+    request, redirects included), with its own connection pool, logged in as
+    the owner when the environment names its password."""
     trace = aiohttp.TraceConfig()
     trace.on_request_start.append(_guard)
+    auth = TokenAuth.owner_from_env()
     return aiohttp.ClientSession(
+        middlewares=() if auth is None else (auth,),
         connector=aiohttp.TCPConnector(limit=limit, limit_per_host=limit),
         timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=10),
         trace_configs=[trace],

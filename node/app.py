@@ -26,7 +26,7 @@ from cluster.runtime import setup_logging, wait_for_stop_signal
 from cluster.status import PATH as STATUS_PATH
 from cluster.status import NodeStatus
 from node.api import Registry, map_store_errors
-from node.auth import TOKEN_PATH, Gate
+from node.auth import MAX_AUTH_HEADER, TOKEN_PATH, Gate
 from node.config import NodeConfig
 from node.manage import add_routes as add_manage_routes
 from node.replication.plan import status_rows
@@ -311,7 +311,16 @@ async def serve(cfg: NodeConfig) -> None:
         app[REPLICATION_KEY] = replication
         await replication.start()
     ssl_context = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
-    runner = await start_server(app, cfg.host, cfg.port, cfg.limits(), ssl_context=ssl_context)
+    runner = await start_server(
+        app,
+        cfg.host,
+        cfg.port,
+        cfg.limits(),
+        ssl_context=ssl_context,
+        # aiohttp's 8190-byte field limit would answer an over-long
+        # Authorization with a plain-text 400 before the gate's 401 (MAX_AUTH_HEADER).
+        max_field_size=2 * MAX_AUTH_HEADER,
+    )
     log.info(
         "node listening",
         extra={"path": f"{'https' if ssl_context else 'http'}://{cfg.listen}"},

@@ -362,12 +362,13 @@ class TokenAuth:
         return await handler(req)
 
     async def authorization(
-        self, session: aiohttp.ClientSession, method: str, url: str
+        self, session: aiohttp.ClientSession, method: str, url: str, host: str | None = None
     ) -> dict[str, str]:
         """The ``Authorization`` header this client would send with
-        ``method url`` (for requests written by hand); {} if none is needed."""
+        ``method url`` (to ``host``, default the URL's) for requests written
+        by hand; {} if none is needed."""
         yurl = URL(url, encoded=True)
-        host, scope = _netloc(url), request_scope(method, yurl.path)
+        host, scope = host or _netloc(url), request_scope(method, yurl.path)
         if scope is None:
             return {}
         token = self.cached(host, scope) or await self._prefetch(session, yurl, host, scope)

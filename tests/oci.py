@@ -252,26 +252,41 @@ class Client:
         self.base = base.rstrip("/")
         self.session = session
         self.auth = auth
+        self.host: str | None = None
 
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, base: str, auth: TokenAuth | None | Literal["owner"] = "owner"
+        cls,
+        base: str,
+        auth: TokenAuth | None | Literal["owner"] = "owner",
+        *,
+        host: str | None = None,
+        source: str | None = None,
     ) -> AsyncIterator[Client]:
+        """``host``: the Host every request names (a registry selected by
+        Host); ``source``: the loopback address to connect from (what the
+        node sees as the client's address)."""
         auth = owner_auth() if auth == "owner" else auth
         async with aiohttp.ClientSession(
             skip_auto_headers=("Accept", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=60),
             middlewares=() if auth is None else (auth,),
+            headers={"Host": host} if host else None,
+            connector=aiohttp.TCPConnector(local_addr=(source, 0)) if source else None,
         ) as s:
-            yield cls(base, s, auth)
+            c = cls(base, s, auth)
+            c.host = host
+            yield c
 
     async def auth_headers(self, method: str, path: str) -> dict[str, str]:
         """The ``Authorization`` header this client sends with ``method
         path``, for requests written by hand (``raw_exchange``)."""
         if self.auth is None:
             return {}
-        return await self.auth.authorization(self.session, method, str(self.url(path)))
+        return await self.auth.authorization(
+            self.session, method, str(self.url(path)), host=self.host
+        )
 
     def url(self, path: str) -> URL:
         if path.startswith(("http://", "https://")):

@@ -7,6 +7,11 @@ link's address, and a real ``meridian router`` process. The nodes have no
 gRPC service, so nothing replicates: where content is, is exactly where a
 test put it. Fault tests restore the cluster before they end.
 
+Authentication is on (the nodes trust the router's X-Forwarded-For, as
+``--trusted-proxies 127.0.0.1/32``): clients log in as the cluster owner
+and do the token flow through the router; a blob GET is redirected with a
+grant the region honours without ``Authorization``.
+
 Waits are bounded polls of the router's own status (``/meridian/v1/router``);
 no assertion is about elapsed time.
 """
@@ -14,6 +19,7 @@ no assertion is about elapsed time.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -30,19 +36,21 @@ from typing import Any
 
 import aiohttp
 import pytest
+from yarl import URL
 
-from cluster.namespace import RegionInfo
+from cluster.namespace import Namespace, RegionInfo
 from cluster.router.table import Region, RegionTable, TableSettings, normalize_base
 from localcluster.wan import Link, Wan
 from tests import images as im
 from tests.containerd import Containerd
 from tests.etcd_server import EtcdServer
-from tests.oci import Client, Manifest, assert_error, digest, image, repo_name
-from tests.procs import ROOT, NodeProcess, free_port, require_tool
+from tests.oci import Client, Manifest, assert_error, digest, image, owner_auth, repo_name
+from tests.procs import OWNER_CREDS, OWNER_LOGIN, ROOT, NodeProcess, free_port, require_tool
 
 DOMAIN = "meridian.test"
 LATENCY = {"near": 0.002, "mid": 0.010, "far": 0.020}  # one way, seconds
 PIN = "meridian_region"
+TRUSTED = "127.0.0.1/32"  # the router (through the in-process WAN links)
 
 
 # -- processes -------------------------------------------------------------------
@@ -141,7 +149,8 @@ class Cluster:
 
     def restore(self) -> None:
         """Every node running and answering, every link as at the start, the
-        router with all three regions in rotation and "near" first."""
+        router with all three regions in rotation, ranked by their links'
+        latency (its estimates settle over a few probes)."""
         if not self.etcd.running:
             self.etcd.start()
         for name, node in self.nodes.items():
@@ -153,8 +162,8 @@ class Cluster:
             self.links[name].heal()
             self.links[name].set(latency=LATENCY[name])
         self.router.wait_for(
-            lambda st: up_names(st) >= set(LATENCY) and st["nearest"][0] == "near",
-            "all regions back in rotation",
+            lambda st: up_names(st) >= set(LATENCY) and st["nearest"][:3] == list(LATENCY),
+            "all regions back in rotation, nearest first",
         )
 
 
@@ -170,7 +179,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         for name, latency in LATENCY.items():
             node = NodeProcess(base / name, region=name, etcd=etcd.client_url)
             link = wan.link(node.hostport, latency=latency)
-            node.extra += ["--advertise", f"http://{link.address}", "--domain", DOMAIN]
+            node.extra += [
+                "--advertise", f"http://{link.address}",
+                "--domain", DOMAIN,
+                "--auth",
+                "--trusted-proxies", TRUSTED,
+            ]  # fmt: skip
             nodes[name], links[name] = node.start(), link
         router = RouterProcess(etcd.client_url, base, ("--domain", DOMAIN)).start()
         c = Cluster(etcd, wan, nodes, links, router, base)
@@ -201,12 +215,26 @@ def healthy(cluster: Cluster) -> Iterator[Cluster]:
 
 
 @contextlib.asynccontextmanager
-async def session() -> Any:
+async def session(auth: bool = True, **kw: Any) -> Any:
+    """A client session; ``auth``: logged in as the owner (the token flow on
+    every challenge); more ``ClientSession`` arguments in ``kw``."""
     async with aiohttp.ClientSession(
         skip_auto_headers=("Accept", "Content-Type"),
         timeout=aiohttp.ClientTimeout(total=30),
+        middlewares=(owner_auth(),) if auth else (),
+        **kw,
     ) as s:
         yield s
+
+
+def bearer(base: str, scope: str, login: tuple[str, str] = OWNER_LOGIN) -> dict[str, str]:
+    """``Authorization`` with a token for ``scope`` from ``base``'s token endpoint."""
+    basic = base64.b64encode(":".join(login).encode()).decode()
+    req = urllib.request.Request(
+        f"{base}/oauth2/token?scope={scope}", headers={"Authorization": f"Basic {basic}"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return {"Authorization": f"Bearer {json.loads(r.read())['token']}"}
 
 
 async def push_to(url: str, repo: str, m: Manifest, ref: str = "v1", host: str = "") -> None:
@@ -359,7 +387,29 @@ async def test_pull_lands_on_nearest(cluster: Cluster) -> None:
         d = digest(m.blobs[1])
         async with s.get(f"{cluster.router.url}/v2/{repo}/blobs/{d}", allow_redirects=False) as r:
             assert r.status == 307
-            assert r.headers["Location"] == f"{cluster.advertised('near')}/v2/{repo}/blobs/{d}"
+            location = r.headers["Location"]
+            # To the region, with a grant for this blob in the URL (URL-encoded).
+            blob_url = f"{cluster.advertised('near')}/v2/{repo}/blobs/{d}"
+            assert location.startswith(f"{blob_url}?meridian_grant=")
+    # The region serves the grant to a client sending no Authorization, and
+    # refuses the same URL without it.
+    async with session(auth=False) as bare:
+        async with bare.get(URL(location, encoded=True)) as r:
+            assert r.status == 200 and await r.read() == m.blobs[1]
+        async with bare.get(blob_url) as r:
+            assert r.status == 401
+            assert r.headers["WWW-Authenticate"].startswith("Bearer realm=")
+        # Without credentials through the router: its 401, never a redirect;
+        # the realm is the router's own token endpoint.
+        async with bare.get(
+            f"{cluster.router.url}/v2/{repo}/blobs/{d}", allow_redirects=False
+        ) as r:
+            assert r.status == 401
+            assert r.headers["WWW-Authenticate"] == (
+                f'Bearer realm="{cluster.router.url}/oauth2/token",'
+                f'service="default.{DOMAIN}",scope="repository:{repo}:pull"'
+            )
+    async with session() as s:
         async with s.head(
             f"{cluster.router.url}/v2/{repo}/manifests/v1", headers={"Accept": m.media_type}
         ) as r:
@@ -538,18 +588,19 @@ def test_absolute_form_request_target(cluster: Cluster, everywhere: tuple[str, M
     repo, m = everywhere
     router = cluster.router
     authority = router.url.removeprefix("http://")
+    auth = bearer(router.url, f"repository:{repo}:pull")
     before = regions_of(router.status())
     for _ in range(20):
         status, fields, body = raw_request(
             router.url,
             f"GET http://{authority}/v2/{repo}/manifests/v1 HTTP/1.1",
-            {"Host": authority, "Accept": m.media_type},
+            {"Host": authority, "Accept": m.media_type, **auth},
         )
         assert status == 200, body[:300]
         assert body == m.body and fields["X-Meridian-Region"] == "near"
     # Host is still required (RFC 9112 3.2), but the target's authority wins.
     status, fields, _ = raw_request(
-        router.url, f"GET http://{authority}/v2/ HTTP/1.1", {"Host": "elsewhere.example"}
+        router.url, f"GET http://{authority}/v2/ HTTP/1.1", {"Host": "elsewhere.example", **auth}
     )
     assert status == 200 and fields["X-Meridian-Region"] == "near"
     after = regions_of(router.status())
@@ -594,6 +645,54 @@ def test_connection_cap_idle_and_slow_clients_do_not_lock_others_out(
         for sock in idle + slow:
             sock.close()
         capped.stop()
+
+
+async def test_forwarded_for_names_the_client_only_through_a_trusted_proxy(
+    cluster: Cluster,
+) -> None:
+    """A registry open to 10.1.2.0/24 and 127.0.0.3 only (its network rule).
+    The router appends the client's address to X-Forwarded-For and the node,
+    trusting the router's address, judges that client; a forged
+    X-Forwarded-For from a peer the node does not trust is ignored (the peer
+    is judged), as is one sent through the router (the router's entry is
+    the last)."""
+    from cluster.etcd import EtcdKV
+
+    host = f"walled.{DOMAIN}"
+    ns = Namespace(EtcdKV(cluster.etcd.endpoints), region="")
+    await ns.start()
+    try:
+        await ns.set_registry_config(
+            "walled",
+            {"network": {"public_access": False, "allowed_cidrs": ["10.1.2.0/24", "127.0.0.3"]}},
+        )
+    finally:
+        await ns.close()
+    forged = {"X-Forwarded-For": "10.1.2.3"}
+    near = cluster.nodes["near"].url
+
+    async def status(base: str, source: str, headers: dict[str, str] | None = None) -> int:
+        """GET /v2/ for the walled registry from ``source``, without a token:
+        401 (let in, asked to log in) or 403 (kept out by the rule)."""
+        conn = aiohttp.TCPConnector(local_addr=(source, 0))
+        async with session(auth=False, connector=conn) as s:
+            async with s.get(base + "/v2/", headers={"Host": host, **(headers or {})}) as r:
+                if r.status == 403:
+                    body = await r.json()
+                    assert body["errors"][0]["code"] == "DENIED"
+                return r.status
+
+    deadline = time.monotonic() + 10  # every node's namespace watch has the rule
+    while await status(near, "127.0.0.2") != 403:
+        assert time.monotonic() < deadline, "the network rule never took effect"
+        await asyncio.sleep(0.05)
+    # Directly at a node: X-Forwarded-For counts from a trusted proxy only.
+    assert await status(near, "127.0.0.2", forged) == 403
+    assert await status(near, "127.0.0.1", forged) == 401
+    # Through the router: the node judges the router's client.
+    assert await status(cluster.router.url, "127.0.0.3") == 401
+    assert await status(cluster.router.url, "127.0.0.2", forged) == 403
+    assert await status(cluster.router.url, "127.0.0.1") == 403
 
 
 # -- faults ----------------------------------------------------------------------
@@ -832,8 +931,9 @@ def test_containerd_pulls_through_the_router_as_its_mirror(
     with Containerd(tmp_path / "containerd") as ctrd:
         ref = f"{upstream}/mirror/app:v1"
         ctrd.ctr(
-            "images", "pull", "--hosts-dir", str(hosts), "--snapshotter", ctrd.snapshotter, ref
-        )
+            "images", "pull", "--hosts-dir", str(hosts), "--user", OWNER_CREDS,
+            "--snapshotter", ctrd.snapshotter, ref,
+        )  # fmt: skip
         assert ctrd.images()[ref] == (im.OCI_MANIFEST, img.digest)
         for layer in img.layers:
             assert ctrd.content_bytes(layer.digest) == layer.data

@@ -10,12 +10,14 @@ assertions.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -27,10 +29,12 @@ from typing import Any
 
 import pytest
 
+from cluster.auth.identities import OWNER_PASSWORD_ENV
+from loadtest.ocipush import TokenAuth
 from localcluster import topology as topo
 from localcluster.supervisor import meridian_argv, spawn
 from tests import images as im
-from tests.procs import ROOT, free_port
+from tests.procs import OWNER_LOGIN, OWNER_PASSWORD, ROOT, free_port
 
 TOPOLOGY = """
 [[region]]
@@ -131,11 +135,15 @@ def test_up_refuses_bad_input_without_starting_anything(tmp_path: Path) -> None:
 
 class Up:
     """``meridian up`` as a process (:mod:`localcluster.supervisor`); its
-    output in a file, read as it comes."""
+    output in a file, read as it comes. ``env``: its whole environment
+    (default: this process's, which names the tests' owner password)."""
 
-    def __init__(self, data: Path, config: Path, port: int, *extra: str) -> None:
+    def __init__(
+        self, data: Path, config: Path, port: int, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
         self.data = data
         self.port = port
+        self.scheme = "https" if "--tls" in extra else "http"
         self.out_path = data.parent / f"up-{port}-{time.monotonic_ns()}.out"
         self.child = spawn(
             "meridian up",
@@ -149,6 +157,7 @@ class Up:
             ),
             self.out_path,
             cwd=ROOT,
+            env=env,
             new_session=False,
         )  # fmt: skip
         self.proc = self.child.proc
@@ -162,7 +171,17 @@ class Up:
 
     @property
     def router(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ssl(self) -> ssl.SSLContext | None:
+        """A client context trusting the cluster's CA (``--tls``), else None."""
+        if self.scheme != "https":
+            return None
+        return ssl.create_default_context(cafile=str(self.data / "tls" / "ca.crt"))
 
     def state(self) -> dict[str, Any]:
         return json.loads((self.data / "up.json").read_text())
@@ -179,7 +198,9 @@ class Up:
         raise AssertionError(f"{what} did not happen; output:\n{self.output[-3000:]}")
 
     def router_status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.router + "/meridian/v1/router", timeout=2) as r:
+        with urllib.request.urlopen(
+            self.router + "/meridian/v1/router", timeout=2, context=self.ssl()
+        ) as r:
             return json.loads(r.read())
 
     def wait_ready(self) -> None:
@@ -225,6 +246,13 @@ def processes_with(*needles: str) -> dict[int, list[str]]:
     return found
 
 
+def environ(pid: int) -> dict[str, str]:
+    """The environment ``pid`` was started with."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [e.decode(errors="replace").partition("=") for e in f.read().split(b"\0") if e]
+    return {k: v for k, _, v in pairs}
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -238,28 +266,58 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_no_redirect = urllib.request.build_opener(_NoRedirect)
+def token(
+    base: str,
+    repo: str,
+    *,
+    login: tuple[str, str] = OWNER_LOGIN,
+    actions: str = "pull",
+    context: ssl.SSLContext | None = None,
+) -> str:
+    """An access token for ``repo`` from ``base``'s token endpoint (Basic
+    credentials, the Docker token flow's GET)."""
+    basic = base64.b64encode(":".join(login).encode()).decode()
+    req = urllib.request.Request(
+        f"{base}/oauth2/token?scope=repository:{repo}:{actions}",
+        headers={"Authorization": f"Basic {basic}"},
+    )
+    with urllib.request.urlopen(req, timeout=30, context=context) as r:
+        return json.loads(r.read())["token"]
 
 
-def pull(router: str, repo: str, img: im.Image) -> set[str]:
-    """Pull ``img`` through the router (following redirects by hand); the
-    regions that served it."""
+def pull(
+    router: str,
+    repo: str,
+    img: im.Image,
+    context: ssl.SSLContext | None = None,
+    login: tuple[str, str] = OWNER_LOGIN,
+) -> set[str]:
+    """Pull ``img`` through the router as a Go client does: a token for the
+    repository; each blob GET is redirected to a region with a grant in the
+    URL and fetched there without ``Authorization``. The regions that served
+    it."""
+    bearer = {"Authorization": f"Bearer {token(router, repo, login=login, context=context)}"}
     served = set()
     req = urllib.request.Request(
-        f"{router}/v2/{repo}/manifests/v1", headers={"Accept": im.OCI_MANIFEST}
+        f"{router}/v2/{repo}/manifests/v1", headers={"Accept": im.OCI_MANIFEST, **bearer}
     )
-    with urllib.request.urlopen(req, timeout=30) as r:
+    with urllib.request.urlopen(req, timeout=30, context=context) as r:
         assert r.read() == img.manifest
         served.add(r.headers["X-Meridian-Region"])
+    no_redirect = urllib.request.build_opener(
+        _NoRedirect, urllib.request.HTTPSHandler(context=context)
+    )
     for blob in img.blobs():
+        req = urllib.request.Request(f"{router}/v2/{repo}/blobs/{blob.digest}", headers=bearer)
         try:
-            _no_redirect.open(f"{router}/v2/{repo}/blobs/{blob.digest}", timeout=30)
+            no_redirect.open(req, timeout=30)
             raise AssertionError("blob GET was not redirected")
         except urllib.error.HTTPError as e:
             assert e.code == 307, e.code
             served.add(e.headers["X-Meridian-Region"])
             location = e.headers["Location"]
-        with urllib.request.urlopen(location, timeout=30) as r:
+        assert "meridian_grant=" in location, location
+        with urllib.request.urlopen(location, timeout=30, context=context) as r:
             assert r.read() == blob.data
     return served
 
@@ -333,6 +391,33 @@ def test_up_runs_a_cluster_and_stops_it_cleanly(tmp_path: Path) -> None:
         for name, r in state["regions"].items():
             assert {x["region"]: x["http"] for x in st["regions"]}[name] == r["advertised"]
 
+        # Identity: the owner's password (here the tests' own, from the
+        # environment) is in the start-up table with ready login lines, kept
+        # in a 0600 file that up.json names (never the password itself), and
+        # reaches the nodes by environment alone.
+        password_file = data / "owner-password"
+        assert re.search(rf"owner +- +user owner +password {re.escape(OWNER_PASSWORD)} ", out)
+        assert (
+            f"skopeo login --tls-verify=false -u owner --password-stdin {up.host} "
+            f"< {password_file}" in out
+        )
+        assert f"podman login --tls-verify=false -u owner --password-stdin {up.host}" in out
+        assert password_file.read_text().strip() == OWNER_PASSWORD
+        assert password_file.stat().st_mode & 0o777 == 0o600
+        assert state["auth"] is True and state["tls"] is None
+        assert state["owner"] == {"user": "owner", "password_file": str(password_file)}
+        assert OWNER_PASSWORD not in json.dumps(state)
+        for name, child in children.items():
+            assert OWNER_PASSWORD not in " ".join(child["cmd"]), name
+            env = environ(child["pid"])
+            if name.startswith("region "):
+                assert env.get(OWNER_PASSWORD_ENV) == OWNER_PASSWORD, name
+                argv = child["cmd"]
+                assert "--auth" in argv
+                assert argv[argv.index("--trusted-proxies") + 1] == "127.0.0.1/32"
+            else:  # etcd, the emulator and the router need no password
+                assert OWNER_PASSWORD_ENV not in env, name
+
         # The management verbs find it without flags: ./meridian-data/up.json.
         r = meridian("regions", "--json", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
@@ -390,13 +475,19 @@ def test_up_runs_a_cluster_and_stops_it_cleanly(tmp_path: Path) -> None:
         for name, child in children.items():
             assert not alive(child["pid"]), f"{name} still running"
         assert not (data / "up.json").exists()
-        # Every line of every log is JSON.
+        # Every line of every log is JSON; no log holds the owner's password.
         logs = sorted((data / "logs").iterdir())
         assert {p.name for p in logs} >= {"etcd.log", "wan.log", "router.log", "region-alpha.log"}
         for log in logs:
-            for line in log.read_text(errors="replace").splitlines():
+            text = log.read_text(errors="replace")
+            assert OWNER_PASSWORD not in text, log.name
+            for line in text.splitlines():
                 if line.strip():
-                    assert isinstance(json.loads(line), dict), (log.name, line)
+                    try:
+                        doc = json.loads(line)
+                    except ValueError:
+                        doc = None
+                    assert isinstance(doc, dict), (log.name, line)
 
         # Same data dir again: same ports, the namespace and bytes are still
         # there (alpha's copy is back too); SIGTERM stops it as cleanly.
@@ -429,5 +520,70 @@ def test_up_runs_a_cluster_and_stops_it_cleanly(tmp_path: Path) -> None:
         assert code == 0, up.output
         for name, child in state["children"].items():
             assert not alive(child["pid"]), f"{name} still running"
+    finally:
+        up.kill_all()
+
+
+ONE_REGION = """
+[[region]]
+name = "solo"
+rtt_ms = 2
+"""
+
+
+def test_up_generates_the_owner_password_keeps_it_and_runs_open_on_request(
+    tmp_path: Path,
+) -> None:
+    """Without MERIDIAN_OWNER_PASSWORD: a generated password, shown in the
+    table, kept in <data>/owner-password (0600) and the same after a
+    restart; one from the environment that differs is noted and not used;
+    --no-auth is the open mode, said loudly."""
+    config = tmp_path / "one.toml"
+    config.write_text(ONE_REGION)
+    data = tmp_path / "meridian-data"
+    env = {k: v for k, v in os.environ.items() if k != OWNER_PASSWORD_ENV}
+    img = im.build_image([20_000], seed="up-generated")
+    up = Up(data, config, free_port(), env=env)
+    try:
+        up.wait_ready()
+        shown = re.search(r"owner +- +user owner +password (\S+) ", up.output)
+        assert shown, up.output
+        password = shown.group(1)
+        assert password != OWNER_PASSWORD and len(password) >= 20
+        password_file = data / "owner-password"
+        assert password_file.read_text() == password + "\n"
+        assert password_file.stat().st_mode & 0o777 == 0o600
+        # It is the owner's: a push with it works, one with another is refused.
+        owner = TokenAuth("owner", password)
+        assert im.Registry(up.router, auth=owner).push("gen/app", "v1", img) == img.digest
+        assert pull(up.router, "gen/app", img, login=("owner", password)) == {"solo"}
+        wrong = im.Registry(up.router, auth=TokenAuth("owner", password + "x"))
+        with pytest.raises(im.HTTPStatusError) as e:
+            wrong.push("gen/other", "v1", img)
+        assert e.value.status == 401
+        up.stop(signal.SIGINT)
+
+        # A restart of the same data dir shows and uses the same password,
+        # even with another one in the environment (the owner exists).
+        up = Up(data, config, up.port, env={**env, OWNER_PASSWORD_ENV: "not-the-one"})
+        up.wait_ready()
+        assert f"password {password} " in up.output
+        assert f"{OWNER_PASSWORD_ENV} differs from the owner password" in up.output
+        assert password_file.read_text() == password + "\n"
+        assert im.Registry(up.router, auth=owner).get_manifest("gen/app", "v1")[0] == img.manifest
+        up.stop(signal.SIGTERM)
+
+        # --no-auth: the open mode, said loudly; no password anywhere.
+        up = Up(tmp_path / "open-data", config, free_port(), "--no-auth", env=env)
+        up.wait_ready()
+        assert "AUTHENTICATION IS OFF (--no-auth)" in up.output
+        assert "password" not in up.output.split("Meridian is up")[1].split("Try it")[0]
+        assert up.state()["auth"] is False and up.state()["owner"] is None
+        assert not (tmp_path / "open-data" / "owner-password").exists()
+        for child in up.state()["children"].values():
+            if child["cmd"][3:4] == ["node"]:
+                assert "--no-auth" in child["cmd"]
+        assert im.Registry(up.router, auth=None).push("open/app", "v1", img) == img.digest
+        assert up.stop(signal.SIGTERM) == 0
     finally:
         up.kill_all()

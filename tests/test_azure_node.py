@@ -25,7 +25,7 @@ from tests import images as im
 from tests import oci
 from tests.azurite import Azurite, azurite  # noqa: F401 - the fixture
 from tests.containerd import Containerd
-from tests.procs import NodeProcess, skopeo
+from tests.procs import OWNER_CREDS, NodeProcess, skopeo
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -335,7 +335,7 @@ def test_containerd_pull(redirecting: AzureNode, tmp_path: Path) -> None:
     assert reg.push("azure/ctr", "v1", img) == img.digest
     with Containerd(tmp_path / "containerd") as ctrd:
         ref = f"{node.hostport}/azure/ctr:v1"
-        ctrd.pull(ref)
+        ctrd.pull(ref, "--user", OWNER_CREDS)
         assert ctrd.images()[ref] == (im.OCI_MANIFEST, img.digest)
         for b in img.all_blobs():
             assert ctrd.content_bytes(b.digest) == b.data

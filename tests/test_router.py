@@ -610,6 +610,48 @@ def test_absolute_form_request_target(cluster: Cluster, everywhere: tuple[str, M
         assert r.status == 200
 
 
+async def test_no_verify_redirects_still_grants_a_client_with_credentials(
+    cluster: Cluster, everywhere: tuple[str, Manifest]
+) -> None:
+    """With --no-verify-redirects a blob GET that carries a token is still
+    verified (only that HEAD gets a grant), so a pull works as with the
+    default; one without credentials is redirected blind, and the region
+    asks it to log in."""
+    repo, m = everywhere
+    blind = await asyncio.to_thread(
+        RouterProcess(
+            cluster.etcd.client_url, cluster.base, ("--domain", DOMAIN, "--no-verify-redirects")
+        ).start
+    )
+    try:
+        await asyncio.to_thread(
+            blind.wait_for, lambda st: st["nearest"][:3] == list(LATENCY), "ranked"
+        )
+        async with session() as s:
+            assert set((await pull(s, blind.url, repo, m)).values()) == {"near"}
+        d = digest(m.blobs[0])
+        async with session(auth=False) as bare:
+            async with bare.get(
+                f"{blind.url}/v2/{repo}/blobs/{d}",
+                headers=bearer(blind.url, f"repository:{repo}:pull"),
+                allow_redirects=False,
+            ) as r:
+                assert r.status == 307
+                location = r.headers["Location"]
+                assert "meridian_grant=" in location
+            async with bare.get(URL(location, encoded=True)) as r:
+                assert r.status == 200 and await r.read() == m.blobs[0]
+        async with session(auth=False) as bare:
+            async with bare.get(f"{blind.url}/v2/{repo}/blobs/{d}", allow_redirects=False) as r:
+                assert r.status == 307
+                location = r.headers["Location"]
+                assert location == f"{cluster.advertised('near')}/v2/{repo}/blobs/{d}"
+            async with bare.get(location) as r:
+                assert r.status == 401
+    finally:
+        blind.stop()
+
+
 def test_connection_cap_idle_and_slow_clients_do_not_lock_others_out(
     cluster: Cluster, everywhere: tuple[str, Manifest]
 ) -> None:

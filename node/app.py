@@ -26,7 +26,7 @@ from cluster.runtime import setup_logging, wait_for_stop_signal
 from cluster.status import PATH as STATUS_PATH
 from cluster.status import NodeStatus
 from node.api import Registry, map_store_errors
-from node.auth import MAX_AUTH_HEADER, TOKEN_PATH, Gate
+from node.auth import GRANT_PARAM, MAX_AUTH_HEADER, TOKEN_PATH, Gate
 from node.config import NodeConfig
 from node.manage import add_routes as add_manage_routes
 from node.replication.plan import status_rows
@@ -56,6 +56,14 @@ def _error_response(err: RegistryError, request_id: str) -> web.Response:
     return web.Response(
         status=err.status, body=err.body(), content_type="application/json", headers=headers
     )
+
+
+def _logged_path(request: web.Request) -> str:
+    """Path and query for the access log, a blob grant (a bearer credential
+    for a minute) blanked."""
+    if GRANT_PARAM not in request.query:
+        return request.path_qs
+    return str(request.rel_url.update_query({GRANT_PARAM: "REDACTED"}))
 
 
 def make_middleware(access_log: bool):  # noqa: ANN201 - aiohttp middleware type
@@ -98,7 +106,7 @@ def make_middleware(access_log: bool):  # noqa: ANN201 - aiohttp middleware type
                 extra={
                     "request_id": request_id,
                     "method": request.method,
-                    "path": request.path_qs,
+                    "path": _logged_path(request),
                     "status": resp.status,
                     "ms": round(elapsed * 1000, 2),
                 },

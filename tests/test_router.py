@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
@@ -184,6 +185,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 "--domain", DOMAIN,
                 "--auth",
                 "--trusted-proxies", TRUSTED,
+                "--access-log",
             ]  # fmt: skip
             nodes[name], links[name] = node.start(), link
         router = RouterProcess(etcd.client_url, base, ("--domain", DOMAIN)).start()
@@ -393,9 +395,16 @@ async def test_pull_lands_on_nearest(cluster: Cluster) -> None:
             assert location.startswith(f"{blob_url}?meridian_grant=")
     # The region serves the grant to a client sending no Authorization, and
     # refuses the same URL without it.
+    grant = parse_qs(urlsplit(location).query)["meridian_grant"][0]
     async with session(auth=False) as bare:
         async with bare.get(URL(location, encoded=True)) as r:
             assert r.status == 200 and await r.read() == m.blobs[1]
+        # The node's access log has the request, not the grant (a credential).
+        deadline = time.monotonic() + 10
+        while "meridian_grant=REDACTED" not in cluster.nodes["near"].logs():
+            assert time.monotonic() < deadline, "the grant's GET was never logged"
+            await asyncio.sleep(0.05)
+        assert grant not in cluster.nodes["near"].logs()
         async with bare.get(blob_url) as r:
             assert r.status == 401
             assert r.headers["WWW-Authenticate"].startswith("Bearer realm=")

@@ -447,7 +447,7 @@ def bearer_header(url: str, auth: TokenAuth | None = None) -> dict[str, str]:
 
 
 def _netloc(url: str) -> str:
-    """The Host a client sends for ``url`` (the port only when not the default)."""
+    """The Host a client names for ``url``: its authority as written."""
     return urlsplit(url).netloc
 
 

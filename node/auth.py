@@ -176,9 +176,14 @@ class Gate:
             return False
         return any(ip in net for net in self.trusted_proxies)
 
+    def forwarded(self, request: web.Request, header: str) -> str | None:
+        """An ``X-Forwarded-*`` header, believed only from a trusted proxy."""
+        value = request.headers.get(header)
+        return value if value and self._trusted(request.remote or "") else None
+
     def realm(self, request: web.Request) -> str:
-        host = request.headers.get("X-Forwarded-Host") or request.host
-        scheme = request.headers.get("X-Forwarded-Proto") or request.scheme
+        host = self.forwarded(request, "X-Forwarded-Host") or request.host
+        scheme = self.forwarded(request, "X-Forwarded-Proto") or request.scheme
         return f"{scheme}://{host}{TOKEN_PATH}"
 
     def challenge(
@@ -291,7 +296,7 @@ class Gate:
 
     async def token(self, request: web.Request) -> web.Response:
         reg = registry_for_host(
-            request.headers.get("X-Forwarded-Host") or request.host,
+            self.forwarded(request, "X-Forwarded-Host") or request.host,
             self.domain,
             self.default_registry,
         )
@@ -375,7 +380,7 @@ class Gate:
             username, password = str(params.get("username", "")), str(params.get("password", ""))
             offline = params.get("access_type") == "offline" or bool(params.get("client_id"))
         else:
-            creds = _basic(request.headers.get("Authorization", ""))
+            creds = basic_credentials(request.headers.get("Authorization", ""))
             if creds is None:
                 anon = self.identities.anonymous(reg)
                 if anon is not None:
@@ -402,7 +407,7 @@ class Gate:
         return self.challenge(request, reg, None, "invalid credentials")
 
 
-def _basic(header: str) -> tuple[str, str] | None:
+def basic_credentials(header: str) -> tuple[str, str] | None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "basic" or not value or len(value) > MAX_AUTH_HEADER:
         return None

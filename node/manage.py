@@ -58,7 +58,7 @@ from cluster.auth import tokens
 from cluster.auth.admin import REGISTRY_RE, Admin, AdminError, Invalid, check_registry
 from cluster.auth.identities import Principal
 from cluster.namespace import Namespace
-from node.auth import MAX_AUTH_HEADER, Gate, _basic
+from node.auth import MAX_AUTH_HEADER, Gate, basic_credentials
 from ocidist.errors import Code, RegistryError
 from ocidist.paths import normalize_domain, registry_for_host
 
@@ -187,7 +187,7 @@ class ManageAPI:
             raise self._challenge(request, realm, "authorization header too long")
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "basic":
-            creds = _basic(header)
+            creds = basic_credentials(header)
             if creds is None:
                 raise self._challenge(request, realm, "malformed Basic credentials")
             p = await self._login(request, realm, *creds)
@@ -305,8 +305,8 @@ class ManageAPI:
 
     @_api
     async def whoami(self, request: web.Request) -> web.Response:
-        host = request.headers.get("X-Forwarded-Host") or request.host
-        reg = registry_for_host(host, self.domain, self.default_registry)
+        host = self.gate.forwarded(request, "X-Forwarded-Host") if self.gate else None
+        reg = registry_for_host(host or request.host, self.domain, self.default_registry)
         out: dict[str, Any] = {"auth": self.gate is not None, "registry": reg}
         c = await self.caller(request, reg, required=False)
         if c is not None and c.kind != "open":

@@ -156,15 +156,27 @@ def make_kv(cfg: RouterConfig) -> KVStore:
     return EtcdKV.from_flag(cfg.etcd, options=cfg.etcd_options())
 
 
+STATUS_PATH = "/meridian/v1/router"
+# The nodes' management API (node/manage.py), forwarded to a region.
+MANAGE_PATHS = (
+    "/meridian/v1/whoami",
+    "/meridian/v1/serviceprincipals",
+    "/meridian/v1/serviceprincipals/{tail:.*}",
+    "/meridian/v1/registries/{tail:.*}",
+)
+
+
 def build_app(router: Router) -> web.Application:
     app = web.Application(client_max_size=0)
     app.router.add_route("*", "/v2", router.handle)
     app.router.add_route("*", "/v2/{tail:.*}", router.handle)
     app.router.add_route("GET", TOKEN_PATH, router.token)
     app.router.add_route("POST", TOKEN_PATH, router.token)
+    for path in MANAGE_PATHS:
+        app.router.add_route("*", path, router.token)
     app.router.add_get("/healthz", router.healthz)
     app.router.add_get("/metrics", router.metrics)
-    app.router.add_get("/meridian/v1/router", router.status_handler)
+    app.router.add_get(STATUS_PATH, router.status_handler)
     app.router.add_route("*", "/{tail:.*}", router.not_found)
     return app
 

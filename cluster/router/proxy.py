@@ -712,9 +712,13 @@ class Proxy:
     # -- the token endpoint ------------------------------------------------------
 
     async def token(self, request: web.Request) -> web.StreamResponse:
-        """``GET``/``POST /oauth2/token``, proxied to the nearest region that
-        answers; on a region's failure (connection error, timeout, 5xx) the
-        next one. Neither the body nor ``Authorization`` is logged."""
+        """``GET``/``POST /oauth2/token`` and the management API
+        (``/meridian/v1/...`` of the nodes: every region serves it, writes go
+        to the namespace), proxied to the nearest region that answers; on a
+        region's failure (connection error, timeout, 5xx) the next one. A
+        write is retried only when the region could not be reached: one that
+        timed out may have done it. Neither the body nor ``Authorization``
+        is logged."""
         self.requests += 1
         try:
             return await self._token(request)
@@ -722,7 +726,7 @@ class Proxy:
             return error_response(e)
         except _OwnError as e:
             self.errors += 1
-            log.error("%s %s: %s", request.method, TOKEN_PATH, e)
+            log.error("%s %s: %s", request.method, request.path, e)
             return _error(500, Code.UNAVAILABLE, "internal error in the router", str(e))
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
@@ -730,7 +734,8 @@ class Proxy:
             why = "no regions known yet" if self.synced_once else "namespace not loaded yet"
             return _error(503, Code.UNAVAILABLE, f"the router has {why}; retry shortly")
         data: bytes | None = None
-        if request.method == "POST":
+        idempotent = request.method in ("GET", "HEAD") or request.path == TOKEN_PATH
+        if request.method not in ("GET", "HEAD"):
             if (request.content_length or 0) > TOKEN_BODY_MAX:
                 raise RegistryError(Code.SIZE_INVALID, "token request too large", status=413)
             buf = bytearray()
@@ -761,8 +766,10 @@ class Proxy:
                 why = f"{r.name}: {_describe(e)}"
                 fatal = not isinstance(e, TimeoutError)
                 self.table.report_error(r, why, fatal=fatal)
+                if not idempotent and not fatal:
+                    break  # it may have been done: the client decides
                 continue
-            if up.resp.status >= 500:
+            if up.resp.status >= 500 and (idempotent or up.resp.status == 503):
                 why = f"{r.name} answered {up.resp.status}"
                 self.table.report_error(r, why, fatal=False)
                 if up.body is None:
@@ -770,7 +777,7 @@ class Proxy:
                 continue
             self.table.report_ok(r, None)
             return await self._respond(request, up)
-        return _error(503, Code.UNAVAILABLE, "no region could issue a token; retry shortly", why)
+        return _error(503, Code.UNAVAILABLE, "no region could answer; retry shortly", why)
 
     # -- uploads -------------------------------------------------------------
 

@@ -154,6 +154,7 @@ class Gate:
         self.keys = tokens.KeyRing(ns)
         self.verifier = tokens.Verifier(self.keys)
         self.limiter = FailureLimiter()
+        self._accesses: dict[tuple[str, str], tuple[Access, float]] = {}
 
     # -- naming -------------------------------------------------------------
 
@@ -244,18 +245,31 @@ class Gate:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise self.challenge(request, reg, need)
-        try:
-            claims = await self.verifier.verify(token.strip(), self.service_for(reg))
-        except tokens.InvalidToken:
-            raise self.challenge(
-                request, reg, need, "invalid or expired token", "invalid_token"
-            ) from None
-        kind, _, name = str(claims["sub"]).partition(":")
-        if claims.get("reg") != reg or not await self.identities.still_valid(kind, name, reg):
+        access = await self._access(token.strip(), reg)
+        if access is None or not await self.identities.still_valid(access.kind, access.name, reg):
             raise self.challenge(request, reg, need, "invalid or expired token", "invalid_token")
-        access = _access_of(claims, kind, name, reg)
         if need is not None and not access.allows(*need):
             raise self.challenge(request, reg, need, "insufficient scope", "insufficient_scope")
+        return access
+
+    async def _access(self, token: str, reg: str) -> Access | None:
+        """What a verified token grants in ``reg``, remembered until the
+        token expires (the hot path: one dict lookup per request)."""
+        now = time.time()
+        hit = self._accesses.get((token, reg))
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        try:
+            claims = await self.verifier.verify(token, self.service_for(reg))
+        except tokens.InvalidToken:
+            return None
+        if claims.get("reg") != reg:
+            return None
+        kind, _, name = str(claims["sub"]).partition(":")
+        access = _access_of(claims, kind, name, reg)
+        self._accesses[(token, reg)] = (access, float(claims["exp"]))
+        if len(self._accesses) > tokens.CACHE_ENTRIES:
+            self._accesses.pop(next(iter(self._accesses)))
         return access
 
     async def _blob_grant(

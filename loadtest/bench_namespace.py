@@ -24,6 +24,13 @@ on ephemeral loopback ports and real ``meridian node`` subprocesses.
    ``_catalog`` latency (``n=100``, ``n=1000`` and the full list) with
    ``wrk -t1 -c1 --latency`` (one connection: latency, not throughput).
 
+Authentication is on, as users run Meridian: the nodes' owner password is
+``$MERIDIAN_OWNER_PASSWORD`` (a random one when unset; the nodes get it by
+environment); every client logs in as the owner (the Docker token flow,
+:class:`loadtest.ocipush.TokenAuth`), and each ``wrk`` run carries a bearer
+token fetched just before it (``wrk`` cannot answer a challenge; a run lasts
+seconds, far less than a token's five minutes).
+
 Prints a table and writes JSON (default ``results/bench_namespace.json``).
 Figures are what this machine did in this run, not thresholds.
 """
@@ -53,11 +60,14 @@ from typing import Any
 
 import aiohttp
 
+from cluster.auth.identities import OWNER, OWNER_PASSWORD_ENV
+from cluster.auth.secrets import generate
 from cluster.etcd import EtcdKV
 from cluster.kv import Op, Put
 from cluster.namespace import ROOT, ManifestRecord, manifest_key, tag_key
 from cluster.runtime import free_port
 from loadtest.common import BenchError, exit_on_sigterm, host_info, percentile, write_json
+from loadtest.ocipush import TokenAuth, bearer_header
 from localcluster.supervisor import (
     REPO_ROOT,
     Child,
@@ -65,6 +75,7 @@ from localcluster.supervisor import (
     find_etcd,
     meridian_argv,
     python_env,
+    registry_answers,
     spawn,
 )
 from localcluster.supervisor import start_etcd as start_etcd_child
@@ -73,6 +84,49 @@ from ocidist.mediatypes import OCI_LAYER_GZIP as OCI_LAYER
 
 REG = "default"
 TXN_OPS = 128  # etcd's default --max-txn-ops
+
+
+# -- the owner's login -----------------------------------------------------------
+
+
+class Login:
+    """The owner's credentials for the nodes this run starts (they get the
+    password by environment), and the clients that log in with them: one
+    :class:`TokenAuth` per event loop (its locks belong to one), all counted."""
+
+    def __init__(self, password: str) -> None:
+        self.password = password
+        self._auths: list[TokenAuth] = []
+
+    def __repr__(self) -> str:  # never the password
+        return f"Login({OWNER!r})"
+
+    def auth(self) -> TokenAuth:
+        a = TokenAuth(OWNER, self.password)
+        self._auths.append(a)
+        return a
+
+    def session(self, **kwargs: Any) -> aiohttp.ClientSession:
+        """An aiohttp session logged in as the owner."""
+        return aiohttp.ClientSession(middlewares=(self.auth(),), **kwargs)
+
+    def bearer(self, url: str) -> dict[str, str]:
+        """A fresh token for pulling ``url`` (for one wrk run)."""
+        header = bearer_header(url, self.auth())
+        if not header:
+            raise BenchError(f"no token for {url}: the owner's login was refused")
+        return header
+
+    @property
+    def tokens_fetched(self) -> int:
+        return sum(a.fetched for a in self._auths)
+
+
+def owner_login() -> Login:
+    """``$MERIDIAN_OWNER_PASSWORD``, or a random one put there, so the nodes
+    this process starts (:func:`python_env` copies the environment) create
+    their owner with it."""
+    return Login(os.environ.setdefault(OWNER_PASSWORD_ENV, generate()))
 
 
 # -- processes ------------------------------------------------------------------
@@ -110,14 +164,10 @@ class Proc:
 
 
 def _ready(p: Proc, url: str, ok: Any, timeout: float) -> float:
-    """Poll ``url`` every 5 ms until ``ok(body)``; the perf_counter time it did."""
+    """Poll ``url`` every 5 ms until ``ok(status, body)``; the perf_counter
+    time it did."""
     try:
-        return p.child.wait_ready(
-            url=url,
-            ok=lambda status, body: status == 200 and ok(body),
-            timeout=timeout,
-            interval=0.005,
-        )
+        return p.child.wait_ready(url=url, ok=ok, timeout=timeout, interval=0.005)
     except StartError as e:
         raise BenchError(str(e)) from None
 
@@ -146,8 +196,10 @@ def start_etcd(workdir: Path) -> Proc:
 
 
 def start_node(workdir: Path, region: str, etcd: str = "") -> Proc:
-    """Start a node; ``extra`` records seconds from spawn to /v2/ answering
-    and to /healthz reporting namespace_synced."""
+    """Start a node (authentication on; its owner's password from the
+    environment, see :func:`owner_login`); ``extra`` records seconds from
+    spawn to /v2/ answering (200, or 401: up and asking for a login) and to
+    /healthz reporting namespace_synced."""
     port = free_port()
     argv = meridian_argv(
         "node",
@@ -160,9 +212,12 @@ def start_node(workdir: Path, region: str, etcd: str = "") -> Proc:
     t0 = time.perf_counter()
     p = Proc(spawn(f"node-{region}", argv, workdir / f"node-{region}.log", env=python_env()), port)
     try:
-        t_v2 = _ready(p, p.url + "/v2/", lambda b: True, 600)
+        t_v2 = _ready(p, p.url + "/v2/", registry_answers, 600)
         t_sync = _ready(
-            p, p.url + "/healthz", lambda b: json.loads(b).get("namespace_synced") is True, 600
+            p,
+            p.url + "/healthz",
+            lambda st, b: st == 200 and json.loads(b).get("namespace_synced") is True,
+            600,
         )
     except BaseException:
         p.stop()
@@ -247,7 +302,16 @@ def dist_ms(values_s: list[float]) -> dict[str, float]:
 # -- 1. watch propagation ---------------------------------------------------------------
 
 
-async def propagation(a: Proc, b: Proc, samples: int) -> dict[str, Any]:
+async def _tags(r: aiohttp.ClientResponse) -> dict[str, Any]:
+    """A tags/list answer; no tags while B does not know the repository yet."""
+    if r.status == 404:
+        return {"tags": []}
+    if r.status != 200:
+        raise BenchError(f"GET tags/list on B: HTTP {r.status} {await r.text()}")
+    return await r.json()
+
+
+async def propagation(a: Proc, b: Proc, samples: int, login: Login) -> dict[str, Any]:
     repo = "bench/propagation"
     blobs, manifest = blobs_and_manifest("propagation")
     ack_to_visible: list[float] = []
@@ -255,7 +319,7 @@ async def propagation(a: Proc, b: Proc, samples: int) -> dict[str, Any]:
     poll_rtts: list[float] = []
     first_poll_hits = 0
     conn = aiohttp.TCPConnector(limit=1)
-    async with aiohttp.ClientSession() as sa, aiohttp.ClientSession(connector=conn) as sb:
+    async with login.session() as sa, login.session(connector=conn) as sb:
         await push_blobs(sa, a.url, repo, blobs)
         await put_manifest(sa, a.url, repo, "warmup", manifest("warmup"))
         for i in range(samples):
@@ -268,7 +332,7 @@ async def propagation(a: Proc, b: Proc, samples: int) -> dict[str, Any]:
             while True:
                 t = time.perf_counter()
                 async with sb.get(f"{b.url}/v2/{repo}/tags/list") as r:
-                    doc = await r.json() if r.status == 200 else {"tags": []}
+                    doc = await _tags(r)
                 now = time.perf_counter()
                 poll_rtts.append(now - t)
                 polls += 1
@@ -295,7 +359,7 @@ async def propagation(a: Proc, b: Proc, samples: int) -> dict[str, Any]:
                 nonlocal t_visible
                 while True:
                     async with sb.get(f"{b.url}/v2/{repo}/tags/list") as r:
-                        doc = await r.json() if r.status == 200 else {"tags": []}
+                        doc = await _tags(r)
                     if tag in doc["tags"]:
                         t_visible = time.perf_counter()
                         seen.set()
@@ -333,11 +397,17 @@ def _wrk_ms(text: str) -> float:
     return float(m.group(1)) * _WRK_UNITS[m.group(2)]
 
 
-def run_wrk(url: str, connections: int, seconds: int, accept: str | None = None) -> dict[str, Any]:
+def run_wrk(
+    url: str, connections: int, seconds: int, login: Login, accept: str | None = None
+) -> dict[str, Any]:
+    """``wrk`` on ``url`` for ``seconds``, with a bearer token fetched for
+    this run (it lives five minutes; a run lasts seconds)."""
     wrk = shutil.which("wrk")
     if wrk is None:
         raise BenchError("wrk not found: apt-get install -y wrk")
     argv = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for k, v in login.bearer(url).items():
+        argv += ["-H", f"{k}: {v}"]
     if accept:
         argv += ["-H", f"Accept: {accept}"]
     argv.append(url)
@@ -361,10 +431,10 @@ def run_wrk(url: str, connections: int, seconds: int, accept: str | None = None)
     }
 
 
-async def seed_get_target(node: Proc) -> str:
+async def seed_get_target(node: Proc, login: Login) -> str:
     repo = "bench/get"
     blobs, manifest = blobs_and_manifest(f"get-{node.name}")
-    async with aiohttp.ClientSession() as s:
+    async with login.session() as s:
         await push_blobs(s, node.url, repo, blobs)
         await put_manifest(s, node.url, repo, "bench", manifest("get"))
         async with s.get(
@@ -376,16 +446,16 @@ async def seed_get_target(node: Proc) -> str:
 
 
 def manifest_get_rate(
-    targets: dict[str, str], rounds: int, seconds: int, log: Any
+    targets: dict[str, str], rounds: int, seconds: int, login: Login, log: Any
 ) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in targets}
     for url in targets.values():  # warm-up
-        run_wrk(url, 32, 1, OCI_MANIFEST)
+        run_wrk(url, 32, 1, login, OCI_MANIFEST)
     names = list(targets)
     for rnd in range(rounds):
         order = names if rnd % 2 == 0 else names[::-1]
         for name in order:
-            r = run_wrk(targets[name], 32, seconds, OCI_MANIFEST)
+            r = run_wrk(targets[name], 32, seconds, login, OCI_MANIFEST)
             log(f"  round {rnd + 1} {name}: {r['rps']:.0f} req/s, errors {r['errors']}")
             results[name].append(r)
     out: dict[str, Any] = {}
@@ -470,20 +540,26 @@ async def seed_namespace(etcd_url: str, repos: int, tags_per_repo: int) -> dict[
     }
 
 
-async def check_scale_node(node: Proc, repos: int, tags_per_repo: int) -> None:
+async def check_scale_node(node: Proc, repos: int, tags_per_repo: int, login: Login) -> None:
     names = repo_names(repos)
-    async with aiohttp.ClientSession() as s:
+    async with login.session() as s:
         async with s.get(f"{node.url}/v2/_catalog") as r:
+            if r.status != 200:
+                raise BenchError(f"GET /v2/_catalog: HTTP {r.status} {await r.text()}")
             got = (await r.json())["repositories"]
         if got != sorted(names):
             raise BenchError(f"catalog has {len(got)} repositories, expected {repos}")
         async with s.get(f"{node.url}/v2/{names[0]}/tags/list") as r:
+            if r.status != 200:
+                raise BenchError(f"GET tags/list: HTTP {r.status} {await r.text()}")
             tags = (await r.json())["tags"]
         if len(tags) != tags_per_repo:
             raise BenchError(f"{names[0]} lists {len(tags)} tags, expected {tags_per_repo}")
 
 
-def scale(base: Path, repos: int, tags_per_repo: int, seconds: int, log: Any) -> dict[str, Any]:
+def scale(
+    base: Path, repos: int, tags_per_repo: int, seconds: int, login: Login, log: Any
+) -> dict[str, Any]:
     out: dict[str, Any] = {"repos": repos, "tags_per_repo": tags_per_repo}
     etcd = start_etcd(base / "etcd-scale")
     with running([etcd]):
@@ -506,7 +582,7 @@ def scale(base: Path, repos: int, tags_per_repo: int, seconds: int, log: Any) ->
             out["start_to_v2_s"] = node.extra["start_to_v2_s"]
             out["start_to_synced_s"] = node.extra["start_to_synced_s"]
             out["rss_mib_after_start"] = node.rss_kib() / 1024
-            asyncio.run(check_scale_node(node, repos, tags_per_repo))
+            asyncio.run(check_scale_node(node, repos, tags_per_repo, login))
             repo = repo_names(repos)[repos // 2]
             urls = {
                 "tags_list": f"{node.url}/v2/{repo}/tags/list",
@@ -516,8 +592,8 @@ def scale(base: Path, repos: int, tags_per_repo: int, seconds: int, log: Any) ->
             }
             out["latency"] = {}
             for name, url in urls.items():
-                run_wrk(url, 1, 1)  # warm-up (sorted lists are built lazily)
-                r = run_wrk(url, 1, seconds)
+                run_wrk(url, 1, 1, login)  # warm-up (sorted lists are built lazily)
+                r = run_wrk(url, 1, seconds, login)
                 out["latency"][name] = r
                 log(
                     f"  {name}: p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms "
@@ -669,6 +745,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             "latency_wrk": f"wrk -t1 -c1 -d{lat_seconds}s --latency",
         },
     }
+    login = owner_login()
     try:
         log("1-2. etcd + nodes A (eastus), B (westeurope) on it, standalone node S")
         etcd = start_etcd(base / "etcd")
@@ -680,25 +757,27 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             s = start_node(base / "s", "standalone")
             procs.append(s)
             log(f"  watch propagation, {samples} sequential samples ...")
-            result["propagation"] = asyncio.run(propagation(a, b, samples))
+            result["propagation"] = asyncio.run(propagation(a, b, samples, login))
             p = result["propagation"]["ack_to_visible"]
             log(f"  ack->visible p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms")
             targets = {
-                "etcd_node": asyncio.run(seed_get_target(a)),
-                "standalone_node": asyncio.run(seed_get_target(s)),
+                "etcd_node": asyncio.run(seed_get_target(a, login)),
+                "standalone_node": asyncio.run(seed_get_target(s, login)),
             }
             log("  manifest GET by tag (wrk) ...")
-            result["manifest_get"] = manifest_get_rate(targets, rounds, wrk_seconds, log)
+            result["manifest_get"] = manifest_get_rate(targets, rounds, wrk_seconds, login, log)
             result["idle_rss_mib"] = {
                 "etcd_node": a.rss_kib() / 1024,
                 "standalone": s.rss_kib() / 1024,
             }
         log("3. scale")
-        result["scale"] = scale(base, repos, args.tags_per_repo, lat_seconds, log)
+        result["scale"] = scale(base, repos, args.tags_per_repo, lat_seconds, login, log)
     finally:
         if owns:
             shutil.rmtree(base, ignore_errors=True)
     result["host"]["loadavg_end"] = list(os.getloadavg())
+    # Authentication was on: the nodes challenged, the clients logged in.
+    result["auth"] = {"user": OWNER, "tokens_fetched": login.tokens_fetched}
     return result
 
 

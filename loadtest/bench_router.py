@@ -19,6 +19,13 @@ Three figures, printed as a report (never test assertions):
    50th pull: client-visible errors, and the time until traffic moved (first
    pull that no longer touched it) and until the router took it out.
 
+Authentication is on, as users run Meridian: every client logs in as the
+cluster owner (the Docker token flow, :class:`loadtest.ocipush.TokenAuth`,
+through the router as real clients do), with the password ``meridian up``
+keeps in the file its ``up.json`` names, and for the plain setup's node
+``$MERIDIAN_OWNER_PASSWORD`` (a random one when unset, given to the node by
+environment). ``wrk`` gets a bearer token fetched just before its run.
+
     python -m loadtest.bench_router [--pulls 200] [--samples 2000] [--json out.json]
 """
 
@@ -43,14 +50,17 @@ from typing import Any
 
 import aiohttp
 
+from cluster.auth.identities import OWNER, OWNER_PASSWORD_ENV
+from cluster.auth.secrets import generate
 from cluster.runtime import free_port
 from loadtest.common import percentile
-from loadtest.ocipush import OCI_MANIFEST, Image, OciClient, random_image
+from loadtest.ocipush import OCI_MANIFEST, Image, OciClient, TokenAuth, bearer_header, random_image
 from localcluster.supervisor import (
     Child,
     get_json,
     meridian_argv,
     python_env,
+    registry_answers,
     spawn,
     start_etcd,
 )
@@ -68,8 +78,14 @@ def _wait(what: str, check: Any, timeout: float = 90.0) -> None:
     raise RuntimeError(f"{what}: not ready after {timeout:.0f}s")
 
 
+def session(auth: TokenAuth, **kwargs: Any) -> aiohttp.ClientSession:
+    """An aiohttp session logged in as ``auth`` (one per event loop)."""
+    return aiohttp.ClientSession(middlewares=(auth,), **kwargs)
+
+
 class UpCluster:
-    """``meridian up`` as a child process."""
+    """``meridian up`` as a child process; its owner's login from the file
+    its ``up.json`` names (``meridian up`` chose or kept the password)."""
 
     def __init__(self, workdir: Path, config: str | None) -> None:
         self.data = workdir / "up"
@@ -86,11 +102,23 @@ class UpCluster:
             self.stop()
             raise
         self.state = json.loads((self.data / "up.json").read_text())
+        owner = self.state.get("owner")
+        if not owner:
+            self.stop()
+            raise RuntimeError("meridian up runs without authentication: the bench measures it on")
+        self.user = owner["user"]
+        self.issued: list[TokenAuth] = []
+        self.password = Path(owner["password_file"]).read_text().strip()
         self.router = self.state["router"]
         self.order = [
             name
             for name, _ in sorted(self.state["regions"].items(), key=lambda kv: kv[1]["rtt_ms"])
         ]
+
+    def auth(self) -> TokenAuth:
+        a = TokenAuth(self.user, self.password)
+        self.issued.append(a)
+        return a
 
     def region_pid(self, name: str) -> int:
         return int(self.state["children"][f"region {name}"]["pid"])
@@ -111,13 +139,17 @@ class UpCluster:
 
 
 class PlainCluster:
-    """etcd + one node + the router on loopback, no emulator."""
+    """etcd + one node + the router on loopback, no emulator. The node's
+    owner has ``password`` (by environment); it takes forwarded headers from
+    the router (``--trusted-proxies``), as ``meridian up``'s regions do."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.procs: list[Child] = []
+        self.password = password
+        self.issued: list[TokenAuth] = []
         try:
-            env = python_env()
+            env = python_env(**{OWNER_PASSWORD_ENV: password})
             etcd = start_etcd(
                 workdir / "etcd",
                 workdir / "etcd.log",
@@ -131,12 +163,13 @@ class PlainCluster:
             node = spawn(
                 "node",
                 meridian_argv("node", "--region", "solo", "--listen", f"127.0.0.1:{nport}")
-                + ["--data", str(workdir / "node"), "--etcd", self.etcd],
+                + ["--data", str(workdir / "node"), "--etcd", self.etcd]
+                + ["--auth", "--trusted-proxies", "127.0.0.1/32"],
                 workdir / "node.log",
                 env=env,
             )
             self.procs.append(node)
-            node.wait_ready(url=self.node + "/v2/", timeout=90)
+            node.wait_ready(url=self.node + "/v2/", ok=registry_answers, timeout=90)
             rport = free_port()
             self.router = f"http://127.0.0.1:{rport}"
             router = spawn(
@@ -155,6 +188,11 @@ class PlainCluster:
         except BaseException:
             self.stop()  # whatever started before the failure
             raise
+
+    def auth(self) -> TokenAuth:
+        a = TokenAuth(OWNER, self.password)
+        self.issued.append(a)
+        return a
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -206,7 +244,7 @@ async def accuracy(up: UpCluster, rounds: int, report: Report) -> None:
     images = {
         name: random_image(2, 64 << 10, seed=f"acc-{name}") for name in ("all", "two", "three")
     }
-    async with aiohttp.ClientSession() as s:
+    async with session(up.auth()) as s:
         # Everywhere: through the router (lands nearest), then replicated.
         await OciClient(up.router, s).push_image("bench/all", "v1", images["all"])
 
@@ -261,14 +299,21 @@ async def accuracy(up: UpCluster, rounds: int, report: Report) -> None:
 
 
 async def overhead(
-    direct: str, router: str, repo: str, img: Image, samples: int, label: str, report: Report
+    direct: str,
+    router: str,
+    repo: str,
+    img: Image,
+    samples: int,
+    label: str,
+    auth: TokenAuth,
+    report: Report,
 ) -> None:
     url = f"/v2/{repo}/manifests/v1"
     h = {"Accept": OCI_MANIFEST}
     conn = aiohttp.TCPConnector(limit=4)
     times: dict[str, list[float]] = {"direct": [], "router": []}
-    async with aiohttp.ClientSession(connector=conn) as s:
-        for base in (direct, router):  # warm both paths
+    async with session(auth, connector=conn) as s:
+        for base in (direct, router):  # warm both paths (and log in at both)
             for _ in range(50):
                 async with s.get(base + url, headers=h) as r:
                     await r.read()
@@ -294,7 +339,7 @@ async def overhead(
     )
 
 
-def throughput(direct: str, router: str, repo: str, report: Report) -> None:
+def throughput(direct: str, router: str, repo: str, auth: TokenAuth, report: Report) -> None:
     try:
         from loadtest.loadgen import run_wrk
     except ImportError:
@@ -305,7 +350,14 @@ def throughput(direct: str, router: str, repo: str, report: Report) -> None:
     url = f"/v2/{repo}/manifests/v1"
     res = {}
     for key, base in (("direct", direct), ("router", router)):
-        r = run_wrk(base + url, 20000, 16, headers={"Accept": OCI_MANIFEST})
+        # A token fetched for this run (it lives five minutes; 20000
+        # requests take seconds, and the run is cut at two minutes).
+        token = bearer_header(base + url, auth)
+        if not token:
+            raise RuntimeError(f"{key}: no token for {base + url}: the owner's login was refused")
+        r = run_wrk(
+            base + url, 20000, 16, headers={**token, "Accept": OCI_MANIFEST}, max_seconds=120
+        )
         res[key] = {"rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors}
     report.figures["throughput_plain"] = res
     report.line(
@@ -325,7 +377,7 @@ async def failover(up: UpCluster, pulls: int, mode: str, report: Report) -> None
     img = random_image(2, 64 << 10, seed="failover")
     errors: list[str] = []
     t_fault = t_moved = t_out = t_back = None
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+    async with session(up.auth(), timeout=aiohttp.ClientTimeout(total=60)) as s:
         repo = "bench/failover"
         await OciClient(up.router, s).push_image(repo, "v1", img)
 
@@ -390,23 +442,43 @@ async def failover(up: UpCluster, pulls: int, mode: str, report: Report) -> None
 # -- main ----------------------------------------------------------------------------
 
 
+def tokens(report: Report, setup: str, auths: list[TokenAuth]) -> None:
+    """How many tokens the clients of ``setup`` fetched: the regions challenged
+    them and they logged in (authentication was on)."""
+    report.figures.setdefault("auth", {"user": OWNER})[f"tokens_fetched_{setup}"] = sum(
+        a.fetched for a in auths
+    )
+
+
 async def run(args: argparse.Namespace, workdir: Path, report: Report) -> None:
     report.line("Meridian router benchmark")
     report.line(f"  machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
 
     report.line("\n[2a] router overhead, plain loopback (etcd + 1 node + router, no emulator)")
-    plain = await asyncio.to_thread(PlainCluster, workdir / "plain")
+    # The plain setup's owner: the password the user set, else a random one.
+    password = os.environ.get(OWNER_PASSWORD_ENV) or generate()
+    plain = await asyncio.to_thread(PlainCluster, workdir / "plain", password)
     try:
         img = random_image(1, 4096, seed="overhead")
-        async with aiohttp.ClientSession() as s:
+        async with session(plain.auth()) as s:
             await OciClient(plain.node, s).push_image("bench/overhead", "v1", img)
         await asyncio.sleep(0.5)
         await overhead(
-            plain.node, plain.router, "bench/overhead", img, args.samples, "plain", report
+            plain.node,
+            plain.router,
+            "bench/overhead",
+            img,
+            args.samples,
+            "plain",
+            plain.auth(),
+            report,
         )
-        await asyncio.to_thread(throughput, plain.node, plain.router, "bench/overhead", report)
+        await asyncio.to_thread(
+            throughput, plain.node, plain.router, "bench/overhead", plain.auth(), report
+        )
     finally:
         await asyncio.to_thread(plain.stop)
+        tokens(report, "plain", plain.issued)
 
     report.line("\n[meridian up] starting the emulated cluster ...")
     up = await asyncio.to_thread(UpCluster, workdir, args.config)
@@ -425,6 +497,7 @@ async def run(args: argparse.Namespace, workdir: Path, report: Report) -> None:
             random_image(2, 64 << 10, seed="acc-all"),
             max(200, args.samples // 4),
             "emulated",
+            up.auth(),
             report,
         )
 
@@ -433,6 +506,7 @@ async def run(args: argparse.Namespace, workdir: Path, report: Report) -> None:
         await failover(up, args.pulls, "kill", report)
     finally:
         await asyncio.to_thread(up.stop)
+        tokens(report, "up", up.issued)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,12 @@ A, and what B's own log says (``replicated ... after push``). A warm-up push
 (not in the medians) opens and warms the inter-region gRPC channel first, as
 between long-running regions.
 
+Authentication is on, as users run Meridian: the nodes' owner password is
+``$MERIDIAN_OWNER_PASSWORD`` (a random one when unset; the nodes get it by
+environment), and the pushing and pulling clients log in as the owner (the
+Docker token flow, :class:`loadtest.ocipush.TokenAuth`); the JSON counts the
+tokens they fetched.
+
 Prints a table and writes JSON (schema ``meridian.bench_replication/1``).
 Figures are what this machine did in this run, not thresholds; the goals
 (lag within 1.3x of its floor, pull within floor + 20%) are reported as met
@@ -82,7 +88,7 @@ from typing import Any
 
 import aiohttp
 
-from cluster.auth.identities import OWNER_PASSWORD_ENV
+from cluster.auth.identities import OWNER, OWNER_PASSWORD_ENV
 from cluster.auth.secrets import generate
 from cluster.etcd import EtcdKV
 from cluster.runtime import free_port
@@ -161,6 +167,16 @@ class Cluster:
     link_into: dict[str, str] = field(default_factory=dict)  # region -> link name
     calib_link: str = ""
     calib_address: str = ""
+    logins: list[TokenAuth] = field(default_factory=list)  # every client's, counted
+
+    def auth(self) -> TokenAuth:
+        """The owner's login for a client (one per session: its locks belong
+        to one event loop); the nodes' owner password is in the environment."""
+        auth = TokenAuth.owner_from_env()
+        if auth is None:
+            raise BenchError(f"{OWNER_PASSWORD_ENV} is not set: start_cluster sets it")
+        self.logins.append(auth)
+        return auth
 
     def proc(self, name: str) -> Child:
         for p in self.procs:
@@ -431,7 +447,9 @@ async def push(client: OciClient, repo: str, tag: str, image: Image) -> Pushed:
     return Pushed(image, repo, tag, t0, wall_t0, t_ack, done)
 
 
-async def pull(base: str, repo: str, tag: str, image: Image, concurrency: int) -> dict[str, Any]:
+async def pull(
+    base: str, repo: str, tag: str, image: Image, concurrency: int, auth: TokenAuth
+) -> dict[str, Any]:
     """Pull ``repo:tag`` from ``base`` as a client: manifest, then blobs,
     each streamed and hashed; everything checked against what was pushed."""
     t0 = time.perf_counter()
@@ -439,9 +457,8 @@ async def pull(base: str, repo: str, tag: str, image: Image, concurrency: int) -
     t_last_404 = t0
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=120)
-    auth = TokenAuth.owner_from_env()
     async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, middlewares=(auth,) if auth else ()
+        connector=connector, timeout=timeout, middlewares=(auth,)
     ) as s:
         while True:
             async with s.get(
@@ -564,14 +581,15 @@ async def run_round(
     links0 = c.links()[link_name]
     cpu0 = c.cpu()
     mb0 = scrape(c.nodes[B])
-    auth = TokenAuth.owner_from_env()
     async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), middlewares=(auth,) if auth else ()
+        connector=aiohttp.TCPConnector(limit=0), middlewares=(c.auth(),)
     ) as s:
         pushed = await push(OciClient(c.nodes[A], s), repo, tag, image)
     pulled: dict[str, Any] | None = None
     if mode == "pull":
-        pull_task = asyncio.create_task(pull(c.nodes[B], repo, tag, image, cfg.pull_concurrency))
+        pull_task = asyncio.create_task(
+            pull(c.nodes[B], repo, tag, image, cfg.pull_concurrency, c.auth())
+        )
         pulled = await asyncio.wait_for(pull_task, cfg.timeout)
     t_done = await watch.wait_all(B, items, cfg.timeout)
     await watch.wait_all(A, items, 5)
@@ -944,6 +962,8 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                 "warmup": warm,
                 "calibration": calibration,
                 "pids": {p.name: p.pid for p in c.procs},
+                # Authentication was on: the nodes challenged, the clients logged in.
+                "auth": {"user": OWNER, "tokens_fetched": sum(a.fetched for a in c.logins)},
             }
         finally:
             if c is not None:
@@ -984,6 +1004,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         "rounds": rows,
         "warmup": measured["warmup"],
         "pids": measured["pids"],
+        "auth": measured["auth"],
     }
 
 

@@ -1,6 +1,10 @@
 """Smoke test of loadtest/bench_replication.py at toy size: real etcd, WAN
 emulator and two region nodes; checks the run completes, every process it
-started is gone, and the JSON result is well formed. Nothing about speed."""
+started is gone, and the JSON result is well formed. Nothing about speed.
+
+It runs as a user would, without ``MERIDIAN_OWNER_PASSWORD``: the benchmark
+picks the owner password itself, its nodes require logins and its clients
+log in."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.auth.identities import OWNER_PASSWORD_ENV
 from tests.procs import ROOT, require_tool
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,6 +49,7 @@ def test_toy_run_writes_well_formed_json(tmp_path: Path) -> None:
             "--out", str(out),
         ],
         cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != OWNER_PASSWORD_ENV},
         capture_output=True,
         text=True,
         timeout=100,
@@ -57,6 +63,13 @@ def test_toy_run_writes_well_formed_json(tmp_path: Path) -> None:
     st = res["settings"]
     assert st["rtt_ms"] == 20 and st["bandwidth_bytes_per_s"] == 50 << 20
     assert st["images"] == {"toy": "2x96K"} and st["rounds"] == 1
+
+    # Authentication was on: the nodes challenged and the clients logged in
+    # (a push and a pull at least), and no node ran in the open mode.
+    assert res["auth"]["user"] == "owner" and res["auth"]["tokens_fetched"] >= 2, res["auth"]
+    for region in ("eastus", "westeurope"):
+        log = (tmp_path / "work" / region / f"{region}.log").read_text()
+        assert "authentication is OFF" not in log
 
     # Every process the run started was ended.
     assert set(res["pids"]) == {"etcd", "wan", "eastus", "westeurope"}

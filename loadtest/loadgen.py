@@ -42,14 +42,21 @@ from pathlib import Path
 
 import aiohttp
 
+from cluster.auth.tokens import TOKEN_TTL
 from loadtest.common import percentile
-from loadtest.ocipush import bearer_header
+from loadtest.ocipush import EXPIRY_MARGIN, bearer_header
 
 INSTALL = {
     "wrk": "apt-get install -y wrk",
     "ab": "apt-get install -y apache2-utils",
     "curl": "apt-get install -y curl",
 }
+
+
+#: wrk, ab and curl carry one bearer token per run (fetched just before it;
+#: they cannot answer a challenge): such a run is cut this many seconds after,
+#: before Meridian's token (TOKEN_TTL, 300 s) expires under it.
+BEARER_RUN_MAX_S = TOKEN_TTL - EXPIRY_MARGIN
 
 
 class LoadgenError(RuntimeError):
@@ -158,6 +165,9 @@ def run_wrk(
 ) -> LoadResult:
     """GET ``url`` ``n`` times (rounded up to a multiple of ``threads``)."""
     wrk = require("wrk")
+    bearer = bearer_header(url)
+    if bearer:
+        max_seconds = min(max_seconds, BEARER_RUN_MAX_S)
     threads = max(1, min(threads, concurrency))
     per_thread = math.ceil(n / threads)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -173,7 +183,7 @@ def run_wrk(
             "-s",
             str(script),
         ]
-        for k, v in {**bearer_header(url), **(headers or {})}.items():
+        for k, v in {**bearer, **(headers or {})}.items():
             argv += ["-H", f"{k}: {v}"]
         argv.append(url)
         env = dict(os.environ, BENCH_LIMIT=str(per_thread))
@@ -250,13 +260,16 @@ def run_ab(
     ab = require("ab")
     if method not in ("GET", "HEAD"):
         raise ValueError(f"ab: unsupported method {method}")
+    bearer = bearer_header(url)
+    if bearer:
+        max_seconds = min(max_seconds, BEARER_RUN_MAX_S)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         pct = Path(tmp) / "percentiles.csv"
         argv = [ab, "-q", "-k", "-r", "-n", str(n), "-c", str(concurrency), "-s", "30"]
         argv += ["-e", str(pct)]
         if method == "HEAD":
             argv.append("-i")
-        for k, v in {**bearer_header(url), **(headers or {})}.items():
+        for k, v in {**bearer, **(headers or {})}.items():
             argv += ["-H", f"{k}: {v}"]
         argv.append(url)
         cpu0 = _children_cpu()
@@ -446,7 +459,10 @@ def run_curl_downloads(
     argv = [curl, "-s", "-w", "%{http_code} %{size_download} %{time_total}\\n"]
     if parallel > 1:
         argv += ["--parallel", "--parallel-immediate", "--parallel-max", str(parallel)]
-    for k, v in bearer_header(url).items():
+    bearer = bearer_header(url)
+    if bearer:
+        max_seconds = min(max_seconds, BEARER_RUN_MAX_S)
+    for k, v in bearer.items():
         argv += ["-H", f"{k}: {v}"]
     for _ in range(count):
         argv += ["-o", "/dev/null", url]

@@ -1,6 +1,7 @@
 """Smoke tests for the single-node benchmark harness (loadtest/), at toy size,
-against CNCF Distribution only. They check that the pieces work and that the
-report is well-formed JSON; they assert nothing about speed."""
+against CNCF Distribution (and the load generators against a Meridian node
+with authentication on). They check that the pieces work and that the report
+is well-formed JSON; they assert nothing about speed."""
 
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from cluster.auth.identities import OWNER_PASSWORD_ENV
+from cluster.auth.tokens import TOKEN_TTL
 from loadtest import loadgen
 from loadtest.ocipush import (
     OCI_MANIFEST,
     OciClient,
+    TokenAuth,
     make_layer,
     random_bytes,
     random_image,
@@ -144,6 +148,44 @@ def test_load_generators_against_distribution() -> None:
     assert dl["bytes"] == 3000 and len(dl["each"]) == 3
     assert curl_seq["bytes"] == 3000 and len(curl_seq["each"]) == 3
     assert curl_par["bytes"] == 4000 and curl_par["seconds"] > 0
+
+
+def test_load_generators_log_in_to_meridian(monkeypatch: pytest.MonkeyPatch) -> None:
+    """wrk, ab and curl against a node with authentication on: each run gets
+    a bearer token of its own (the owner's, from the environment) and every
+    request is answered; without credentials every one is refused. A run
+    with a token is cut before the token expires."""
+    assert loadgen.BEARER_RUN_MAX_S < TOKEN_TTL
+    with running("meridian") as server:
+
+        async def seed() -> str:
+            async with aiohttp.ClientSession(middlewares=(TokenAuth.owner_from_env(),)) as s:
+                return await OciClient(server.base_url, s).upload_blob("smoke/load", b"y" * 1000)
+
+        digest = asyncio.run(seed())
+        url = f"{server.base_url}/v2/smoke/load/blobs/{digest}"
+        results = [
+            loadgen.run_wrk(url, 50, 4, max_seconds=1000),
+            loadgen.run_ab(url, 50, 4, "HEAD", max_seconds=1000),
+            loadgen.run_ab(url, 50, 4, "GET", max_seconds=1000),
+        ]
+        curl = loadgen.run_curl_downloads(url, 1000, 3, 2, max_seconds=1000)
+        # A run with a token ends when the token's time is up (here 1 s), not
+        # at the caller's limit: it stops short of its request count.
+        monkeypatch.setattr(loadgen, "BEARER_RUN_MAX_S", 1)
+        cut = loadgen.run_wrk(url, 10**9, 2, max_seconds=1000)
+        with pytest.raises(loadgen.LoadgenError, match="did not finish 100000000 requests in 1s"):
+            loadgen.run_ab(url, 10**8, 2, "HEAD", max_seconds=1000)
+        monkeypatch.delenv(OWNER_PASSWORD_ENV)
+        refused = loadgen.run_wrk(url, 50, 4)
+        with pytest.raises(loadgen.LoadgenError, match="HTTP 401"):
+            loadgen.run_curl_downloads(url, 1000, 1, 1)
+    for r in results:
+        assert r.requests == 50 and r.errors == 0, r
+    assert curl["bytes"] == 3000 and len(curl["each"]) == 3
+    assert cut.notes and "within 1s" in cut.notes[0] and cut.requests < 10**9, cut
+    assert cut.errors == 0, cut
+    assert refused.requests == 50 and refused.errors == 50, refused
 
 
 def test_bench_node_toy_json(tmp_path: Path) -> None:

@@ -21,6 +21,14 @@ from its listening socket when it runs here, for CPU and memory figures),
 ``--start distribution|meridian|cluster`` (started by the harness on free
 ports with their own data dirs, stopped by PID at the end), ``--up DIR`` (a
 running ``meridian up``, from its ``up.json``).
+
+Authentication stays on: clients (the harness's seeding sessions, the worker
+processes, wrk/ab/curl, skopeo) log in as the cluster owner with
+``$MERIDIAN_OWNER_PASSWORD`` (:mod:`loadtest.workers`). The harness sets it
+when the user has not: for a Meridian it starts (node or cluster), a random
+password, which the new owner is created with; for ``--up DIR``, the password
+``meridian up`` keeps in the file its ``up.json`` names. One owner password
+serves the whole run.
 """
 
 from __future__ import annotations
@@ -44,10 +52,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cluster import units
+from cluster.auth.identities import OWNER, OWNER_PASSWORD_ENV
+from cluster.auth.secrets import generate
 from cluster.preflight import CliError
 from loadtest import loadgen
 from loadtest.common import host_info, machine_busy_seconds, percentile
-from loadtest.ocipush import OciClient
+from loadtest.ocipush import OciClient, TokenAuth
 from loadtest.procstats import ProcSampler, listening_pid
 from loadtest.progress import Progress
 from loadtest.reference import Server, start_target
@@ -83,6 +93,7 @@ class Target:
     server: Server | None = None
     cluster: LocalCluster | None = None
     workdir: Path | None = None
+    login: str | None = None  # the user clients log in as (None: it asked for no login)
 
     @property
     def is_cluster(self) -> bool:
@@ -100,6 +111,7 @@ class Target:
                 for k, v in self.regions.items()
             },
             "site_routers": dict(self.site_routers),
+            "login": self.login,
         }
 
     def stop(self) -> None:
@@ -128,19 +140,50 @@ def attach_url(spec: str) -> Target:
 
 
 def attach_up(data: Path) -> Target:
-    """``--up DIR``: a running ``meridian up`` (its router, nodes and PIDs)."""
+    """``--up DIR``: a running ``meridian up`` (its router, nodes and PIDs),
+    logged in to as its owner (see :func:`use_up_owner`)."""
     path = data / "up.json"
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise HarnessError(f"{path}: cannot read a running meridian up's state ({e})") from None
     router = require_loopback(state["router"])
+    use_up_owner(data, state)
     pids = {
         name: int(c["pid"])
         for name, c in state.get("children", {}).items()
         if c.get("pid") and name != "wan"
     }
     return Target("meridian", router, "up", pids, "meridian up", dict(state.get("regions", {})))
+
+
+def use_up_owner(data: Path, state: dict[str, Any]) -> None:
+    """The owner's password of the ``meridian up`` in ``data`` (the file its
+    ``up.json`` names) into this process's environment, for the harness's
+    sessions and the worker processes; nothing for one without authentication.
+    A different ``$MERIDIAN_OWNER_PASSWORD`` already set is refused: the run
+    logs in to every target as one owner."""
+    owner = state.get("owner")
+    if not owner:
+        return
+    file = Path(owner["password_file"])
+    try:
+        password = file.read_text().strip()
+    except OSError as e:
+        raise HarnessError(
+            f"{file}: cannot read the owner's password of the meridian up in {data} "
+            f"({e.strerror or e})"
+        ) from None
+    if not password:
+        raise HarnessError(f"{file}: no owner password in it (meridian up in {data})")
+    current = os.environ.get(OWNER_PASSWORD_ENV)
+    if current and current != password:
+        raise HarnessError(
+            f"{OWNER_PASSWORD_ENV} is set and is not the owner password of the meridian up "
+            f"in {data} (kept in {file}); a run logs in to every target as one owner: "
+            f"unset {OWNER_PASSWORD_ENV} to use that one"
+        )
+    os.environ[OWNER_PASSWORD_ENV] = password
 
 
 def start_cluster(
@@ -151,7 +194,11 @@ def start_cluster(
     emulate: bool = True,
     site_rtt_ms: float = 2.0,
 ) -> Target:
-    """A Meridian cluster (etcd, nodes, WAN emulator, router[s]) of our own."""
+    """A Meridian cluster (etcd, nodes, WAN emulator, router[s]) of our own,
+    authentication on. Its owner's password is ``$MERIDIAN_OWNER_PASSWORD``,
+    a random one put there when unset: the cluster (on its new data dir)
+    creates its owner with it, and the worker processes inherit it."""
+    os.environ.setdefault(OWNER_PASSWORD_ENV, generate())
     wd = Path(tempfile.mkdtemp(prefix="cluster-", dir=workdir))
     cl = LocalCluster(wd, topology, sites=sites, emulate=emulate, site_rtt_ms=site_rtt_ms)
     try:
@@ -164,6 +211,10 @@ def start_cluster(
         cl.stop()
         shutil.rmtree(wd, ignore_errors=True)
         raise
+    if cl.owner_password != os.environ[OWNER_PASSWORD_ENV]:  # a new data dir takes it
+        cl.stop()
+        shutil.rmtree(wd, ignore_errors=True)
+        raise HarnessError(f"the cluster's owner did not get {OWNER_PASSWORD_ENV}")
     regions = len(topology.regions)
     how = "emulated WAN" if emulate else "no emulation"
     return Target(
@@ -557,9 +608,27 @@ def fmt_value(v: Any) -> str:
 async def seed_all(run: Run) -> None:
     for t in run.targets:
         async with session(limit=8) as s:
-            async with s.get(t.url + "/v2/") as r:
-                if r.status not in (200, 401):
-                    raise HarnessError(f"{t.name}: GET {t.url}/v2/ answered HTTP {r.status}")
+            # Does it ask for a login (as an anonymous client)? Then as the owner.
+            async with s.get(t.url + "/v2/", middlewares=()) as r:
+                await r.read()
+                status = r.status
+            if status == 401:
+                if TokenAuth.owner_from_env() is None:
+                    raise HarnessError(
+                        f"{t.name}: {t.url} asks for a login: set {OWNER_PASSWORD_ENV} to "
+                        "its owner's password"
+                    )
+                async with s.get(t.url + "/v2/") as r:
+                    await r.read()
+                    status = r.status
+                if status == 401:
+                    raise HarnessError(
+                        f"{t.name}: {t.url} refused the owner's login: {OWNER_PASSWORD_ENV} "
+                        "is not its owner's password"
+                    )
+                t.login = OWNER
+            if status != 200:
+                raise HarnessError(f"{t.name}: GET {t.url}/v2/ answered HTTP {status}")
         run.log(f"seeding {t.name} ({t.url}) ...")
         run.seeds[t.name] = await run.scenario.seed(run, t)
 

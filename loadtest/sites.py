@@ -15,6 +15,10 @@ what a load test adds through its public options:
 - **no emulation** (``emulate=False``): nodes advertise their own addresses,
   so clients and the router reach them directly (for measuring the servers,
   not the emulator's Python proxy); replication still crosses it.
+
+Authentication is on, as in ``meridian up``: the owner's password is
+``$MERIDIAN_OWNER_PASSWORD`` (the harness sets it before starting one, so its
+clients and workers log in with it), :attr:`LocalCluster.owner_password`.
 """
 
 from __future__ import annotations
@@ -83,6 +87,11 @@ class LocalCluster:
     @property
     def router(self) -> str:
         return self.cluster.router
+
+    @property
+    def owner_password(self) -> str | None:
+        """The password the cluster's owner was created with (once started)."""
+        return self.cluster.owner_password
 
     def regions(self) -> dict[str, dict[str, Any]]:
         return self.cluster.regions

@@ -5,6 +5,11 @@ starts real servers (CNCF Distribution, Meridian nodes, etcd, the router,
 the WAN emulator) and real clients (aiohttp workers, skopeo), then checks
 that the result file is strict, well-formed JSON and that the HTML report
 has its sections and SVG plots. Nothing here asserts a timing.
+
+The command runs as a user runs it, without ``MERIDIAN_OWNER_PASSWORD``: the
+harness picks the owner password of the Meridian it starts, or reads the one
+of the ``meridian up`` it attaches to, and its clients log in (every Meridian
+target reports the login; Distribution asks for none).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from cluster.auth.identities import OWNER_PASSWORD_ENV
+from cluster.runtime import free_port
 from loadtest import harness, samples, svg
 from loadtest.procstats import flatness, listening_pid
 from loadtest.progress import Progress
@@ -48,11 +56,17 @@ def strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=bad)
 
 
-def run_cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``python -m ARGV`` from the repository root, output captured."""
+def run_cli(
+    *argv: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m ARGV`` from the repository root, output captured, in this
+    environment without the tests' owner password (as a user runs it), plus
+    ``env``."""
+    base = {k: v for k, v in os.environ.items() if k != OWNER_PASSWORD_ENV}
     return subprocess.run(
         [sys.executable, "-m", *argv],
         cwd=REPO_ROOT,
+        env={**base, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -83,6 +97,8 @@ def check_document(doc: dict[str, Any], scenario: str, targets: list[str]) -> di
     for t in sc["targets"]:
         assert t["url"].startswith("http://127.0.0.1:")
         assert t["pids"], t  # the servers' processes were found and measured
+        # Meridian asked for a login and got the owner's; Distribution asks for none.
+        assert t["login"] == (None if t["kind"] in ("distribution", "registry") else "owner"), t
     assert sc["steps"]
     assert set(sc["params"]) == {p.attr for p in SCENARIOS[scenario].params}
     for step in sc["steps"]:
@@ -287,6 +303,7 @@ def test_compare_toy(tmp_path: Path) -> None:
     assert names == ["manifest-storm", "head-storm", "pull", "push", "rollout"]
     for sc in doc["scenarios"]:
         assert [t["name"] for t in sc["targets"]] == ["distribution", "meridian"]
+        assert [t["login"] for t in sc["targets"]] == [None, "owner"]
     rollout = doc["scenarios"][-1]
     assert rollout["targets"][1]["kind"] == "cluster"
     rows = doc["summary"]["rows"]
@@ -307,6 +324,43 @@ def test_target_url_is_measured_with_its_pid(tmp_path: Path) -> None:
         sc = check_document(doc, "head-storm", ["dist"])
         assert sc["targets"][0]["pids"] == {"dist": server.pid}
         assert listening_pid(server.port) == server.pid
+
+
+def test_up_target_logs_in_with_its_password_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--up DIR`` without MERIDIAN_OWNER_PASSWORD: the harness logs in with
+    the password meridian up keeps in the file its up.json names (here one it
+    generated: known to nobody else). Another password in the environment is
+    refused before any load, and the message holds neither."""
+    from localcluster import topology as topo
+    from localcluster.up import Cluster, ClusterOptions
+
+    data = tmp_path / "up"
+    monkeypatch.delenv(OWNER_PASSWORD_ENV)  # meridian up generates one
+    up = Cluster(ClusterOptions(data=data, topology=topo.default(1), port=free_port()))
+    try:
+        up.start()
+        state = json.loads((data / "up.json").read_text())
+        password = Path(state["owner"]["password_file"]).read_text().strip()
+        assert password and password == up.owner_password
+
+        doc, _, _ = loadtest(tmp_path / "run", "head-storm", "--toy", "--up", str(data))
+        sc = check_document(doc, "head-storm", ["meridian"])
+        assert sc["targets"][0]["kind"] == "up" and sc["targets"][0]["url"] == up.router
+
+        refused = tmp_path / "refused"
+        proc = run_cli(
+            "loadtest", "head-storm", "--toy", "--up", str(data), "--out", str(refused),
+            env={OWNER_PASSWORD_ENV: "not-the-owners"},
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "is not the owner password of the meridian up" in proc.stderr
+        assert password not in proc.stdout + proc.stderr
+        assert "not-the-owners" not in proc.stdout + proc.stderr
+        assert not refused.exists() or not any(refused.iterdir())
+    finally:
+        up.stop()
 
 
 # -- refusals and help -------------------------------------------------------------------

@@ -36,12 +36,10 @@ from cryptography.hazmat.primitives import serialization
 
 from cluster.auth import tokens
 from cluster.auth.admin import Admin
-from cluster.etcd import EtcdKV
-from cluster.namespace import Namespace
 from loadtest.ocipush import Challenge, TokenAuth
 from node.auth import FAILURES_ALLOWED
 from tests import oci
-from tests.etcd_server import EtcdServer
+from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.oci import Client, Resp, assert_error, blob_path, digest, manifest_path
 from tests.procs import OWNER_PASSWORD, NodeProcess
 
@@ -49,18 +47,10 @@ DOMAIN = "auth.test"
 ALL = ("pull", "push", "delete")
 
 pytestmark = pytest.mark.timeout(180)
+etcd = etcd_fixture(scope="module")
 
 
 # -- the node, registries, clients ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    server = EtcdServer(str(tmp_path_factory.mktemp("etcd"))).start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +61,6 @@ def reg_node(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer) -> Iter
         yield n
     finally:
         n.stop()
-
-
-@pytest.fixture
-async def admin(etcd: EtcdServer) -> AsyncIterator[Admin]:
-    """The identity operations, over a namespace on the node's etcd."""
-    ns = Namespace(EtcdKV(etcd.endpoints), "tests")
-    await ns.start()
-    try:
-        yield Admin(ns)
-    finally:
-        await ns.close()
 
 
 @dataclass

@@ -21,34 +21,24 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from cluster.auth.admin import Admin
-from cluster.etcd import EtcdKV
-from cluster.namespace import Namespace
 from tests import images as im
 from tests.containerd import Containerd
-from tests.etcd_server import EtcdServer
+from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.procs import OWNER_CREDS, OWNER_PASSWORD, NodeProcess, redact, require_tool, with_creds
 
 pytestmark = pytest.mark.timeout(300)
+etcd = etcd_fixture(scope="module")
 
 REGISTRY = "default"  # what a Host without --domain selects
 
 
 # -- the node, identities, clients -----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    server = EtcdServer(str(tmp_path_factory.mktemp("etcd"))).start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +49,6 @@ def reg_node(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer) -> Iter
         yield n
     finally:
         n.stop()
-
-
-@pytest.fixture
-async def admin(etcd: EtcdServer) -> AsyncIterator[Admin]:
-    ns = Namespace(EtcdKV(etcd.endpoints), "tests")
-    await ns.start()
-    try:
-        yield Admin(ns)
-    finally:
-        await ns.close()
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="the CNCF Distribution binary --start distribution runs (env "
         "MERIDIAN_DISTRIBUTION_BINARY; default: .bench/distribution-v3/registry when built "
-        "with shared/tools/build-distribution-v3.sh, else Debian's docker-registry 2.8.2)",
+        "from the distribution/distribution sources, else Debian's docker-registry 2.8.2)",
     )
     g.add_argument("--up", metavar="DIR", help="drive a running `meridian up` (its data dir)")
     g.add_argument(

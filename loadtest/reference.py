@@ -7,7 +7,7 @@ stopped by PID).
   enabled, no auth, log level warn, access log off. Which binary
   (:func:`distribution_binary`): ``$MERIDIAN_DISTRIBUTION_BINARY``
   (``--distribution-binary``), else v3 built by
-  ``shared/tools/build-distribution-v3.sh`` into ``.bench/distribution-v3/``,
+  from the distribution/distribution sources into ``.bench/distribution-v3/``,
   else Debian's 2.8.2 (``docker-registry``), which rebuilds its URL router on
   every request and so is ~4x slower than v3 on small requests. The result
   records the version that ran.

@@ -13,7 +13,7 @@ import aiohttp
 
 from cluster import discovery, etcd_options
 from cluster.etcd_options import EtcdOptions
-from cluster.namespace import ALIVE, REGIONS, RegionInfo
+from cluster.namespace import ALIVE, NODES, REGIONS, NodeInfo, RegionInfo
 from cluster.preflight import CliError, Parser, answer
 
 
@@ -25,30 +25,41 @@ def namespace_args(p: argparse.ArgumentParser) -> None:
 
 async def _region_records(
     ns: discovery.Where, options: EtcdOptions | None = None
-) -> tuple[list[RegionInfo], set[str]]:
+) -> tuple[list[RegionInfo], set[str], dict[str, list[NodeInfo]]]:
+    """The region records, the alive regions and each region's live nodes."""
+    fields = ("name", "http", "grpc", "started")
     if not ns.etcd:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
             async with s.get(ns.node.rstrip("/") + "/meridian/v1/regions") as resp:
                 resp.raise_for_status()
                 doc = await resp.json()
-        infos = [
-            RegionInfo(**{k: r[k] for k in ("name", "http", "grpc", "started")})
-            for r in doc["regions"]
-        ]
-        return infos, {r["name"] for r in doc["regions"] if r["alive"]}
+        infos = [RegionInfo(**{k: r[k] for k in fields}) for r in doc["regions"]]
+        nodes = {r["name"]: [NodeInfo(**n) for n in r.get("nodes", ())] for r in doc["regions"]}
+        return infos, {r["name"] for r in doc["regions"] if r["alive"]}, nodes
     from cluster.etcd import EtcdKV
 
     kv = EtcdKV.from_flag(ns.etcd, options=options)
     await kv.start()
     try:
-        infos, _ = await kv.range(REGIONS)
+        entries, _ = await kv.range(REGIONS)
         alive, _ = await kv.range(ALIVE)
     finally:
         await kv.close()
-    return (
-        [RegionInfo(**json.loads(e.value)) for e in infos],
-        {e.key[len(ALIVE) :] for e in alive},
-    )
+    records: dict[str, RegionInfo] = {}
+    nodes: dict[str, list[NodeInfo]] = {}
+    for e in entries:
+        if NODES in e.key[len(REGIONS) :]:
+            n = NodeInfo(**json.loads(e.value))
+            nodes.setdefault(n.region, []).append(n)
+        else:
+            info = RegionInfo(**json.loads(e.value))
+            records[info.name] = info
+    for name, ns_nodes in nodes.items():
+        rec = records.get(name)
+        if rec is None or all(n.http != rec.http for n in ns_nodes):
+            records[name] = min(ns_nodes, key=lambda n: n.node).region_info()
+    live = {e.key[len(ALIVE) :] for e in alive} | {r for r, n in nodes.items() if n}
+    return list(records.values()), live, nodes
 
 
 async def _probe(session: aiohttp.ClientSession, url: str) -> float | None:
@@ -64,20 +75,36 @@ async def _probe(session: aiohttp.ClientSession, url: str) -> float | None:
 
 
 async def list_regions(ns: discovery.Where, options: EtcdOptions | None = None) -> list[dict]:
-    infos, alive_names = await _region_records(ns, options)
+    """One row per region; ``nodes``: its live nodes (a node's key is
+    leased, so a listed node is alive), each probed like the region."""
+    infos, alive_names, nodes = await _region_records(ns, options)
     rows = []
     timeout = aiohttp.ClientTimeout(total=2)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        for info in infos:
+        for info in sorted(infos, key=lambda i: i.name):
             rtt = await _probe(session, info.http) if info.http else None
+            node_rows = []
+            for n in sorted(nodes.get(info.name, ()), key=lambda n: n.node):
+                n_rtt = await _probe(session, n.http) if n.http else None
+                node_rows.append(
+                    {
+                        "node": n.node,
+                        "http": n.http,
+                        "grpc": n.grpc,
+                        "alive": True,
+                        "reachable": n_rtt is not None,
+                        "rtt_ms": None if n_rtt is None else round(n_rtt, 2),
+                    }
+                )
             rows.append(
                 {
                     "region": info.name,
                     "http": info.http,
                     "grpc": info.grpc,
                     "alive": info.name in alive_names,
-                    "reachable": rtt is not None,
+                    "reachable": rtt is not None or any(n["reachable"] for n in node_rows),
                     "rtt_ms": None if rtt is None else round(rtt, 2),
+                    "nodes": node_rows,
                 }
             )
     return rows
@@ -105,6 +132,11 @@ def _print_regions(etcd: str, node: str, as_json: bool, options: EtcdOptions | N
         rtt = f"{r['rtt_ms']:.1f}ms" if r["rtt_ms"] is not None else "-"
         alive = "yes" if r["alive"] else "no"
         print(f"{r['region']:<16} {alive:<6} {rtt:>9}  {r['http']:<28} {r['grpc'] or '-'}")
+        for n in r["nodes"]:
+            n_rtt = f"{n['rtt_ms']:.1f}ms" if n["rtt_ms"] is not None else "-"
+            n_alive = "yes" if n["alive"] else "no"
+            name = f"  node {n['node']}"
+            print(f"{name:<16} {n_alive:<6} {n_rtt:>9}  {n['http']:<28} {n['grpc'] or '-'}")
     return 0
 
 

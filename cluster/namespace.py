@@ -11,9 +11,19 @@ with a nested repository name):
                                                         token signing keys (JSON,
                                                         cluster.auth)
     /meridian/reg/<registry>/auth/...                   the registry's identities
-    /meridian/regions/<region>                          region info (JSON)
-    /meridian/alive/<region>                            liveness (leased: gone
-                                                        when the region stops)
+    /meridian/regions/<region>                          region info (JSON; the
+                                                        endpoints of the node
+                                                        that registered last)
+    /meridian/regions/<region>/nodes/<node-id>          one node of the region:
+                                                        its endpoints (JSON
+                                                        NodeInfo), leased by
+                                                        that node (gone when it
+                                                        stops)
+    /meridian/alive/<region>                            liveness (leased by the
+                                                        node that registered
+                                                        last); a region is alive
+                                                        while this key or any of
+                                                        its node keys exists
     /meridian/reg/<registry>/config                     registry settings (JSON)
     /meridian/reg/<registry>/repo/<repo>/_t/<tag>       tag -> manifest digest
     /meridian/reg/<registry>/repo/<repo>/_m/<digest>    manifest record (JSON)
@@ -58,6 +68,7 @@ REGIONS = ROOT + "regions/"
 ALIVE = ROOT + "alive/"
 REG = ROOT + "reg/"
 AUTH = ROOT + "auth/"
+NODES = "/nodes/"  # /meridian/regions/<region>/nodes/<node-id>
 
 
 # etcd refuses a txn of more than 128 compares or ops (its default limit);
@@ -123,6 +134,23 @@ class RegionInfo:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One node of a region (``/meridian/regions/<region>/nodes/<node>``)."""
+
+    region: str
+    node: str
+    http: str
+    grpc: str = ""
+    started: float = 0.0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    def region_info(self) -> RegionInfo:
+        return RegionInfo(self.region, self.http, self.grpc, self.started)
+
+
 def tag_key(reg: str, repo: str, tag: str) -> str:
     return f"{REG}{reg}/repo/{repo}/_t/{tag}"
 
@@ -149,6 +177,10 @@ def config_key(reg: str) -> str:
 
 def region_key(region: str) -> str:
     return REGIONS + region
+
+
+def node_key(region: str, node: str) -> str:
+    return f"{REGIONS}{region}{NODES}{node}"
 
 
 def alive_key(region: str) -> str:
@@ -197,6 +229,7 @@ class Cache:
     def __init__(self) -> None:
         self.registries: dict[str, RegistryState] = {}
         self.regions: dict[str, RegionInfo] = {}
+        self.nodes: dict[str, dict[str, NodeInfo]] = {}  # region -> node id -> node
         self.alive: set[str] = set()
         # identities and keys (cluster.auth), by full key: few, read by key
         self.records: dict[str, bytes] = {}
@@ -257,6 +290,16 @@ class Cache:
             return
         if key.startswith(REGIONS):
             name = key[len(REGIONS) :]
+            if NODES in name:
+                region, _, node = name.partition(NODES)
+                nodes = self.nodes.setdefault(region, {})
+                if value is None:
+                    nodes.pop(node, None)
+                    if not nodes:
+                        del self.nodes[region]
+                else:
+                    nodes[node] = NodeInfo(**json.loads(value))
+                return
             if value is None:
                 self.regions.pop(name, None)
             else:
@@ -541,10 +584,26 @@ class Namespace:
         return dict(st.placements.get(digest, {})) if st else {}
 
     def regions(self) -> dict[str, RegionInfo]:
-        return dict(self.cache.regions)
+        """Each region's endpoints: its record's, unless the region has live
+        nodes and that record names none of them (the node that wrote it
+        stopped) -- then its first live node's. So whoever dials a region
+        (replication, the router) reaches a node that is running."""
+        out = dict(self.cache.regions)
+        for name, nodes in self.cache.nodes.items():
+            rec = out.get(name)
+            if nodes and (rec is None or all(n.http != rec.http for n in nodes.values())):
+                out[name] = nodes[min(nodes)].region_info()
+        return out
+
+    def nodes(self, region: str | None = None) -> dict[str, dict[str, NodeInfo]]:
+        """Live nodes by region (their keys are leased), or one region's."""
+        if region is not None:
+            return {region: dict(self.cache.nodes.get(region, {}))}
+        return {r: dict(n) for r, n in self.cache.nodes.items()}
 
     def alive_regions(self) -> set[str]:
-        return set(self.cache.alive)
+        """Regions whose liveness key or any node key exists."""
+        return set(self.cache.alive) | {r for r, n in self.cache.nodes.items() if n}
 
     # -- writes (transactions) ---------------------------------------------
 
@@ -811,15 +870,25 @@ class Namespace:
             config["replicas"] = sorted(set(regions))
         await self.set_registry_config(reg, config)
 
-    async def register_region(self, info: RegionInfo, lease: int) -> None:
-        """Publish this region's endpoints and mark it alive under ``lease``."""
-        await self._commit(
-            [],
-            [
-                Put(region_key(info.name), info.to_json()),
-                Put(alive_key(info.name), b"1", lease=lease),
-            ],
-        )
+    async def register_region(self, info: RegionInfo, lease: int, node: str | None = None) -> None:
+        """Publish this region's endpoints and mark it alive under ``lease``;
+        with ``node``, also this node's own key under the same lease."""
+        ops: list[Op] = [
+            Put(region_key(info.name), info.to_json()),
+            Put(alive_key(info.name), b"1", lease=lease),
+        ]
+        if node is not None:
+            rec = NodeInfo(info.name, node, info.http, info.grpc, info.started)
+            ops.append(Put(node_key(info.name, node), rec.to_json(), lease=lease))
+        await self._commit([], ops)
+
+    async def node_in_store(self, region: str, node: str) -> bool:
+        """Whether this node's key is in the store right now (not the cache)."""
+        try:
+            entry = await asyncio.wait_for(self.kv.get(node_key(region, node)), STORE_CHECK_TIMEOUT)
+        except TimeoutError:
+            raise KVUnavailable("the namespace store did not answer") from None
+        return entry is not None
 
     async def refresh(self, key_prefix: str) -> list[Entry]:
         """A fresh read straight from the store (bypassing the cache)."""

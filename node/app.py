@@ -18,7 +18,7 @@ from cluster import runtime
 from cluster.auth.identities import OWNER_PASSWORD_ENV, ensure_owner
 from cluster.httpserver import start_server
 from cluster.kv import KVRefused, KVStore, KVUnavailable
-from cluster.membership import keep_registered
+from cluster.membership import default_node_id, keep_registered
 from cluster.namespace import Namespace, RegionInfo
 from cluster.pki import server_context
 from cluster.preflight import USAGE, CliError
@@ -132,8 +132,13 @@ async def healthz(request: web.Request) -> web.Response:
 async def regions(request: web.Request) -> web.Response:
     ns = request.app[REGISTRY_KEY].ns
     alive = ns.alive_regions()
+    nodes = ns.nodes()
     out = [
-        {**dataclasses.asdict(info), "alive": name in alive}
+        {
+            **dataclasses.asdict(info),
+            "alive": name in alive,
+            "nodes": [dataclasses.asdict(n) for _, n in sorted(nodes.get(name, {}).items())],
+        }
         for name, info in sorted(ns.regions().items())
     ]
     return web.json_response({"regions": out})
@@ -336,7 +341,8 @@ async def serve(cfg: NodeConfig) -> None:
     info = RegionInfo(
         name=cfg.region, http=cfg.base_url, grpc=cfg.grpc_advertise or cfg.grpc_listen
     )
-    membership = asyncio.create_task(keep_registered(ns, info), name="membership")
+    node = cfg.node_id or default_node_id(cfg.port)
+    membership = asyncio.create_task(keep_registered(ns, info, node=node), name="membership")
     await wait_for_stop_signal()
     await runner.cleanup()
     if replication is not None:

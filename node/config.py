@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from cluster import settings
 from cluster.etcd_options import EtcdOptions
 from cluster.httpserver import ServerLimits
+from cluster.membership import valid_node_id
 from cluster.runtime import split_hostport
 from cluster.settings import Secret, setting
 from cluster.units import parse_size
@@ -27,6 +28,9 @@ class NodeConfig(ServerLimits, EtcdOptions):
     listen: str = setting("127.0.0.1:5000", "HTTP host:port to serve the OCI API on")
     data: str = setting("./data", "data directory (blobs, uploads, embedded namespace)")
     region: str = setting("local", "the region this node serves")
+    node_id: str = setting(
+        "", "this node's id within its region (many nodes per region)", show="<hostname>-<port>"
+    )
     etcd: str = setting(
         "", "etcd endpoints, comma-separated; none: an embedded namespace in the data dir"
     )
@@ -146,6 +150,8 @@ class NodeConfig(ServerLimits, EtcdOptions):
         for flag, path in zip(flags, grpc_tls, strict=True):
             if path and not os.access(path, os.R_OK):
                 return f"{flag}: cannot read {path}"
+        if self.node_id and not valid_node_id(self.node_id):
+            return f"--node-id: {self.node_id!r} is not 1-63 of A-Z a-z 0-9 . _ - (a letter first)"
         problem = self.etcd_problem(self.etcd)
         if problem is not None:
             return problem

@@ -402,6 +402,14 @@ class Gate:
                 raise self.challenge(request, reg, None)
             username, password = creds
             offline = params.get("offline_token") == "true"
+        return await self.login(request, reg, username, password), offline
+
+    async def login(
+        self, request: web.Request, reg: str, username: str, password: str, need: Any = None
+    ) -> Principal:
+        """The principal of these credentials, counting failures per user
+        name and per source address (429 past the limit). ``need`` is the
+        scope a failure's challenge names."""
         keys = [f"user:{reg}:{username}", f"addr:{self.source(request)}"]
         wait = self.limiter.retry_after(keys)
         if wait:
@@ -413,12 +421,12 @@ class Gate:
         principal = await self.identities.authenticate(reg, username, password)
         if principal is None:
             self.limiter.failed(keys)
-            raise self._login_failed(request, reg)
-        return principal, offline
+            raise self._login_failed(request, reg, need)
+        return principal
 
-    def _login_failed(self, request: web.Request, reg: str) -> RegistryError:
+    def _login_failed(self, request: web.Request, reg: str, need: Any = None) -> RegistryError:
         # One answer for every failure: unknown user, wrong password, disabled.
-        return self.challenge(request, reg, None, "invalid credentials")
+        return self.challenge(request, reg, need, "invalid credentials")
 
 
 def basic_credentials(header: str) -> tuple[str, str] | None:

@@ -199,21 +199,8 @@ class ManageAPI:
         raise self._challenge(request, realm)
 
     async def _login(self, request: web.Request, reg: str, user: str, password: str) -> Principal:
-        gate = self.gate
-        assert gate is not None
-        keys = [f"user:{reg}:{user}", f"addr:{gate.source(request)}"]
-        wait = gate.limiter.retry_after(keys)
-        if wait:
-            raise RegistryError(
-                Code.TOOMANYREQUESTS,
-                "too many failed logins; retry later",
-                headers={"Retry-After": str(wait)},
-            )
-        principal = await gate.identities.authenticate(reg, user, password)
-        if principal is None:
-            gate.limiter.failed(keys)
-            raise self._challenge(request, reg, "invalid credentials")
-        return principal
+        assert self.gate is not None
+        return await self.gate.login(request, reg, user, password, MANAGE_NEED)
 
     async def _bearer(self, request: web.Request, reg: str | None, token: str) -> Caller:
         gate = self.gate

@@ -255,6 +255,8 @@ def show_owner_password(password: str, data: str) -> None:
 
 async def serve(cfg: NodeConfig) -> None:
     os.makedirs(cfg.data, exist_ok=True)
+    # Names this node's staged files in a data dir the region's nodes may share.
+    node = cfg.node_id or default_node_id(cfg.port)
     # Space held back for the embedded namespace on a full disk; released
     # first, so the namespace opens even on a disk that filled up.
     reserve = SpaceReserve(os.path.join(cfg.data, "reserve"), cfg.storage_reserve)
@@ -286,7 +288,7 @@ async def serve(cfg: NodeConfig) -> None:
             cfg.azure_connection_string, cfg.azure_container_name, redirect=cfg.storage_redirect
         )
     else:
-        local = FilesystemBlobStore(cfg.data, reserve=reserve)
+        local = FilesystemBlobStore(cfg.data, reserve=reserve, node_id=node)
     store: BlobStore = local
     replication = None
     if cfg.etcd or cfg.grpc_listen:
@@ -309,6 +311,7 @@ async def serve(cfg: NodeConfig) -> None:
             reclaim_interval=cfg.reclaim_interval,
             reclaim_grace=cfg.reclaim_grace,
             tls=grpc_tls,
+            node_id=node,
         )
         store = replication.store
     # A standalone node reclaims too: nothing to fetch, same collector.
@@ -341,7 +344,6 @@ async def serve(cfg: NodeConfig) -> None:
     info = RegionInfo(
         name=cfg.region, http=cfg.base_url, grpc=cfg.grpc_advertise or cfg.grpc_listen
     )
-    node = cfg.node_id or default_node_id(cfg.port)
     membership = asyncio.create_task(keep_registered(ns, info, node=node), name="membership")
     await wait_for_stop_signal()
     await runner.cleanup()

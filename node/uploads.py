@@ -14,6 +14,15 @@ Sessions open at once are capped per repository and per node (over a cap:
 429 TOOMANYREQUESTS); abandoned ones are purged after ``upload_ttl``, and
 sessions that never received a byte much sooner (``upload_empty_ttl``).
 
+Nodes of one region may share the data dir (and so the sessions): a
+session started on one node can be continued on another. Nothing about a
+session lives only in memory: a node that holds one in memory checks it
+against the disk on each request (still there? committed? the staged size
+it knows?) and reloads it when another node moved it on. The caps count
+the sessions each node knows of (those on disk when it started, those it
+made or served); a session another node removed stops counting at the next
+purge.
+
 A full disk is ``StorageFull`` (507); a PATCH that meets it is rolled back
 to the offset it started from, so the session stays resumable.
 """
@@ -147,10 +156,31 @@ class UploadManager:
 
     async def get(self, upload_id: str, registry: str, repo: str) -> Upload:
         up = self._live.get(upload_id)
+        if up is not None and not up.lock.locked():
+            up = await self._refresh(up)
         if up is None:
             up = await self._load(upload_id)
         if up is None or up.registry != registry or up.repo != repo:
             raise upload_unknown(upload_id)
+        return up
+
+    async def _refresh(self, up: Upload) -> Upload | None:
+        """``up`` as the disk has it now (another node sharing the data dir
+        may have appended to, committed or cancelled it); None if gone.
+        Cheap when nothing changed: the running hash is kept."""
+        if not await asyncio.to_thread(os.path.exists, os.path.join(up.dir, "info.json")):
+            self._live.pop(up.id, None)
+            self._uncount(up.id)
+            up.cancelled = True
+            return None
+        committed = await asyncio.to_thread(_read_committed, up.dir)
+        if committed is not None:
+            up.committed = committed
+            return up
+        if up.committed is None:
+            fresh = await self.store.writer(data_name(up.id), resume=True)
+            if fresh.size != up.writer.size:
+                up.writer = fresh  # its hash is rebuilt from the bytes, once
         return up
 
     async def _load(self, upload_id: str) -> Upload | None:
@@ -271,7 +301,11 @@ class UploadManager:
         staged = {i.name: i async for i in self.store.list_staged("uploads/")}
         now = time.time()
         n = 0
-        for name in await asyncio.to_thread(os.listdir, self.root):
+        names = await asyncio.to_thread(os.listdir, self.root)
+        for gone in set(self._open) - set(names):  # removed by a node sharing the dir
+            self._uncount(gone)
+            self._live.pop(gone, None)
+        for name in names:
             d = os.path.join(self.root, name)
             data = staged.get(data_name(name)) if _valid_id(name) else None
             if data is not None:

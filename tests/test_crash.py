@@ -309,7 +309,8 @@ async def pusher(c: Client, repo: str, worker: int, ledger: Ledger, seed: str) -
 def check_store(data: Path, seen: set[Path]) -> None:
     """No temporary leftovers; every file in the blob store is a whole blob
     (it hashes to its name) at its canonical path."""
-    leftovers = sorted(p.name for p in (data / "tmp").iterdir())
+    tmp = data / "tmp"  # the nodes' own subdirectories (tmp/<node-id>/) may stay
+    leftovers = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.is_dir())
     assert leftovers == [], f"blob store tmp/ holds leftovers after restart: {leftovers}"
     for p in (data / "blobs").rglob("*"):
         if p.is_dir() or p in seen:

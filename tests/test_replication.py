@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from cluster.etcd import EtcdKV
+from cluster.membership import default_node_id
 from cluster.status import PATH as STATUS_PATH
 from cluster.status import NodeStatus
 from tests.etcd_server import EtcdServer, etcd_fixture
@@ -68,8 +69,10 @@ class RegionNode(NodeProcess):
         return self.data / "blobs" / alg / hexa[:2] / hexa
 
     def part_path(self, digest: str) -> Path:
+        """Where this node stages a transfer (its default node id: a shared
+        data dir keeps each node's parts apart)."""
         alg, hexa = digest.split(":", 1)
-        return self.data / "replicating" / f"{alg}-{hexa}.part"
+        return self.data / "replicating" / default_node_id(self.port) / f"{alg}-{hexa}.part"
 
     def has(self, digest: str) -> bool:
         return self.blob_path(digest).exists()

@@ -29,12 +29,13 @@ class Replication:
         reclaim_interval: float = 0.0,
         reclaim_grace: float = 3600.0,
         tls: GrpcTLS | None = None,
+        node_id: str = "",
     ) -> None:
         self.ns = ns
         self.local = local
         self.server = GrpcServer(grpc_listen, ns, local, tls=tls) if grpc_listen else None
         self.peers = Peers(ns, ns.region, tls=tls)
-        self.fetcher = Fetcher(ns, local, self.peers, bandwidth=bandwidth)
+        self.fetcher = Fetcher(ns, local, self.peers, bandwidth=bandwidth, node_id=node_id)
         # What the node's API reads: local bytes, else fetched from a holder.
         self.store: BlobStore = ReadThroughStore(local, self.fetcher)
         self.replicator = (

@@ -8,9 +8,13 @@ not here yet).
 One transfer per digest at a time (single flight): every caller that wants
 the same digest joins the transfer already running. A transfer:
 
-1. stages the bytes in the local store under ``replicating/<alg>-<hex>.part``
-   -- a resumable writer that survives restarts: after a crash, the next
-   transfer continues from the staged size (the prefix is re-hashed once);
+1. stages the bytes in the local store under
+   ``replicating/<node>/<alg>-<hex>.part`` -- a resumable writer that
+   survives restarts: after a crash, the next transfer continues from the
+   staged size (the prefix is re-hashed once). Named by the node (its
+   ``--node-id``), so nodes of a region sharing one data dir never write
+   the same part; whichever commits first puts the blob in place, and the
+   other's commit replaces it with the same bytes;
 2. picks the nearest region that holds the bytes (``Peers.ranked``: measured
    RTT, health), streams ``FetchBlob`` from the current offset, checks each
    chunk's offset and CRC-32 before writing it (a corrupted chunk is never
@@ -93,17 +97,20 @@ class ChunkCorrupt(FetchError):
     """A chunk failed its CRC or arrived at the wrong offset."""
 
 
-def part_name(digest: str) -> str:
-    """The staging name of ``digest``'s transfer in the local store."""
+def part_name(digest: str, node: str = "") -> str:
+    """The staging name of ``digest``'s transfer in the local store, in
+    ``node``'s own directory if given."""
     alg, enc = parse_digest(digest)
-    return f"{PART_PREFIX}{alg}-{enc}{PART_SUFFIX}"
+    sub = f"{node}/" if node else ""
+    return f"{PART_PREFIX}{sub}{alg}-{enc}{PART_SUFFIX}"
 
 
 def part_digest(name: str) -> str | None:
     """The digest a staging name belongs to (None if it is not a part)."""
     if not name.startswith(PART_PREFIX) or not name.endswith(PART_SUFFIX):
         return None
-    alg, _, enc = name[len(PART_PREFIX) : -len(PART_SUFFIX)].partition("-")
+    base = name[len(PART_PREFIX) : -len(PART_SUFFIX)].rsplit("/", 1)[-1]
+    alg, _, enc = base.partition("-")
     digest = f"{alg}:{enc}"
     return digest if is_digest(digest) else None
 
@@ -168,8 +175,10 @@ class Fetcher:
         chunk_size: int = MAX_CHUNK,
         idle_timeout: float = 30.0,
         source_rounds: int = 2,
+        node_id: str = "",
     ) -> None:
         self.ns = ns
+        self.node_id = node_id  # names this node's parts (a shared data dir)
         self.store = store  # the local store: transfers land here
         self.peers = peers
         self.bandwidth = bandwidth
@@ -252,7 +261,7 @@ class Fetcher:
             await self._record(t)
             return
         alg, _ = parse_digest(t.digest)
-        w = await self.store.writer(part_name(t.digest), resume=True, algorithm=alg)
+        w = await self.store.writer(part_name(t.digest, self.node_id), resume=True, algorithm=alg)
         if w.size > t.size:
             log.warning("discarding oversized partial file of %s", t.digest)
             await w.truncate(0)

@@ -3,8 +3,8 @@
 Blobs live under ``<root>/blobs/<alg>/<2 hex>/<hex>``. A blob becomes
 visible only when whole: its bytes are staged in a file on the same
 filesystem (a writer's name is its path under ``<root>``: ``uploads/<id>/data``,
-``replicating/<alg>-<hex>.part``; anonymous writers use ``tmp/``, emptied at
-start), fsynced and digest-verified, then renamed into place and the
+``replicating/<node>/<alg>-<hex>.part``; anonymous writers use
+``tmp/<node>/``), fsynced and digest-verified, then renamed into place and the
 directory fsynced. Blob files are only ever replaced whole (rename), so an
 open file keeps its bytes and ``sendfile`` can serve it.
 
@@ -20,6 +20,13 @@ in the data dir: it is released at the first ENOSPC, so what else lives on
 that filesystem (the embedded namespace: deletes, tag moves) can still
 write, and while it is released no new blob bytes are accepted (they would
 eat that space) until enough space is free to hold it again.
+
+Several nodes of one region may share a data dir (``node_id``): each
+stages anonymous writes under its own ``tmp/<node_id>/``, and at start
+empties only that directory, removing other nodes' leftovers only once
+they are stale (untouched for ``STALE_TMP`` seconds: a crashed node that
+never came back). Named writers (upload sessions, replication parts) are
+named by their owner (see ``node.uploads``, ``node.replication.transfer``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -52,6 +60,8 @@ from ocidist.digests import is_digest, parse_digest
 log = logging.getLogger("meridian.storage")
 
 TRASH = ".reclaim"
+# Another node's temporary file untouched this long is a crash's leftover.
+STALE_TMP = 3600.0
 _IOV_MAX = 512
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -158,7 +168,8 @@ class SpaceReserve:
             st = os.statvfs(os.path.dirname(self.path))
             if st.f_bavail * st.f_frsize < 2 * self.size:
                 return False
-            tmp = self.path + ".tmp"
+            # Unique: nodes sharing the data dir may take the reserve at once.
+            tmp = f"{self.path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 try:
@@ -289,21 +300,24 @@ class FilesystemWriter(BlobWriter):
 
 
 class FilesystemBlobStore(BlobStore):
-    def __init__(self, root: str, *, reserve: SpaceReserve | None = None) -> None:
+    def __init__(
+        self, root: str, *, reserve: SpaceReserve | None = None, node_id: str = ""
+    ) -> None:
         self.root = os.path.abspath(root)
         self.reserve = reserve
+        self.node_id = node_id
         self.blobs = os.path.join(self.root, "blobs")
-        self.tmp = os.path.join(self.root, "tmp")
+        tmp_root = os.path.join(self.root, "tmp")
+        self.tmp = os.path.join(tmp_root, check_name(node_id)) if node_id else tmp_root
         os.makedirs(self.blobs, exist_ok=True)
         os.makedirs(self.tmp, exist_ok=True)
         # Called when a write hits ENOSPC (the node releases its reserve).
         self.full_hooks: list[Callable[[], None]] = []
-        # Leftovers of a crash are never visible; remove them.
-        for name in os.listdir(self.tmp):
-            try:
-                os.unlink(os.path.join(self.tmp, name))
-            except OSError:
-                pass
+        # Leftovers of a crash are never visible; remove this node's, and
+        # other nodes' once stale (they may be writing them right now).
+        _clean_tmp(self.tmp, 0.0)
+        if self.tmp != tmp_root:
+            _clean_tmp(tmp_root, time.time() - STALE_TMP)
         if reserve is not None:
             reserve.ensure()
 
@@ -494,6 +508,19 @@ class FilesystemBlobStore(BlobStore):
         for info in found:
             if info.name.startswith(prefix) and not info.name.startswith(("blobs/", "tmp/")):
                 yield info
+
+
+def _clean_tmp(d: str, before: float) -> None:
+    """Remove the files under ``d`` last written before ``before`` (0:
+    all). Directories stay: a running node's may be empty just now."""
+    for dirpath, _, files in os.walk(d):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            try:
+                if not before or os.stat(path).st_mtime < before:
+                    os.unlink(path)
+            except OSError:
+                pass
 
 
 def _restore(trash: str, path: str) -> None:

@@ -1,0 +1,168 @@
+"""Many nodes per region sharing one filesystem data dir (issue 15).
+
+Each node stages its temporary and partial files under its own name (its
+``--node-id``), cleans up only its own leftovers at start (others' only
+once stale), and an upload session started on one node can be continued on
+another; replication into a region whose nodes share the dir lands whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+from urllib.parse import urlencode, urljoin
+
+import pytest
+
+from node.storage.filesystem import STALE_TMP, FilesystemBlobStore
+from node.uploads import UploadManager
+from tests.etcd_server import EtcdServer, etcd_fixture
+from tests.images import build_image
+from tests.test_replication import (
+    REPO,
+    RegionNode,
+    content_digests,
+    dump_logs,
+    file_digest,
+    pull,
+    wait_peers,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+etcd = etcd_fixture()
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def test_a_node_starting_keeps_the_other_nodes_temporary_files(tmp_path: Path) -> None:
+    a = FilesystemBlobStore(str(tmp_path), node_id="a")
+    w = await a.writer()  # anonymous: under tmp/a/
+    await w.write([b"in flight"])
+    assert Path(w.path).parent == tmp_path / "tmp" / "a"
+    mine = tmp_path / "tmp" / "b" / "crashed"
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    mine.write_bytes(b"b's own leftover")
+    stale = tmp_path / "tmp" / "gone" / "old"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"a node that never came back")
+    old = time.time() - STALE_TMP - 60
+    os.utime(stale, (old, old))
+    FilesystemBlobStore(str(tmp_path), node_id="b")
+    # a's write survives b's start
+    assert await asyncio.to_thread(Path(w.path).read_bytes) == b"in flight"
+    assert not mine.exists() and not stale.exists()
+    data = b"in flight"
+    assert await w.commit(digest_of(data)) == len(data)
+    assert await a.read_all(digest_of(data)) == data
+
+
+async def test_an_upload_continues_on_the_other_node_and_back(tmp_path: Path) -> None:
+    a_store = FilesystemBlobStore(str(tmp_path), node_id="a")
+    b_store = FilesystemBlobStore(str(tmp_path), node_id="b")
+    a = UploadManager(str(tmp_path), a_store)
+    b = UploadManager(str(tmp_path), b_store)
+
+    async def body(data: bytes):
+        yield data
+
+    up = await a.create("default", "team/app")
+    await a.append(up, body(b"one-"), None)
+    on_b = await b.get(up.id, "default", "team/app")
+    assert on_b.size == 4
+    await b.append(on_b, body(b"two-"), None)
+    # Back on a, which still holds the session in memory: it sees b's bytes.
+    again = await a.get(up.id, "default", "team/app")
+    assert again.size == 8
+    await a.append(again, body(b"three"), None)
+    data = b"one-two-three"
+    on_b = await b.get(up.id, "default", "team/app")
+    assert on_b.size == len(data)
+    assert await b.finish(on_b, digest_of(data)) == len(data)
+    assert await a_store.read_all(digest_of(data)) == data
+    # A retried final PUT on a finds it committed; a cancel on b ends it for both.
+    again = await a.get(up.id, "default", "team/app")
+    assert again.committed == (digest_of(data), len(data))
+    await b.cancel(on_b)
+    with pytest.raises(Exception, match="BLOB_UPLOAD_UNKNOWN|upload unknown"):
+        await a.get(up.id, "default", "team/app")
+
+
+def shared_pair(base: Path, etcd: EtcdServer) -> tuple[RegionNode, RegionNode]:
+    one = RegionNode(base, "eastus", etcd.client_url, extra=["--node-id", "one"])
+    two = RegionNode(base, "eastus", etcd.client_url, extra=["--node-id", "two"])
+    assert one.data == two.data
+    return one, two
+
+
+def test_two_nodes_share_a_data_dir(etcd: EtcdServer, tmp_path: Path) -> None:
+    base = tmp_path / "regions"
+    one, two = shared_pair(base, etcd)
+    west = RegionNode(base, "westeurope", etcd.client_url)
+    nodes = [one, two, west]
+    started: list[RegionNode] = []
+    try:
+        for n in nodes:
+            started.append(n.start())
+        wait_peers([one, west])
+        wait_peers([two, west])
+        # Pushed through one, pulled through two.
+        image = build_image([300_000, 5000], seed="shared-1")
+        one.registry().push(REPO, "v1", image)
+        pull(two, image, "v1")
+
+        # An upload started on one, continued and finished on two.
+        data = os.urandom(200_000)
+        ra, rb = one.registry(), two.registry()
+        status, hdrs, body = ra.request("POST", f"/v2/{REPO}/blobs/uploads/")
+        assert status == 202, body
+        path = hdrs["Location"]
+        status, hdrs, body = ra.request(
+            "PATCH",
+            path,
+            data[:120_000],
+            {"Content-Type": "application/octet-stream", "Content-Range": "0-119999"},
+        )
+        assert status == 202, body
+        status, hdrs, body = rb.request(
+            "PATCH",
+            hdrs["Location"],
+            data[120_000:],
+            {"Content-Type": "application/octet-stream", "Content-Range": "120000-199999"},
+        )
+        assert status == 202, body
+        loc = urljoin(two.url + "/", hdrs["Location"])
+        sep = "&" if "?" in loc else "?"
+        query = urlencode({"digest": digest_of(data)})
+        status, hdrs, body = rb.request("PUT", f"{loc}{sep}{query}")
+        assert status == 201, body
+        assert ra.get_blob(REPO, digest_of(data)) == data
+
+        # Pushed in another region: both nodes of eastus replicate it into
+        # the one dir; it lands whole, and both serve it.
+        far = build_image([2 << 20, 700_000], seed="shared-far")
+        west.registry().push(REPO, "far", far)
+        want = content_digests(far)
+        wait_until(lambda: one.has_all(want), "eastus holds the far image", 60)
+        for b in far.all_blobs():
+            assert file_digest(one.blob_path(b.digest)) == b.digest
+        pull(one, far, "far")
+        pull(two, far, "far")
+        assert one.child is not None and one.child.running()
+        assert two.child is not None and two.child.running()
+    except BaseException:
+        print(dump_logs(started))
+        raise
+    finally:
+        for n in started:
+            n.stop()
+    # Each node staged its parts under its own name, and none is left over.
+    parts = base / "eastus" / "replicating"
+    assert {p.name for p in parts.iterdir()} <= {"one", "two"}
+    assert [p for p in parts.rglob("*.part")] == []

@@ -20,7 +20,7 @@ import pytest
 from node.storage.filesystem import STALE_TMP, FilesystemBlobStore
 from node.uploads import UploadManager
 from tests.etcd_server import EtcdServer, etcd_fixture
-from tests.images import build_image
+from tests.images import Registry, build_image
 from tests.test_replication import (
     REPO,
     RegionNode,
@@ -166,3 +166,74 @@ def test_two_nodes_share_a_data_dir(etcd: EtcdServer, tmp_path: Path) -> None:
     parts = base / "eastus" / "replicating"
     assert {p.name for p in parts.iterdir()} <= {"one", "two"}
     assert [p for p in parts.rglob("*.part")] == []
+
+
+def test_router_balances_over_a_regions_nodes(etcd: EtcdServer, tmp_path: Path) -> None:
+    """Two nodes of one region on one data dir behind a router: requests
+    go to both; one killed, the other serves everything (no client error)
+    and the region stays in rotation; both gone, the region is out."""
+    from tests.procs import NodeProcess
+    from tests.test_router import RouterProcess, regions_of
+
+    data = tmp_path / "eastus"
+    url = etcd.client_url
+    one = NodeProcess(data, region="eastus", etcd=url, extra=("--node-id", "one"))
+    two = NodeProcess(data, region="eastus", etcd=url, extra=("--node-id", "two"))
+    router = RouterProcess(url, tmp_path)
+    started: list[NodeProcess] = []
+    try:
+        started.append(one.start())
+        started.append(two.start())
+        router.start()
+
+        def nodes_up(st: dict) -> dict[str, bool]:
+            row = regions_of(st).get("eastus") or {}
+            return {n["node"]: n["up"] for n in row.get("nodes", [])}
+
+        router.wait_for(lambda st: nodes_up(st) == {"one": True, "two": True}, "both nodes up")
+        reg = Registry(router.url)
+        image = build_image([100_000, 3000], seed="balance-1")
+        reg.push(REPO, "v1", image)
+        served = []
+        for _ in range(12):
+            status, hdrs, body = reg.request(
+                "GET", f"/v2/{REPO}/manifests/v1", headers={"Accept": image.media_type}
+            )
+            assert status == 200 and body == image.manifest
+            assert hdrs["X-Meridian-Region"] == "eastus"
+            served.append(hdrs["X-Meridian-Node"])
+        assert set(served) == {"one", "two"}, served
+
+        two.kill()
+        for _ in range(12):  # no error, whatever the router knows yet
+            status, hdrs, body = reg.request(
+                "GET", f"/v2/{REPO}/manifests/v1", headers={"Accept": image.media_type}
+            )
+            assert status == 200 and body == image.manifest, (status, body)
+            for b in image.all_blobs():
+                assert reg.get_blob(REPO, b.digest) == b.data
+        st = router.wait_for(lambda st: nodes_up(st).get("two") is not True, "two out")
+        assert regions_of(st)["eastus"]["up"] is True
+        assert router.status()["nearest"] == ["eastus"]
+        for _ in range(4):
+            status, hdrs, _ = reg.request(
+                "GET", f"/v2/{REPO}/manifests/v1", headers={"Accept": image.media_type}
+            )
+            assert status == 200 and hdrs["X-Meridian-Node"] == "one"
+
+        one.stop()
+        st = router.wait_for(lambda st: not regions_of(st)["eastus"]["up"], "eastus out")
+        assert router.status()["nearest"] == []
+        status, _, _ = reg.request(
+            "GET", f"/v2/{REPO}/manifests/v1", headers={"Accept": image.media_type}
+        )
+        assert status >= 500
+    except BaseException:
+        print(router.logs())
+        for n in started:
+            print(n.logs()[-4000:])
+        raise
+    finally:
+        router.stop()
+        for n in started:
+            n.stop()

@@ -62,7 +62,7 @@ class Router(Proxy):
 
     def sync_regions(self) -> None:
         self._sync_pending = False
-        self.table.sync(self.ns.regions(), self.ns.alive_regions())
+        self.table.sync(self.ns.regions(), self.ns.alive_regions(), self.ns.nodes())
 
     async def start_namespace(self, backoff: Backoff | None = None) -> None:
         """Load the namespace, retrying (0.2 s, doubling, at most 2 s) until
@@ -115,7 +115,7 @@ class Router(Proxy):
             "requests": self.requests,
             "retries": self.retries,
             "hedges": self.hedges,
-            "nearest": [r.name for r in self.table.nearest() if r.up],
+            "nearest": list(dict.fromkeys(r.name for r in self.table.nearest() if r.up)),
             "regions": self.table.status(),
         }
 
@@ -123,7 +123,7 @@ class Router(Proxy):
         return web.json_response(self.status())
 
     async def healthz(self, _: web.Request) -> web.Response:
-        up = sum(1 for r in self.table.regions.values() if r.up)
+        up = sum(1 for name in self.table.regions if self.table.region_up(name))
         body = {
             "status": "ok" if up else "no region in rotation",
             "role": "router",

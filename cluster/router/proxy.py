@@ -342,7 +342,7 @@ class Proxy:
     def _pinned(self, pin: str | None, cands: list[Region]) -> list[Region]:
         if not pin:
             return cands
-        r = self.table.regions.get(pin)
+        r = self.table.entry(pin)
         if r is None or not r.base:
             return cands
         return [r] + [c for c in cands if c is not r]
@@ -536,6 +536,8 @@ class Proxy:
             if k.lower() not in _RESP_DROP:
                 headers.add(k, v)
         headers["X-Meridian-Region"] = up.region.name
+        if up.region.node:
+            headers["X-Meridian-Node"] = up.region.node
         if rewrite is not None:
             rewrite(headers)
         self._count(up.region, action)
@@ -691,6 +693,8 @@ class Proxy:
         self._count(dest, "redirect")
         location = target(request)
         headers = {**API_HEADERS, "X-Meridian-Region": dest.name, "Content-Length": "0"}
+        if dest.node:
+            headers["X-Meridian-Node"] = dest.node
         if grant:
             location = with_param(location, GRANT_PARAM, grant)
             headers["Cache-Control"] = "no-store"  # the grant expires in a minute
@@ -807,9 +811,9 @@ class Proxy:
                 path, _, query = loc.partition("?")
                 upload_id = path.rsplit("/", 1)[-1]
                 if upload_id:
-                    self._remember(upload_id, region.name)
+                    self._remember(upload_id, region.key)
                 params = [p for p in query.split("&") if p and not p.startswith(PIN + "=")]
-                params.append(f"{PIN}={quote(region.name, safe='')}")
+                params.append(f"{PIN}={quote(region.key, safe='')}")
                 loc = f"{path}?{'&'.join(params)}"
                 headers["Location"] = (region.base + loc) if direct else loc
 
@@ -830,7 +834,7 @@ class Proxy:
     ) -> web.StreamResponse:
         owner: Region | None = None
         if pin:
-            owner = self.table.regions.get(pin)
+            owner = self.table.entry(pin)
             if owner is None or not owner.base:
                 return _error(
                     404,
@@ -840,14 +844,19 @@ class Proxy:
                 )
         else:
             known = self.uploads.get(upload_id)
-            owner = self.table.regions.get(known) if known else None
+            owner = self.table.entry(known) if known else None
             if owner is None:
                 owner = await self._find_upload(request, name, upload_id)
             if owner is None:
                 return _error(
                     404, Code.BLOB_UPLOAD_UNKNOWN, "no region has this upload", {"uuid": upload_id}
                 )
-        return await self._write(request, [owner], self._location_rewriter(host_named), strict=True)
+        # The session's node; out of rotation, its region's healthy nodes
+        # (nodes sharing a data dir share the session) before it.
+        cands = [owner]
+        if not owner.up:
+            cands = [m for m in self.table.nearest() if m.up and m.name == owner.name] + cands
+        return await self._write(request, cands, self._location_rewriter(host_named), strict=True)
 
     async def _find_upload(self, request: web.Request, name: str, upload_id: str) -> Region | None:
         """Ask every region whether it has the session (GET of the upload URL)."""
@@ -871,7 +880,7 @@ class Proxy:
         for fut in asyncio.as_completed([ask(r) for r in regions]):
             r = await fut
             if r is not None:
-                self._remember(upload_id, r.name)
+                self._remember(upload_id, r.key)
                 return r
         return None
 

@@ -36,6 +36,15 @@ only elsewhere and fetching it through would be slower than going there.
 ``holders_first(holders)`` is the order for a blob redirect, which must send
 the client to a complete copy: the healthy holders nearest first, then the
 rest as ``ranked`` orders them (see ``cluster.router.proxy``).
+
+Many nodes per region (``Namespace.nodes()``): every node of a region gets
+its own entry (a ``Region`` with its ``node`` id, its own session, probes
+and health). ``regions[name]`` is the region's main entry (the endpoint of
+its record); the others are ``siblings[name]``. The orders above hold
+entries: a region's healthy nodes stand together and take turns at its
+place (round robin per request), so a retry or hedge after a failed node
+goes to its sibling first, and a region is in rotation (``region_up``, the
+``region_up`` gauge, status) while any of its nodes is.
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ import aiohttp
 from prometheus_client import Gauge
 
 from cluster.health import Health
-from cluster.namespace import RegionInfo
+from cluster.namespace import NodeInfo, RegionInfo
 from cluster.status import PATH as STATUS_PATH
 from cluster.status import NodeStatus
 
@@ -104,7 +113,9 @@ class Region(Health):
     """One region as the router sees it: its endpoint and session, and its
     health and latency (``cluster.health.Health``)."""
 
-    def __init__(self, info: RegionInfo, settings: TableSettings) -> None:
+    def __init__(
+        self, info: RegionInfo, settings: TableSettings, node: str = "", *, main: bool = True
+    ) -> None:
         base, invalid = normalize_base(info.http)
         super().__init__(
             info.name,
@@ -123,14 +134,22 @@ class Region(Health):
         self.backlog_bytes: int | None = None
         self.routed = 0
         self.redirected = 0
+        self.node = node  # the node's id ("" when the region's nodes are not known)
+        self.main = main  # the region's main entry (its gauges are the region's)
+        self.task: asyncio.Task[None] | None = None  # its probe loop
         self._gauges = (REGION_UP.labels(self.name), REGION_RTT.labels(self.name))
 
     # -- latency -----------------------------------------------------------
 
     def observe(self, seconds: float) -> None:
         super().observe(seconds)
-        if self.srtt is not None:
+        if self.srtt is not None and self.main:
             self._gauges[1].set(self.srtt)
+
+    @property
+    def key(self) -> str:
+        """What names this entry in an upload pin: ``region`` or ``region/node``."""
+        return f"{self.name}/{self.node}" if self.node else self.name
 
     @property
     def cost(self) -> float:
@@ -156,13 +175,21 @@ class Region(Health):
     def set_up(self, up: bool, reason: str) -> bool:
         if not super().set_up(up, reason):
             return False
-        self._gauges[0].set(1 if up else 0)
-        log.info("region %s %s: %s", self.name, "in rotation" if up else "out of rotation", reason)
+        if self.main:
+            self._gauges[0].set(1 if up else 0)
+        log.info(
+            "region %s%s %s: %s",
+            self.name,
+            f" node {self.node}" if self.node else "",
+            "in rotation" if up else "out of rotation",
+            reason,
+        )
         return True
 
     def as_dict(self) -> dict:
         return {
             "region": self.name,
+            "node": self.node,
             "http": self.info.http,
             "grpc": self.info.grpc,
             "up": self.up,
@@ -186,38 +213,106 @@ class Region(Health):
 class RegionTable:
     def __init__(self, settings: TableSettings | None = None) -> None:
         self.settings = settings or TableSettings()
-        self.regions: dict[str, Region] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.regions: dict[str, Region] = {}  # each region's main entry
+        self.siblings: dict[str, dict[str, Region]] = {}  # region -> node -> its other nodes
+        self._turn: dict[str, int] = {}  # region -> round-robin counter among its nodes
         self._order: list[Region] = []  # healthy by cost, then the rest
         self._closed = False
         self.changed = asyncio.Event()  # set on every up/down change (tests, status)
 
     # -- membership --------------------------------------------------------
 
-    def sync(self, infos: dict[str, RegionInfo], alive: set[str]) -> None:
-        """Make the table match the namespace's region records."""
+    def sync(
+        self,
+        infos: dict[str, RegionInfo],
+        alive: set[str],
+        nodes: dict[str, dict[str, NodeInfo]] | None = None,
+    ) -> None:
+        """Make the table match the namespace's region records and (given)
+        each region's live nodes."""
         if self._closed:
             return
         for name in list(self.regions):
             if name not in infos:
                 self._drop(name)
         for name, info in infos.items():
+            want: dict[str, tuple[str, RegionInfo]] = {}  # base URL -> (node, its info)
+            for node, n in sorted((nodes or {}).get(name, {}).items()):
+                base = normalize_base(n.http)[0]
+                if base and base not in want:
+                    want[base] = (node, RegionInfo(name, n.http, n.grpc))
+            pool = {m.base: m for m in self.siblings.pop(name, {}).values()}
             r = self.regions.get(name)
             if r is not None and r.info.http != info.http:
-                self._drop(name)
+                del self.regions[name]
+                if r.base and r.base not in pool:
+                    pool[r.base] = r  # still a node of the region, maybe
+                else:
+                    self._close(r)
                 r = None
             if r is None:
-                r = self.regions[name] = Region(info, self.settings)
-                if r.base:
-                    r.session = self._session()
-                    self._tasks[name] = asyncio.create_task(
-                        self._probe_loop(r), name=f"probe-{name}"
-                    )
-                else:
-                    log.warning("region %s: %s", name, r.invalid)
-            r.info = info
-            r.alive = name in alive
+                base = normalize_base(info.http)[0]
+                r = pool.pop(base, None) if base else None
+                if r is None:
+                    r = self._new(info)
+                self.regions[name] = r
+            r.info, r.main = info, True
+            r.node = want[r.base][0] if r.base in want else ""
+            sibs: dict[str, Region] = {}
+            for base, (node, ninfo) in want.items():
+                if base == r.base:
+                    continue
+                s = pool.pop(base, None) or self._new(ninfo)
+                s.info, s.node, s.main = ninfo, node, False
+                sibs[node] = s
+            if sibs:
+                self.siblings[name] = sibs
+            for s in pool.values():
+                self._close(s)
+            for m in self.members(name):
+                m.alive = name in alive
         self._reorder()
+
+    def _new(self, info: RegionInfo) -> Region:
+        r = Region(info, self.settings)
+        if r.base:
+            r.session = self._session()
+            r.task = asyncio.create_task(self._probe_loop(r), name=f"probe-{info.name}")
+        else:
+            log.warning("region %s: %s", info.name, r.invalid)
+        return r
+
+    def _close(self, r: Region) -> None:
+        if r.task is not None:
+            r.task.cancel()
+        if r.session is not None:
+            asyncio.create_task(_close_later(r.session, r.task))
+
+    def members(self, name: str) -> list[Region]:
+        """A region's entries: its main one, then its other nodes."""
+        main = self.regions.get(name)
+        return ([main] if main is not None else []) + list(self.siblings.get(name, {}).values())
+
+    def entries(self) -> list[Region]:
+        return [m for name in self.regions for m in self.members(name)]
+
+    def region_up(self, name: str) -> bool:
+        """In rotation: any of its nodes is."""
+        return any(m.up for m in self.members(name))
+
+    def entry(self, key: str) -> Region | None:
+        """The entry an upload pin names (``Region.key``); a node that is gone
+        gives way to its region's nearest healthy node (a shared data dir
+        has the session), else the main entry."""
+        name, _, node = key.partition("/")
+        main = self.regions.get(name)
+        if not node or main is None or main.node == node:
+            return main
+        s = self.siblings.get(name, {}).get(node)
+        if s is not None:
+            return s
+        up = [m for m in self._order if m.name == name and m.up]
+        return up[0] if up else main
 
     def _session(self) -> aiohttp.ClientSession:
         s = self.settings
@@ -238,46 +333,74 @@ class RegionTable:
         )
 
     def _drop(self, name: str) -> None:
-        r = self.regions.pop(name, None)
-        task = self._tasks.pop(name, None)
-        if task is not None:
-            task.cancel()
-        if r is not None:
+        gone = self.members(name)
+        self.regions.pop(name, None)
+        self.siblings.pop(name, None)
+        self._turn.pop(name, None)
+        if gone:
             with contextlib.suppress(KeyError):
                 REGION_UP.remove(name)
                 REGION_RTT.remove(name)
-            if r.session is not None:
-                asyncio.create_task(_close_later(r.session, task))
+        for r in gone:
+            self._close(r)
 
     async def close(self) -> None:
         self._closed = True
-        tasks = list(self._tasks.values())
+        entries = self.entries()
+        tasks = [r.task for r in entries if r.task is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        for r in self.regions.values():
+        for r in entries:
             if r.session is not None:
                 await r.session.close()
-        self._tasks.clear()
 
     # -- ranking -----------------------------------------------------------
 
     def _reorder(self) -> None:
-        regions = [r for r in self.regions.values() if r.base]
+        regions = [r for r in self.entries() if r.base]
         up = sorted((r for r in regions if r.up), key=_cost_key)
         down = sorted((r for r in regions if not r.up), key=_down_key)
         self._order = up + down
 
     def nearest(self) -> list[Region]:
-        return self._order
+        return self._spread(self._order)
+
+    def _spread(self, order: list[Region]) -> list[Region]:
+        """``order`` with each region's healthy nodes together at the place
+        of its first, taking turns (one step per call) at the head."""
+        groups: dict[str, list[Region]] = {}
+        for r in order:
+            if r.up:
+                groups.setdefault(r.name, []).append(r)
+        if all(len(g) < 2 for g in groups.values()):
+            return order
+        out: list[Region] = []
+        for r in order:
+            if not r.up:
+                out.append(r)
+                continue
+            g = groups.pop(r.name, None)
+            if g is None:
+                continue  # placed with its region
+            if len(g) > 1:
+                k = self._turn.get(r.name, 0)
+                self._turn[r.name] = k + 1
+                k %= len(g)
+                g = g[k:] + g[:k]
+            out.extend(g)
+        return out
 
     def ranked(self, holders: Collection[str] | None = None) -> list[Region]:
         """Candidates for a request, best first (see the module docstring).
         After the best one come the healthy holders, then the other healthy
         regions, then the regions out of rotation: a retry or a hedge goes to
         a region that has the content before one that would fetch it."""
+        return self._spread(self._ranked(holders))
+
+    def _ranked(self, holders: Collection[str] | None) -> list[Region]:
         order = self._order
         if not holders or not order:
             return order
@@ -305,22 +428,38 @@ class RegionTable:
         copy is whole and verified), nearest first; then the others in
         ``ranked`` order, for when no healthy holder answers. Never a region
         that would read the blob through while a healthy holder exists."""
-        order = self.ranked(holders)
+        order = self._ranked(holders)
         if not holders:
-            return order
+            return self._spread(order)
         held = holders if isinstance(holders, set | frozenset) else set(holders)
         live = [r for r in self._order if r.up and r.name in held]
         if not live:
-            return order
-        return live + [r for r in order if r not in live]
+            return self._spread(order)
+        return self._spread(live + [r for r in order if r not in live])
 
     def status(self) -> list[dict]:
-        return [r.as_dict() for r in sorted(self.regions.values(), key=lambda r: r.name)]
+        """One row per region (its main entry's), up while any node is; with
+        ``nodes`` (each node's row) when the region's nodes are known."""
+        out = []
+        for name in sorted(self.regions):
+            members = self.members(name)
+            row = members[0].as_dict()
+            if any(m.node for m in members):
+                row["nodes"] = [m.as_dict() for m in members]
+                up = [m for m in members if m.up]
+                row["up"] = bool(up)
+                if up and not members[0].up:
+                    row["reason"] = f"node {up[0].node}: {up[0].reason}"
+            out.append(row)
+        return out
 
     # -- signals -----------------------------------------------------------
 
     def _after_change(self) -> None:
         self._reorder()
+        for name in self.regions:
+            if name in self.siblings:
+                REGION_UP.labels(name).set(1 if self.region_up(name) else 0)
         self.changed.set()
 
     def report_ok(self, r: Region, latency: float | None) -> None:

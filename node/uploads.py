@@ -178,8 +178,13 @@ class UploadManager:
             up.committed = committed
             return up
         if up.committed is None:
+            seen, seen_size = up.writer, up.writer.size
             fresh = await self.store.writer(data_name(up.id), resume=True)
-            if fresh.size != up.writer.size:
+            # Take the disk's view only if this node did not write meanwhile:
+            # a request of ours that appended while we looked is newer than
+            # what we read (two racing PATCHes must not both start at 0).
+            moved = up.writer is not seen or up.writer.size != seen_size
+            if fresh.size != seen_size and not moved and not up.lock.locked():
                 up.writer = fresh  # its hash is rebuilt from the bytes, once
         return up
 

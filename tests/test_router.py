@@ -442,9 +442,17 @@ async def test_content_only_elsewhere_goes_where_it_is(cluster: Cluster) -> None
     async with session() as s:
         served = await pull(s, cluster.router.url, repo, m)
         assert set(served.values()) == {"far"}, served
-        # A copy in "mid" too: the nearest holder wins.
+        # A copy in "mid" too: the nearest holder wins, once the router's
+        # watch-fed copy of the namespace has the new placements (an event,
+        # milliseconds after the push's commit; a pull racing it may still
+        # see "far" as the only holder of the manifest).
         await push_to(cluster.nodes["mid"].url, repo, m)
-        served = await pull(s, cluster.router.url, repo, m)
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            served = await pull(s, cluster.router.url, repo, m)
+            if set(served.values()) == {"mid"} or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
         assert set(served.values()) == {"mid"}, served
         # Something nobody has: the nearest region answers the 404s.
         async with s.get(f"{cluster.router.url}/v2/{repo}/manifests/nope") as r:

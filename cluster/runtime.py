@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import random
 import signal
 import socket
 import sys
@@ -59,17 +61,44 @@ async def wait_for_stop_signal() -> None:
     await stop.wait()
 
 
+PORT_RANGE_ENV = "MERIDIAN_PORT_RANGE"
+# Below Linux's ephemeral range (32768-60999): a port chosen here is never
+# taken meanwhile as the source port of some outgoing connection, which a
+# port the kernel handed out for bind(0) can be.
+DEFAULT_PORT_RANGE = (10000, 32000)
+_handed_out: set[int] = set()
+
+
+def _port_range() -> tuple[int, int]:
+    lo, _, hi = os.environ.get(PORT_RANGE_ENV, "").partition("-")
+    try:
+        first, last = int(lo), int(hi)
+    except ValueError:
+        return DEFAULT_PORT_RANGE
+    return (first, last) if 1024 <= first < last <= 65535 else DEFAULT_PORT_RANGE
+
+
 def free_port(taken: set[int] | None = None) -> int:
-    """A loopback TCP port that was free a moment ago: never etcd's default
-    2379/2380, never one in ``taken`` (which then records it)."""
+    """A loopback TCP port that was free a moment ago, from
+    ``$MERIDIAN_PORT_RANGE`` (``LO-HI``; default 10000-32000, below the
+    ephemeral range): never etcd's default 2379/2380, never one this process
+    handed out before, never one in ``taken`` (which then records it).
+    Processes that choose ports at once (parallel test workers) give each a
+    range of its own."""
+    first, last = _port_range()
     while True:
+        port = random.randint(first, last)
+        if port in (2379, 2380) or port in _handed_out or (taken and port in taken):
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in (2379, 2380) and (taken is None or port not in taken):
-            if taken is not None:
-                taken.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        if taken is not None:
+            taken.add(port)
+        return port
 
 
 def split_hostport(listen: str) -> tuple[str, int]:

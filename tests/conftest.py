@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -8,8 +9,16 @@ import pytest
 from cluster.auth.admin import Admin
 from cluster.etcd import EtcdKV
 from cluster.namespace import Namespace
+from cluster.runtime import PORT_RANGE_ENV
 from tests.etcd_server import EtcdServer
 from tests.procs import NodeProcess
+
+# Parallel test workers (pytest-xdist) choose ports from ranges of their own,
+# so one worker never takes a port another has just chosen for a process.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _worker.startswith("gw") and _worker[2:].isdigit():
+    _lo = 10000 + 5000 * int(_worker[2:])
+    os.environ[PORT_RANGE_ENV] = f"{_lo}-{_lo + 4999}"
 
 # Nodes run with authentication on (their owner's password comes from the
 # environment, see tests/procs.py); tests about the open mode pass --no-auth.

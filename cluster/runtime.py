@@ -101,6 +101,26 @@ def free_port(taken: set[int] | None = None) -> int:
         return port
 
 
+class ListenAddress:
+    """What a server's ``listen`` and ``tls_cert`` settings imply: its host,
+    port and URL scheme (mixed into the node's and the router's configs)."""
+
+    listen: str
+    tls_cert: str
+
+    @property
+    def host(self) -> str:
+        return split_hostport(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_hostport(self.listen)[1]
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+
 def split_hostport(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host or "127.0.0.1", int(port)

@@ -13,7 +13,7 @@ from cluster import settings
 from cluster.etcd_options import EtcdOptions
 from cluster.httpserver import ServerLimits
 from cluster.membership import valid_node_id
-from cluster.runtime import split_hostport
+from cluster.runtime import ListenAddress
 from cluster.settings import Secret, setting
 from cluster.units import parse_size
 
@@ -24,7 +24,7 @@ _CONTAINER = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
 
 @dataclass
-class NodeConfig(ServerLimits, EtcdOptions):
+class NodeConfig(ListenAddress, ServerLimits, EtcdOptions):
     listen: str = setting("127.0.0.1:5000", "HTTP host:port to serve the OCI API on")
     data: str = setting("./data", "data directory (blobs, uploads, embedded namespace)")
     region: str = setting("local", "the region this node serves")
@@ -113,17 +113,8 @@ class NodeConfig(ServerLimits, EtcdOptions):
     reclaim_grace: float = setting(3600.0, "never reclaim bytes younger than this many seconds")
 
     @property
-    def host(self) -> str:
-        return split_hostport(self.listen)[0]
-
-    @property
-    def port(self) -> int:
-        return split_hostport(self.listen)[1]
-
-    @property
     def base_url(self) -> str:
-        scheme = "https" if self.tls_cert else "http"
-        return self.advertise or f"{scheme}://{self.listen}"
+        return self.advertise or f"{self.scheme}://{self.listen}"
 
     def proxies(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [

@@ -16,12 +16,12 @@ from cluster import settings
 from cluster.etcd_options import EtcdOptions
 from cluster.httpserver import ServerLimits
 from cluster.router.table import TableSettings
-from cluster.runtime import split_hostport
+from cluster.runtime import ListenAddress
 from cluster.settings import setting
 
 
 @dataclass
-class RouterConfig(ServerLimits, EtcdOptions):
+class RouterConfig(ListenAddress, ServerLimits, EtcdOptions):
     etcd: str = setting("", "etcd endpoints, comma-separated (required)")
     listen: str = setting("127.0.0.1:5000", "HTTP host:port", env="MERIDIAN_ROUTER_LISTEN")
     registry: str = setting("default", "registry of a Host that names none (as the nodes')")
@@ -47,18 +47,6 @@ class RouterConfig(ServerLimits, EtcdOptions):
     log_level: str = setting(
         "info", "log level", parse=str.lower, choices=("debug", "info", "warning", "error")
     )
-
-    @property
-    def host(self) -> str:
-        return split_hostport(self.listen)[0]
-
-    @property
-    def port(self) -> int:
-        return split_hostport(self.listen)[1]
-
-    @property
-    def scheme(self) -> str:
-        return "https" if self.tls_cert else "http"
 
     def check(self) -> str | None:
         """What is wrong with the settings together, or None."""

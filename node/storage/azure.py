@@ -101,6 +101,7 @@ from node.storage.base import (
     StorageFull,
     check_name,
     check_span,
+    check_truncate,
 )
 from ocidist.digests import is_digest, parse_digest
 
@@ -358,9 +359,7 @@ class AzureWriter(BlobWriter):
 
     async def truncate(self, size: int) -> None:
         self._check_open()
-        if size > self.size or size < 0:
-            raise ValueError(f"cannot truncate {self.size} bytes to {size}")
-        if size == self.size:
+        if not check_truncate(self.size, size):
             return
         keep: list[tuple[str, int]] = []
         new: set[str] = set()

@@ -109,6 +109,14 @@ def check_span(size: int, offset: int, length: int | None) -> int:
     return left if length is None else min(length, left)
 
 
+def check_truncate(staged: int, size: int) -> bool:
+    """Whether truncating ``staged`` bytes to ``size`` changes anything; a
+    size outside ``0..staged`` is a ``ValueError``."""
+    if size > staged or size < 0:
+        raise ValueError(f"cannot truncate {staged} bytes to {size}")
+    return size != staged
+
+
 class BlobWriter(ABC):
     """Appends the bytes of one new blob, hashing them as they arrive.
 

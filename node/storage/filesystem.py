@@ -54,6 +54,7 @@ from node.storage.base import (
     StorageFull,
     check_name,
     check_span,
+    check_truncate,
 )
 from ocidist.digests import is_digest, parse_digest
 
@@ -249,9 +250,7 @@ class FilesystemWriter(BlobWriter):
 
     async def truncate(self, size: int) -> None:
         self._check_open()
-        if size > self.size or size < 0:
-            raise ValueError(f"cannot truncate {self.size} bytes to {size}")
-        if size == self.size:
+        if not check_truncate(self.size, size):
             return
         await self.store._run(os.truncate, self.path, size)
         self.size = size

@@ -35,6 +35,7 @@ hands these bytes to whichever answer needs them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import zlib
@@ -244,6 +245,13 @@ class Fetcher:
             outcome = "cancelled"
             if not t.done.done():
                 t.done.set_exception(FetchError("cancelled"))
+            # Stopped because the blob is held here now (a node sharing the
+            # data dir fetched it first): the part is of no further use.
+            w = t.writer
+            if w is not None and not t.committed:
+                with contextlib.suppress(Exception):
+                    if await self.store.stat(t.digest) is not None:
+                        await w.abort()
             raise
         except Exception as e:
             if not t.done.done():

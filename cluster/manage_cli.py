@@ -228,7 +228,7 @@ class Ctx:
             reg = getattr(self.args, "registry", "") or saved.get("registry", "")
             if not reg:
                 reg = str(self.api.call("GET", API + "/whoami", anonymous=True)["registry"])
-            self._registry = _checked(admin.check_registry, reg)
+            self._registry = checked(admin.check_registry, reg)
         return self._registry
 
     def reg_path(self, *parts: str) -> str:
@@ -236,7 +236,7 @@ class Ctx:
         return f"{API}/registries/{self.registry()}/{quoted}"
 
 
-def _checked(fn: Callable[..., Any], *args: Any) -> Any:
+def checked(fn: Callable[..., Any], *args: Any) -> Any:
     """A local check of what goes into a URL path, with the server's message."""
     try:
         return fn(*args)
@@ -321,18 +321,18 @@ def _with_passwords(columns: list[Column], doc: dict) -> list[Column]:
     return columns + [(n.capitalize(), _password(i)) for i, n in enumerate(names)]
 
 
-def _shown_once(ctx: Ctx, what: str) -> None:
+def shown_once(ctx: Ctx, what: str) -> None:
     ctx.notes.append(f"{what} shown only now: store it safely")
 
 
 # -- the verbs ----------------------------------------------------------------------
 
 
-def _one(ctx: Ctx, doc: dict, columns: list[Column]) -> None:
+def one(ctx: Ctx, doc: dict, columns: list[Column]) -> None:
     emit(ctx.args.output, doc, [doc], columns)
 
 
-def _many(ctx: Ctx, items: list[dict], columns: list[Column], doc: Any = None) -> None:
+def many(ctx: Ctx, items: list[dict], columns: list[Column], doc: Any = None) -> None:
     emit(ctx.args.output, items if doc is None else doc, items, columns)
 
 
@@ -349,22 +349,22 @@ def sp_create(ctx: Ctx) -> None:
     a = ctx.args
     body: dict[str, Any] = {"roles": _roles(ctx, a.role)}
     if a.id:
-        body["id"] = _checked(admin.check_name, "service principal", a.id)
+        body["id"] = checked(admin.check_name, "service principal", a.id)
     doc = ctx.api.call("POST", API + "/serviceprincipals", body)
-    _one(ctx, doc, SP_COLUMNS + [("Secret", lambda d: d["secret"])])
-    _shown_once(ctx, "the client secret is")
+    one(ctx, doc, SP_COLUMNS + [("Secret", lambda d: d["secret"])])
+    shown_once(ctx, "the client secret is")
 
 
 def sp_list(ctx: Ctx) -> None:
-    _many(ctx, ctx.api.call("GET", API + "/serviceprincipals")["serviceprincipals"], SP_COLUMNS)
+    many(ctx, ctx.api.call("GET", API + "/serviceprincipals")["serviceprincipals"], SP_COLUMNS)
 
 
 def _sp_path(ctx: Ctx) -> str:
-    return f"{API}/serviceprincipals/{_checked(admin.check_name, 'service principal', ctx.args.id)}"
+    return f"{API}/serviceprincipals/{checked(admin.check_name, 'service principal', ctx.args.id)}"
 
 
 def sp_show(ctx: Ctx) -> None:
-    _one(ctx, ctx.api.call("GET", _sp_path(ctx)), SP_COLUMNS)
+    one(ctx, ctx.api.call("GET", _sp_path(ctx)), SP_COLUMNS)
 
 
 def sp_delete(ctx: Ctx) -> None:
@@ -385,13 +385,13 @@ def _expiry(a: argparse.Namespace) -> tuple[bool, Any]:
 
 
 def _token_path(ctx: Ctx, *more: str) -> str:
-    return ctx.reg_path("tokens", _checked(admin.check_name, "token", ctx.args.name), *more)
+    return ctx.reg_path("tokens", checked(admin.check_name, "token", ctx.args.name), *more)
 
 
 def token_create(ctx: Ctx) -> None:
     a = ctx.args
     body: dict[str, Any] = {
-        "name": _checked(admin.check_name, "token", a.name),
+        "name": checked(admin.check_name, "token", a.name),
         "scope_map": a.scope_map,
         "status": a.status,
     }
@@ -399,16 +399,16 @@ def token_create(ctx: Ctx) -> None:
     if given:
         body["expiry"] = expiry
     doc = ctx.api.call("POST", ctx.reg_path("tokens"), body)
-    _one(ctx, doc, _with_passwords(TOKEN_COLUMNS, doc))
-    _shown_once(ctx, "each password is")
+    one(ctx, doc, _with_passwords(TOKEN_COLUMNS, doc))
+    shown_once(ctx, "each password is")
 
 
 def token_list(ctx: Ctx) -> None:
-    _many(ctx, ctx.api.call("GET", ctx.reg_path("tokens"))["tokens"], TOKEN_COLUMNS)
+    many(ctx, ctx.api.call("GET", ctx.reg_path("tokens"))["tokens"], TOKEN_COLUMNS)
 
 
 def token_show(ctx: Ctx) -> None:
-    _one(ctx, ctx.api.call("GET", _token_path(ctx)), TOKEN_COLUMNS)
+    one(ctx, ctx.api.call("GET", _token_path(ctx)), TOKEN_COLUMNS)
 
 
 def token_update(ctx: Ctx) -> None:
@@ -427,14 +427,14 @@ def token_update(ctx: Ctx) -> None:
             "--no-expiration",
             USAGE,
         )
-    _one(ctx, ctx.api.call("PATCH", _token_path(ctx), body), TOKEN_COLUMNS)
+    one(ctx, ctx.api.call("PATCH", _token_path(ctx), body), TOKEN_COLUMNS)
 
 
 def token_renew(ctx: Ctx) -> None:
     which = "password1" if ctx.args.password1 else "password2"
     doc = ctx.api.call("POST", _token_path(ctx, "passwords"), {"name": which})
-    _one(ctx, doc, _with_passwords(TOKEN_COLUMNS[:1], doc))
-    _shown_once(ctx, f"the new {which} is")
+    one(ctx, doc, _with_passwords(TOKEN_COLUMNS[:1], doc))
+    shown_once(ctx, f"the new {which} is")
 
 
 def token_delete(ctx: Ctx) -> None:
@@ -453,22 +453,22 @@ def _actions(pairs: list[list[str]] | None) -> dict[str, list[str]]:
 def _smap_path(ctx: Ctx) -> str:
     name = ctx.args.name
     if name not in BUILTIN_SCOPE_MAPS:
-        _checked(admin.check_name, "scope map", name)
+        checked(admin.check_name, "scope map", name)
     return ctx.reg_path("scopemaps", name)
 
 
 def smap_create(ctx: Ctx) -> None:
     a = ctx.args
     body = {"name": a.name, "actions": _actions(a.repository), "description": a.description or ""}
-    _one(ctx, ctx.api.call("POST", ctx.reg_path("scopemaps"), body), SMAP_COLUMNS)
+    one(ctx, ctx.api.call("POST", ctx.reg_path("scopemaps"), body), SMAP_COLUMNS)
 
 
 def smap_list(ctx: Ctx) -> None:
-    _many(ctx, ctx.api.call("GET", ctx.reg_path("scopemaps"))["scopemaps"], SMAP_COLUMNS)
+    many(ctx, ctx.api.call("GET", ctx.reg_path("scopemaps"))["scopemaps"], SMAP_COLUMNS)
 
 
 def smap_show(ctx: Ctx) -> None:
-    _one(ctx, ctx.api.call("GET", _smap_path(ctx)), SMAP_COLUMNS)
+    one(ctx, ctx.api.call("GET", _smap_path(ctx)), SMAP_COLUMNS)
 
 
 def smap_update(ctx: Ctx) -> None:
@@ -485,7 +485,7 @@ def smap_update(ctx: Ctx) -> None:
             "nothing to change: give --add-repository, --remove-repository or --description",
             USAGE,
         )
-    _one(ctx, ctx.api.call("PATCH", _smap_path(ctx), body), SMAP_COLUMNS)
+    one(ctx, ctx.api.call("PATCH", _smap_path(ctx), body), SMAP_COLUMNS)
 
 
 def smap_delete(ctx: Ctx) -> None:
@@ -493,14 +493,14 @@ def smap_delete(ctx: Ctx) -> None:
 
 
 def cred_show(ctx: Ctx) -> None:
-    _one(ctx, ctx.api.call("GET", ctx.reg_path("admin")), ADMIN_COLUMNS)
+    one(ctx, ctx.api.call("GET", ctx.reg_path("admin")), ADMIN_COLUMNS)
 
 
 def _cred_enabled(ctx: Ctx, on: bool) -> None:
     doc = ctx.api.call("PATCH", ctx.reg_path("admin"), {"enabled": on})
-    _one(ctx, doc, _with_passwords(ADMIN_COLUMNS, doc))
+    one(ctx, doc, _with_passwords(ADMIN_COLUMNS, doc))
     if doc.get("passwords"):
-        _shown_once(ctx, "each password is")
+        shown_once(ctx, "each password is")
 
 
 def cred_enable(ctx: Ctx) -> None:
@@ -514,12 +514,12 @@ def cred_disable(ctx: Ctx) -> None:
 def cred_renew(ctx: Ctx) -> None:
     which = "password1" if ctx.args.password1 else "password2"
     doc = ctx.api.call("POST", ctx.reg_path("admin", "passwords"), {"name": which})
-    _one(ctx, doc, _with_passwords(ADMIN_COLUMNS[:1], doc))
-    _shown_once(ctx, f"the new {which} is")
+    one(ctx, doc, _with_passwords(ADMIN_COLUMNS[:1], doc))
+    shown_once(ctx, f"the new {which} is")
 
 
 def settings_show(ctx: Ctx) -> None:
-    _one(ctx, ctx.api.call("GET", ctx.reg_path("settings")), SETTINGS_COLUMNS)
+    one(ctx, ctx.api.call("GET", ctx.reg_path("settings")), SETTINGS_COLUMNS)
 
 
 def settings_update(ctx: Ctx) -> None:
@@ -531,17 +531,17 @@ def settings_update(ctx: Ctx) -> None:
     }
     if not body:
         raise CliError("nothing to change: give --anonymous-pull or --public-access", USAGE)
-    _one(ctx, ctx.api.call("PATCH", ctx.reg_path("settings"), body), SETTINGS_COLUMNS)
+    one(ctx, ctx.api.call("PATCH", ctx.reg_path("settings"), body), SETTINGS_COLUMNS)
 
 
 def rule_list(ctx: Ctx) -> None:
     doc = ctx.api.call("GET", ctx.reg_path("networkrules"))
-    _many(ctx, doc["networkrules"], RULE_COLUMNS, doc)
+    many(ctx, doc["networkrules"], RULE_COLUMNS, doc)
 
 
 def rule_add(ctx: Ctx) -> None:
     doc = ctx.api.call("POST", ctx.reg_path("networkrules"), {"cidr": ctx.args.cidr})
-    _many(ctx, doc["networkrules"], RULE_COLUMNS, doc)
+    many(ctx, doc["networkrules"], RULE_COLUMNS, doc)
 
 
 def rule_remove(ctx: Ctx) -> None:
@@ -552,7 +552,7 @@ def rule_remove(ctx: Ctx) -> None:
 # -- the parsers -----------------------------------------------------------------------
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     v = text.strip().lower()
     if v in ("true", "on", "yes", "1"):
         return True
@@ -561,7 +561,7 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _common(registry: bool) -> Parser:
+def common_flags(registry: bool) -> Parser:
     p = Parser(add_help=False)
     p.add_argument(
         "--server",
@@ -693,10 +693,10 @@ def _settings(sub: Any, common: Parser, _: Parser) -> None:
         run=settings_show
     )
     p = sub.add_parser("update", parents=[common], help="change them")
-    p.add_argument("--anonymous-pull", type=_bool, metavar="true|false")
+    p.add_argument("--anonymous-pull", type=parse_bool, metavar="true|false")
     p.add_argument(
         "--public-access",
-        type=_bool,
+        type=parse_bool,
         metavar="true|false",
         help="false: only clients from the network rules' CIDRs get in",
     )
@@ -723,11 +723,24 @@ GROUPS: dict[str, tuple[Callable[[Any, Parser, Parser], None], str]] = {
 }
 
 
+# Verb groups kept in modules of their own, imported only when they run:
+# group -> module with a ``GROUPS`` dict shaped as the one above.
+GROUP_MODULES: dict[str, str] = {}
+
+
+def _group(group: str) -> tuple[Callable[[Any, Parser, Parser], None], str]:
+    if group in GROUP_MODULES:
+        import importlib
+
+        return importlib.import_module(GROUP_MODULES[group]).GROUPS[group]
+    return GROUPS[group]
+
+
 def group_main(group: str, argv: list[str]) -> int:
-    add, help_ = GROUPS[group]
+    add, help_ = _group(group)
     p = Parser(prog=f"meridian {group}", description=help_)
     sub = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
-    add(sub, _common(registry=True), _common(registry=False))
+    add(sub, common_flags(registry=True), common_flags(registry=False))
     args = p.parse_args(argv)
     prog = f"meridian {group} {args.verb}"
     return answer(prog, lambda: run(args))
@@ -823,7 +836,7 @@ def _login(args: argparse.Namespace) -> int:
             raise CliError("give the user name with --username", USAGE)
         user = input("Username: ").strip()
     if args.registry:
-        _checked(admin.check_registry, args.registry)
+        checked(admin.check_registry, args.registry)
     password = _read_password(args)
     if not user or not password:
         raise CliError("a user name and a password are needed", USAGE)

@@ -28,6 +28,7 @@ from cluster.status import NodeStatus
 from node.api import Registry, map_store_errors
 from node.auth import GRANT_PARAM, MAX_AUTH_HEADER, TOKEN_PATH, Gate
 from node.config import NodeConfig
+from node.manage import NodeContext
 from node.manage import add_routes as add_manage_routes
 from node.replication.plan import status_rows
 from node.storage.base import BlobStore
@@ -210,7 +211,14 @@ def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Applicati
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/meridian/v1/regions", regions)
     app.router.add_get(STATUS_PATH, status)
-    add_manage_routes(app, ns, gate, default_registry=cfg.registry, domain=cfg.domain)
+    add_manage_routes(
+        app,
+        ns,
+        gate,
+        default_registry=cfg.registry,
+        domain=cfg.domain,
+        node=NodeContext(cfg, registry),
+    )
 
     async def purge_uploads(app: web.Application):  # noqa: ANN202
         async def loop() -> None:

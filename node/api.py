@@ -347,7 +347,33 @@ class Registry:
         else:
             tags = [check_tag(ref)]
             digest = compute(body, "sha256")
-        parsed = mf.parse(body, request.headers.get("Content-Type"), digest)
+        rec = await self.commit_manifest(
+            reg, name, body, request.headers.get("Content-Type"), digest, tags
+        )
+        headers = {
+            "Location": f"/v2/{name}/manifests/{digest}",
+            "Docker-Content-Digest": digest,
+        }
+        if rec.subject:
+            headers["OCI-Subject"] = rec.subject
+        if ":" in ref and tags:
+            headers["OCI-Tag"] = ", ".join(tags)
+        return web.Response(status=201, headers=headers)
+
+    async def commit_manifest(
+        self,
+        reg: str,
+        name: str,
+        body: bytes,
+        content_type: str | None,
+        digest: str,
+        tags: list[str],
+    ) -> ManifestRecord:
+        """Check a manifest whose ``digest`` the caller verified (everything
+        it references is linked in the repository, with the sizes its
+        descriptors give), store its bytes and commit its record and
+        ``tags``: the manifest PUT's path, which ``node.importer`` takes too."""
+        parsed = mf.parse(body, content_type, digest)
         missing_blobs = [
             d for d in parsed.required_blobs if self.ns.blob_size(reg, name, d) is None
         ]
@@ -382,15 +408,7 @@ class Registry:
                 Code.MANIFEST_BLOB_UNKNOWN, detail={"blobs": e.digests, "manifests": []}
             ) from None
         self.manifest_cache.put(digest, body)
-        headers = {
-            "Location": f"/v2/{name}/manifests/{digest}",
-            "Docker-Content-Digest": digest,
-        }
-        if parsed.record.subject:
-            headers["OCI-Subject"] = parsed.record.subject
-        if ":" in ref and tags:
-            headers["OCI-Tag"] = ", ".join(tags)
-        return web.Response(status=201, headers=headers)
+        return parsed.record
 
     async def delete_manifest(self, reg: str, name: str, ref: str) -> web.Response:
         if ":" in ref:

@@ -86,6 +86,7 @@ COMMANDS = {
     "credential": (_group("credential"), "a registry's admin user: show, enable, renew"),
     "settings": (_group("settings"), "a registry's anonymous pull and public access"),
     "network-rule": (_group("network-rule"), "the networks a registry accepts clients from"),
+    "registry": (_group("registry"), "registries: create, list, show, update, delete; tiers"),
     "loadtest": (_loadtest, "load tests of any OCI registry, with a JSON result and HTML report"),
 }
 

@@ -215,7 +215,13 @@ class RegistryState:
     # manifest digest -> repos holding its record (``Namespace.references``)
     manifest_repos: dict[str, set[str]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    # bytes of the distinct digests the registry references (blob links and
+    # manifest records), kept as keys come and go: its storage use
+    stored: int = 0
     _sorted_repos: list[str] | None = None
+
+    def holds(self, digest: str) -> bool:
+        return digest in self.blob_repos or digest in self.manifest_repos
 
     def sorted_repos(self) -> list[str]:
         if self._sorted_repos is None:
@@ -337,6 +343,7 @@ class Cache:
             rs = st.repos[repo] = RepoState()
             st._sorted_repos = None
         had_manifests = bool(rs.manifests)
+        held, size = st.holds(leaf), 0
         if kind == "_t":
             if value is None:
                 rs.tags.pop(leaf, None)
@@ -351,8 +358,10 @@ class Cache:
                     refs.discard(leaf)
                     if not refs:
                         del rs.referrers[old.subject]
+            size = old.size if old is not None else 0
             if value is not None:
                 rec = ManifestRecord.from_json(value)
+                size = rec.size
                 rs.manifests[leaf] = rec
                 if rec.subject:
                     rs.referrers.setdefault(rec.subject, set()).add(leaf)
@@ -365,15 +374,17 @@ class Cache:
                         del st.manifest_repos[leaf]
         elif kind == "_b":
             if value is None:
-                rs.blobs.pop(leaf, None)
+                size = rs.blobs.pop(leaf, 0)
                 repos = st.blob_repos.get(leaf)
                 if repos is not None:
                     repos.discard(repo)
                     if not repos:
                         del st.blob_repos[leaf]
             else:
-                rs.blobs[leaf] = json.loads(value)["size"]
+                size = rs.blobs[leaf] = json.loads(value)["size"]
                 st.blob_repos.setdefault(leaf, set()).add(repo)
+        if st.holds(leaf) != held:
+            st.stored += size if not held else -size
         if bool(rs.manifests) != had_manifests:
             st._sorted_repos = None
         if rs.empty():
@@ -471,6 +482,11 @@ class Namespace:
             else:
                 self.cache.apply(op.key, None, res.revision)
         return res.revision
+
+    async def commit(self, compares: list[Compare], ops: list[Op]) -> int:
+        """A caller's own transaction (at most ``TXN_BATCH`` operations),
+        applied to the cache when it commits; ``Conflict`` if a compare fails."""
+        return await self._commit(compares, ops)
 
     def _rev(self, key: str) -> int:
         return self.cache.revs.get(key, 0)
@@ -839,6 +855,25 @@ class Namespace:
 
     def registries(self) -> list[str]:
         return sorted(self.cache.registries)
+
+    def registry_config(self, reg: str) -> dict:
+        """The registry's config as this node's cache holds it ({}: none)."""
+        st = self.cache.registries.get(reg)
+        return st.config if st is not None else {}
+
+    async def fresh_registry_config(self, reg: str) -> dict:
+        """The registry's config, read from the store when the cache has
+        none (a registry created an instant ago in another region)."""
+        config = self.registry_config(reg)
+        if not config and await self._fresh(config_key(reg)) is not None:
+            config = self.registry_config(reg)
+        return config
+
+    def stored_bytes(self, reg: str) -> int:
+        """Bytes of the distinct digests ``reg`` references (linked blobs and
+        manifests), kept up to date as keys change: no scan."""
+        st = self.cache.registries.get(reg)
+        return st.stored if st is not None else 0
 
     def registry_replicas(self, reg: str) -> set[str] | None:
         """Regions that should hold ``reg``'s content: the ``replicas`` list

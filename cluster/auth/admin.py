@@ -35,6 +35,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from cluster import skus
 from cluster.auth import scopes as sc
 from cluster.auth.identities import (
     BUILTIN_SCOPE_MAPS,
@@ -711,6 +712,8 @@ class Admin:
             raise Invalid("nothing to change: give anonymous_pull, public_access or allowed_cidrs")
 
         def change(config: dict, net: dict) -> None:
+            if public is False or cidrs:
+                _network_rules_allowed(reg, config)
             if anon is not None:
                 config["anonymous_pull"] = anon
             if public is not None:
@@ -724,7 +727,8 @@ class Admin:
         check_registry(reg)
         net_text = check_cidr(cidr)
 
-        def change(_: dict, net: dict) -> None:
+        def change(config: dict, net: dict) -> None:
+            _network_rules_allowed(reg, config)
             have = list(net.get("allowed_cidrs", []))
             if net_text in have:
                 raise Exists(
@@ -752,6 +756,18 @@ class Admin:
             net["allowed_cidrs"] = have
 
         return await self._update_config(reg, change)
+
+
+def _network_rules_allowed(reg: str, config: dict) -> None:
+    """Network rules are a Premium feature (``cluster.skus``; the default
+    registry, with no tier, has every feature)."""
+    sku = skus.of_config(config)
+    if not sku.network_rules:
+        raise Invalid(
+            f"network rules need the Premium tier and registry {reg!r} is {sku.name}: raise it "
+            f"with `meridian registry update {reg} --sku Premium`",
+            {"sku": sku.name},
+        )
 
 
 def _replaced(hashes: list, i: int, new: str) -> list:

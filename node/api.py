@@ -25,6 +25,7 @@ from node.auth import GRANT_HEADER, Access, Gate
 from node.sendfile import send_file_range
 from node.storage.base import BlobNotFound, BlobStore, BlobUnavailable, StorageFull
 from node.uploads import Upload, UploadManager
+from node.webhooks.service import ACCESS, Activity
 from ocidist import mediatypes as mt
 from ocidist import paths
 from ocidist.digests import check_name, check_tag, compute, is_digest, parse_digest
@@ -113,6 +114,7 @@ class Registry:
         self.default_registry = default_registry
         self.domain = normalize_domain(domain)
         self.manifest_cache = ManifestCache()
+        self.activity: Activity | None = None  # webhooks and audit (node.webhooks)
 
     # -- routing -----------------------------------------------------------
 
@@ -129,6 +131,7 @@ class Registry:
         name = check_name(route.name) if route.name else ""
         reg = self.registry_for(request)
         access = await self.gate.authorize(request, reg, route) if self.gate else None
+        request[ACCESS] = access
         if kind == "base":
             if method in ("GET", "HEAD"):
                 return web.json_response({}, headers=API_HEADERS)
@@ -147,6 +150,8 @@ class Registry:
             if method == "PUT":
                 return await self.put_manifest(request, reg, name, route.arg)
             if method == "DELETE":
+                if self.activity is not None:
+                    return await self._observed_delete(request, reg, name, route.arg)
                 return await self.delete_manifest(reg, name, route.arg)
             raise unsupported(method)
         if kind == "uploads":
@@ -302,6 +307,8 @@ class Registry:
             headers["Content-Length"] = str(rec.size)
             return web.Response(status=200, headers=headers)
         body = await self._manifest_body(rec)
+        if self.activity is not None:
+            self.activity.pulled(request, reg, name)
         return web.Response(body=body, headers=headers)
 
     async def _read_limited(self, request: web.Request, limit: int) -> bytes:
@@ -350,6 +357,8 @@ class Registry:
         rec = await self.commit_manifest(
             reg, name, body, request.headers.get("Content-Type"), digest, tags
         )
+        if self.activity is not None:  # events durable before the answer
+            await self.activity.pushed(request, reg, name, rec, tags)
         headers = {
             "Location": f"/v2/{name}/manifests/{digest}",
             "Docker-Content-Digest": digest,
@@ -409,6 +418,21 @@ class Registry:
             ) from None
         self.manifest_cache.put(digest, body)
         return parsed.record
+
+    async def _observed_delete(
+        self, request: web.Request, reg: str, name: str, ref: str
+    ) -> web.Response:
+        """A manifest or tag DELETE with its webhook events (written before
+        the answer) and its audit record."""
+        assert self.activity is not None
+        info = self.activity.before_delete(reg, name, ref)
+        try:
+            resp = await self.delete_manifest(reg, name, ref)
+        except RegistryError as e:
+            self.activity.delete_failed(request, info, str(e.code))
+            raise
+        await self.activity.deleted(request, info)
+        return resp
 
     async def delete_manifest(self, reg: str, name: str, ref: str) -> web.Response:
         if ":" in ref:

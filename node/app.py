@@ -34,6 +34,7 @@ from node.replication.plan import status_rows
 from node.storage.base import BlobStore
 from node.storage.filesystem import FilesystemBlobStore, SpaceReserve
 from node.uploads import UploadManager
+from node.webhooks.service import Activity
 from ocidist.errors import Code, RegistryError
 from ocidist.paths import API_HEADERS, normalize_domain
 
@@ -200,6 +201,21 @@ def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Applicati
     registry = Registry(
         ns, store, uploads, default_registry=cfg.registry, domain=cfg.domain, gate=gate
     )
+    activity = Activity(
+        ns,
+        cfg.node_id or default_node_id(cfg.port),
+        source=gate.source if gate is not None else None,
+        timeout=cfg.webhook_timeout,
+        max_age=cfg.webhook_max_age,
+        retry_cap=cfg.webhook_retry_max,
+        concurrency=cfg.webhook_concurrency,
+        history=cfg.webhook_history,
+        audit_flush=cfg.audit_flush_interval,
+        audit_retention=cfg.audit_retention,
+    )
+    registry.activity = activity
+    if gate is not None:
+        gate.on_login = activity.login
     # Manifests are read with their own 4 MiB limit; blob bodies are streamed.
     app = web.Application(middlewares=[make_middleware(cfg.access_log)], client_max_size=0)
     app[REGISTRY_KEY] = registry
@@ -235,6 +251,13 @@ def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Applicati
         task.cancel()
 
     app.cleanup_ctx.append(purge_uploads)
+
+    async def webhooks_and_audit(app: web.Application):  # noqa: ANN202
+        await activity.start()
+        yield
+        await activity.stop()
+
+    app.cleanup_ctx.append(webhooks_and_audit)
     return app
 
 
@@ -333,6 +356,9 @@ async def serve(cfg: NodeConfig) -> None:
     if replication is not None:
         app.router.add_get("/meridian/v1/replication", replication_status)
         app[REPLICATION_KEY] = replication
+        activity = app[REGISTRY_KEY].activity
+        if replication.replicator is not None and activity is not None:
+            replication.replicator.hooks.append(activity.emitter.replicated)
         await replication.start()
     ssl_context = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     runner = await start_server(

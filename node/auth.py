@@ -49,6 +49,7 @@ import ipaddress
 import json
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -155,6 +156,9 @@ class Gate:
         self.verifier = tokens.Verifier(self.keys)
         self.limiter = FailureLimiter()
         self._accesses: dict[tuple[str, str], tuple[Access, float]] = {}
+        # Told of every login by password (request, registry, user name,
+        # principal or None): the audit log (node.webhooks.service).
+        self.on_login: Callable[[web.Request, str, str, Principal | None], None] | None = None
 
     # -- naming -------------------------------------------------------------
 
@@ -419,6 +423,8 @@ class Gate:
                 headers={"Retry-After": str(wait)},
             )
         principal = await self.identities.authenticate(reg, username, password)
+        if self.on_login is not None:
+            self.on_login(request, reg, username, principal)
         if principal is None:
             self.limiter.failed(keys)
             raise self._login_failed(request, reg, need)

@@ -111,6 +111,23 @@ class NodeConfig(ListenAddress, ServerLimits, EtcdOptions):
         0.0, "seconds between passes removing local bytes nothing references; 0: off"
     )
     reclaim_grace: float = setting(3600.0, "never reclaim bytes younger than this many seconds")
+    webhook_timeout: float = setting(10.0, "seconds a webhook receiver has to answer a delivery")
+    webhook_max_age: float = setting(
+        12 * 3600.0,
+        "seconds a webhook event is retried (receiver down, timing out or 5xx) before it is "
+        "given up",
+    )
+    webhook_retry_max: float = setting(
+        600.0, "longest pause between two tries of a webhook delivery (back-off with jitter)"
+    )
+    webhook_concurrency: int = setting(8, "webhooks a region's deliverer sends to at once")
+    webhook_history: int = setting(50, "finished deliveries kept per webhook (list-events)")
+    audit_flush_interval: float = setting(
+        60.0, "seconds between writes of this node's audit records (one batch per registry)"
+    )
+    audit_retention: float = setting(
+        7 * 86400.0, "seconds audit records are kept (default 7 days)"
+    )
 
     @property
     def base_url(self) -> str:

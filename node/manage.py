@@ -49,6 +49,7 @@ import importlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,10 @@ if TYPE_CHECKING:
     from node.api import Registry
 
 log = logging.getLogger("meridian.manage")
+
+# (registry, client address) of the management call this task serves: what
+# ``ManageAPI.audit`` records besides the caller (set by ``caller``).
+_CALL: ContextVar[tuple[str | None, str]] = ContextVar("meridian_manage_call", default=(None, ""))
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ def api_handler(fn: Handler) -> Handler:
 # Modules holding more of the API, each with ``add_routes(api, app)``: their
 # handlers are functions ``(api, request)`` wrapped by ``api_handler`` and use
 # this class's ``caller``/``owner``/``manager``/``body``/``ok``/``done``.
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = ("node.manage_webhooks",)
 
 
 class ManageAPI:
@@ -186,10 +191,15 @@ class ManageAPI:
     def done(self) -> web.Response:
         return web.Response(status=204, headers=self.headers())
 
-    @staticmethod
-    def audit(caller: Caller, what: str) -> None:
+    def audit(self, caller: Caller, what: str) -> None:
+        """A management change: logged, and an audit record of the registry
+        the call is about (the cluster's own for service principals)."""
         # Names and roles only: never a secret, never a request body.
         log.info("management: %s by %s", what, caller.subject)
+        activity = self.node.registry.activity if self.node is not None else None
+        if activity is not None:
+            reg, source = _CALL.get()
+            activity.managed(reg, caller.subject, what, source)
 
     # -- who calls -------------------------------------------------------------
 
@@ -209,6 +219,7 @@ class ManageAPI:
         """The authenticated caller (for ``reg``'s rights; None: cluster
         level), or None when ``required`` is false and no credentials came."""
         gate = self.gate
+        _CALL.set((reg, gate.source(request) if gate is not None else request.remote or ""))
         if gate is None:
             return Caller("open", "", manage=True)
         realm = reg or self.default_registry

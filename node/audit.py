@@ -1,0 +1,260 @@
+"""Audit records: who did what, where, when, and how it went.
+
+Every push, delete, login (success and failure) and management change is a
+record; pulls are counted per minute per registry, repository, identity and
+source address (one record with a ``count``), so the manifest GET path only
+bumps a dictionary entry. Records wait in memory and are written in batches:
+every ``flush_interval`` seconds each node writes one key per registry that
+had activity, ``/meridian/reg/<registry>/audit/<ms>-<node>-<n>`` (a JSON
+list; cluster-level changes such as service principals go to
+``/meridian/audit/...``), so etcd sees a handful of writes a minute rather
+than one per request. A node stopped cleanly writes what it holds; one
+killed loses at most the last interval's records (webhook events, which
+must not be lost, are written before the request is answered instead).
+
+Each node removes records older than ``retention`` seconds (keys are named
+by time, so one range read per registry finds them), every few minutes.
+
+A record: ``time`` (ISO 8601), ``ts``, ``registry``, ``region``, ``node``,
+``action`` (push, pull, delete, login, manage), ``identity`` (``owner``,
+``sp:<id>``, ``token:<name>``, ``admin:<registry>``, ``anonymous``; for a
+failed login the name that was tried), ``source`` (the client's address),
+``repository``, ``target`` (tag, digest), ``outcome`` (``success`` or
+``failure``), ``detail``, and for pulls ``count`` and ``minute``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from cluster.kv import Delete, Put
+from cluster.namespace import REG, ROOT, Namespace
+
+log = logging.getLogger("meridian.audit")
+
+CLUSTER_AUDIT = ROOT + "audit/"
+BATCH_RECORDS = 1000  # per key (etcd takes values up to 1.5 MiB)
+MAX_HELD = 100_000  # records held while the namespace is away; older ones dropped
+ACTIONS = ("push", "pull", "delete", "login", "manage")
+DEFAULT_LIMIT = 1000  # records one listing returns (the newest)
+
+
+def audit_prefix(registry: str | None) -> str:
+    return f"{REG}{registry}/audit/" if registry else CLUSTER_AUDIT
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def identity_of(access: Any) -> str:
+    """The audit name of a v2 request's ``node.auth.Access`` (None: the
+    open mode)."""
+    if access is None:
+        return "anonymous (--no-auth)"
+    if access.kind == "owner":
+        return "owner"
+    if access.kind == "anonymous":
+        return "anonymous"
+    return f"{access.kind}:{access.name}"
+
+
+class AuditLog:
+    def __init__(
+        self,
+        ns: Namespace,
+        node: str,
+        *,
+        flush_interval: float = 60.0,
+        retention: float = 7 * 86400.0,
+    ) -> None:
+        self.ns = ns
+        self.node = node
+        self.flush_interval = max(flush_interval, 0.05)
+        self.retention = retention
+        self._held: dict[str | None, list[dict[str, Any]]] = {}
+        self._pulls: dict[tuple[str, str, str, str, int], int] = {}
+        self._seq = itertools.count(1)
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._dropped = 0
+
+    # -- recording (no I/O) ------------------------------------------------------------
+
+    def record(
+        self,
+        registry: str | None,
+        action: str,
+        identity: str,
+        *,
+        source: str = "",
+        repository: str = "",
+        target: dict[str, str] | None = None,
+        outcome: str = "success",
+        detail: str = "",
+    ) -> None:
+        now = time.time()
+        rec: dict[str, Any] = {
+            "time": iso(now),
+            "ts": round(now, 3),
+            "registry": registry or "",
+            "region": self.ns.region,
+            "node": self.node,
+            "action": action,
+            "identity": identity,
+            "source": source,
+            "outcome": outcome,
+        }
+        if repository:
+            rec["repository"] = repository
+        if target:
+            rec["target"] = target
+        if detail:
+            rec["detail"] = detail
+        self._hold(registry, rec)
+
+    def pull(self, registry: str, repository: str, identity: str, source: str) -> None:
+        """One manifest GET: counted into its minute (the hot path)."""
+        key = (registry, repository, identity, source, int(time.time() // 60))
+        self._pulls[key] = self._pulls.get(key, 0) + 1
+
+    def _hold(self, registry: str | None, rec: dict[str, Any]) -> None:
+        held = self._held.setdefault(registry, [])
+        held.append(rec)
+        total = sum(len(v) for v in self._held.values())
+        if total > MAX_HELD:
+            held.pop(0)
+            self._dropped += 1
+
+    def _drain_pulls(self) -> None:
+        pulls, self._pulls = self._pulls, {}
+        for (reg, repo, identity, source, minute), count in pulls.items():
+            ts = minute * 60.0
+            self._hold(
+                reg,
+                {
+                    "time": iso(ts),
+                    "ts": ts,
+                    "registry": reg,
+                    "region": self.ns.region,
+                    "node": self.node,
+                    "action": "pull",
+                    "identity": identity,
+                    "source": source,
+                    "outcome": "success",
+                    "repository": repo,
+                    "count": count,
+                    "minute": iso(ts),
+                },
+            )
+
+    # -- writing ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="audit-flush")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.flush(), 3.0)
+
+    async def _loop(self) -> None:
+        prune_every = min(max(self.retention / 4, 1.0), 600.0)
+        next_prune = time.monotonic() + min(prune_every, 30.0)
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("writing audit records failed (kept, retried): %s", e)
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + prune_every
+                try:
+                    await self.prune()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    log.warning("removing old audit records failed: %s", e)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            self._drain_pulls()
+            if self._dropped:
+                log.warning("dropped %d audit records: the namespace was away", self._dropped)
+                self._dropped = 0
+            for registry in list(self._held):
+                recs = self._held.get(registry) or []
+                while recs:
+                    batch = recs[:BATCH_RECORDS]
+                    key = f"{audit_prefix(registry)}{int(time.time() * 1000):013d}-{self.node}-"
+                    key += str(next(self._seq))
+                    await self.ns.kv.txn([], [Put(key, json.dumps(batch).encode())])
+                    del recs[: len(batch)]
+                self._held.pop(registry, None)
+
+    async def prune(self) -> None:
+        cutoff = int((time.time() - self.retention) * 1000)
+        for registry in [None, *self.ns.registries()]:
+            entries = await self.ns.refresh(audit_prefix(registry))
+            old = [e.key for e in entries if _key_ms(e.key) < cutoff]
+            for i in range(0, len(old), 100):
+                await self.ns.kv.txn([], [Delete(k) for k in old[i : i + 100]])
+
+
+def _key_ms(key: str) -> int:
+    try:
+        return int(key.rpartition("/")[2].split("-", 1)[0])
+    except ValueError:
+        return 0
+
+
+async def read(
+    ns: Namespace,
+    registry: str | None,
+    *,
+    since: float = 0.0,
+    identity: str = "",
+    action: str = "",
+    limit: int = 10_000,
+) -> list[dict[str, Any]]:
+    """Records of ``registry`` (None: the cluster's own), oldest first,
+    filtered; a batch key older than ``since`` minus a flush is skipped."""
+    entries = await ns.refresh(audit_prefix(registry))
+    out: list[dict[str, Any]] = []
+    floor = int(since * 1000) - 3_600_000  # a batch holds records older than its key
+    for e in entries:
+        if since and _key_ms(e.key) < floor:
+            continue
+        try:
+            batch = json.loads(e.value)
+        except ValueError:
+            continue
+        out.extend(r for r in batch if isinstance(r, dict) and _matches(r, since, identity, action))
+    out.sort(key=lambda r: r.get("ts", 0))
+    return out[-limit:] if limit else out
+
+
+def _matches(r: dict[str, Any], since: float, identity: str, action: str) -> bool:
+    return (
+        (not since or float(r.get("ts", 0)) >= since)
+        and (not identity or r.get("identity") == identity)
+        and (not action or r.get("action") == action)
+    )
+
+
+def records(items: Iterable[dict[str, Any]]) -> str:
+    """JSON lines, for log shippers."""
+    return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in items)

@@ -6,7 +6,10 @@ references, past the grace period), so the layers of a deleted image stop
 counting as referenced; then it removes the local bytes nothing references.
 It runs on every node with ``--reclaim-interval``, standalone or in a
 cluster (there every region reclaims its own copy; the link collection is
-safe to run in several regions at once: each removal is guarded).
+safe to run in several regions at once: each removal is guarded). Within a
+region of several nodes sharing one store, a pass runs only on the node that
+holds the region's reclaim leader key (``node.replication.claims.Leader``);
+another node takes it over once the holder's lease lapses.
 
 The reclaimer works on the blob store's interface only: it lists the
 store's blobs (with their times) and staged transfer parts, and deletes
@@ -24,6 +27,7 @@ from prometheus_client import Counter
 
 from cluster.kv import Entry
 from cluster.namespace import REG, ManifestRecord, Namespace
+from node.replication.claims import Leader
 from node.replication.transfer import PART_PREFIX, Fetcher, part_digest
 from node.storage.base import BlobStore
 
@@ -81,6 +85,7 @@ class Reclaimer:
     fetcher: Fetcher | None  # None on a standalone node (nothing is fetched)
     interval: float
     grace: float
+    leader: Leader | None = None  # None: the only node of its region
     _task: asyncio.Task[None] | None = None
 
     def _in_flight(self, digest: str) -> bool:
@@ -100,6 +105,8 @@ class Reclaimer:
             if not self.ns.synced.is_set():
                 continue
             try:
+                if self.leader is not None and not await self.leader.acquire():
+                    continue  # another node of the region reclaims
                 await self.reclaim_once()
             except Exception as e:
                 log.warning("reclaim pass failed: %s", e)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from cluster.namespace import Namespace
 from node.grpc_service import GrpcServer, GrpcTLS, Peers
+from node.replication.claims import Claims, Leader
 from node.replication.reclaim import Reclaimer
 from node.replication.transfer import Fetcher
 from node.replication.worker import Replicator
@@ -38,13 +39,21 @@ class Replication:
         self.fetcher = Fetcher(ns, local, self.peers, bandwidth=bandwidth, node_id=node_id)
         # What the node's API reads: local bytes, else fetched from a holder.
         self.store: BlobStore = ReadThroughStore(local, self.fetcher)
+        self.claims = Claims(ns.kv, node_id or f"{ns.region}-{id(self):x}")
         self.replicator = (
-            Replicator(ns, local, self.fetcher, concurrency=concurrency)
+            Replicator(ns, local, self.fetcher, concurrency=concurrency, claims=self.claims)
             if concurrency > 0
             else None
         )
         self.reclaimer = (
-            Reclaimer(ns, local, self.fetcher, reclaim_interval, reclaim_grace)
+            Reclaimer(
+                ns,
+                local,
+                self.fetcher,
+                reclaim_interval,
+                reclaim_grace,
+                leader=Leader(self.claims, ns.region, "reclaim"),
+            )
             if reclaim_interval > 0
             else None
         )
@@ -64,6 +73,7 @@ class Replication:
         if self.replicator is not None:
             await self.replicator.close()
         await self.fetcher.close()
+        await self.claims.close()
         if self.server is not None:
             await self.server.stop()
         await self.peers.close()

@@ -66,6 +66,12 @@ FETCHES = Counter(
     "Transfers started, by why (replicate, readthrough) and how they ended",
     ["reason", "outcome"],
 )
+COPIES = Counter(
+    "meridian_replication_copies_total",
+    "Blobs and manifests this node copied into the region's store (committed after a "
+    "transfer), by why; summed over a region's nodes, each item counts once",
+    ["reason"],
+)
 RESUMED = Counter(
     "meridian_replication_resumed_total",
     "Transfers that resumed a partial file from a non-zero offset",
@@ -297,6 +303,7 @@ class Fetcher:
             t.written = 0
             raise FetchError(f"digest mismatch: expected {t.digest}, got {e.actual}") from None
         t.committed = True
+        COPIES.labels(t.reason).inc()
         t.notify()
         log.info(
             "fetched %s (%d bytes) from %s",

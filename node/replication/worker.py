@@ -19,6 +19,13 @@ and only the namespace write failed). Bytes that are here but not recorded
 Removing this region from a registry's replicas stops new work and cancels
 background transfers nobody is reading.
 
+Nodes of one region share its store and see the same backlog: before copying
+an item a worker claims it (``node.replication.claims``; the claim comes
+before the fresh look at the store, so a copy committed by the node that
+held it before is seen). An item another node holds is skipped until its
+claim goes (released once copied, or with a dead holder's lease); an image
+whose layers another node copies waits for them as for its own.
+
 When a manifest and everything it references (recursively) is here, the
 replicator emits a ``replicated`` event: a log line, the
 ``meridian_replication_images_total`` counter, the lag histogram (push time
@@ -28,6 +35,7 @@ to fully here), and the in-process ``hooks``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -39,6 +47,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from cluster.backoff import Backoff
 from cluster.namespace import REG, ManifestRecord, Namespace
 from cluster.runtime import cancel_and_wait
+from node.replication.claims import Claims, claim_key, claimed_item
 from node.replication.plan import BLOB, Item, backlog, find_manifest
 from node.replication.transfer import ERRORS, Fetcher
 from node.storage.base import BlobStore
@@ -68,6 +77,7 @@ LAG = Histogram(
 RETRY_BASE = 0.5
 RETRY_CAP = 60.0
 RETRY_CAP_LOCAL = 5.0  # bytes already here only wait for the namespace
+DEPS_POLL = 1.0  # a manifest waiting for children another node copies looks again
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +99,7 @@ class Replicator:
     rescan_interval: float = 10.0
     debounce: float = 0.05
     hooks: list[Callable[[ReplicatedEvent], None]] = field(default_factory=list)
+    claims: Claims | None = None  # None: the only node of its region
     plan: list[Item] = field(default_factory=list)
     pending_bytes: int = 0  # of ``plan``, not on disk yet (as PENDING_BYTES)
     inflight: dict[str, Item] = field(default_factory=dict)
@@ -97,6 +108,8 @@ class Replicator:
     _presence: dict[str, bool] = field(default_factory=dict)
     _announced: set[tuple[str, str]] = field(default_factory=set)
     _fetched: set[str] = field(default_factory=set)
+    # (registry, digest) -> monotonic time to look again: claimed by another node
+    _elsewhere: dict[tuple[str, str], float] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _dirty: asyncio.Event = field(default_factory=asyncio.Event)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -130,6 +143,11 @@ class Replicator:
         # note that something changed; the planner reads the namespace.
         if key.startswith(REG) and "/_t/" in key:
             return  # tag moves change nothing this region must hold
+        item = claimed_item(key, self.region)
+        if item is not None:
+            if value is None and self._elsewhere.pop(item, None) is not None:
+                self._wake.set()  # released, or its holder died: ours to try
+            return
         self._dirty.set()
 
     def _on_local(self, digest: str, size: int) -> None:
@@ -178,6 +196,8 @@ class Replicator:
         self.pending_bytes = pending
         PENDING_BYTES.set(pending)
         OLDEST.set(time.time() - oldest if oldest != math.inf else 0)
+        now = time.monotonic()
+        self._elsewhere = {k: u for k, u in self._elsewhere.items() if k[1] in wanted and u > now}
         self._planned.set()
         self._wake.set()
         await self._check_announcements()
@@ -203,8 +223,8 @@ class Replicator:
                 continue
             if places is not None and not places.placements.get(d):
                 continue  # held nowhere (e.g. a non-distributable layer)
-            if d in self.inflight:
-                state = "inflight"
+            if d in self.inflight or (it.reg, d) in self._elsewhere:
+                state = "inflight"  # here, or by another node of the region
                 continue
             return "blocked"
         return state
@@ -221,6 +241,9 @@ class Replicator:
         for it in self.plan:
             if it.digest in self.inflight:
                 continue
+            until = self._elsewhere.get((it.reg, it.digest))
+            if until is not None and until > now:
+                continue
             b = self._backoff.get((it.reg, it.digest))
             if b is not None and b.waiting(now):
                 continue
@@ -233,6 +256,7 @@ class Replicator:
     def _next_retry(self) -> float:
         now = time.monotonic()
         waits = [b.until - now for b in self._backoff.values() if b.until > now]
+        waits += [u - now for u in self._elsewhere.values() if u > now]
         return max(min(waits, default=self.rescan_interval), 0.05)
 
     # -- work ------------------------------------------------------------------------
@@ -253,6 +277,11 @@ class Replicator:
             self.inflight[it.digest] = it
             INFLIGHT.set(len(self.inflight))
             key = (it.reg, it.digest)
+            claim = claim_key(self.region, it.reg, it.digest) if self.claims else None
+            if claim is not None and not await self._claim(it, claim):
+                self.inflight.pop(it.digest, None)
+                INFLIGHT.set(len(self.inflight))
+                continue  # another node of the region copies it
             try:
                 await self._replicate(it)
                 self._presence[it.digest] = True
@@ -277,6 +306,8 @@ class Replicator:
                     e,
                 )
             finally:
+                if claim is not None and self.claims is not None:
+                    await self.claims.release(claim)
                 self.inflight.pop(it.digest, None)
                 INFLIGHT.set(len(self.inflight))
                 async with self._landed:
@@ -284,15 +315,35 @@ class Replicator:
                 self._dirty.set()
                 self._wake.set()
 
+    async def _claim(self, it: Item, key: str) -> bool:
+        """Claim ``it`` for this node; False (and skipped for a while) when
+        another node of the region holds it."""
+        assert self.claims is not None
+        try:
+            held = await self.claims.claim(key)
+        except Exception as e:  # the store is unreachable: nothing is copied meanwhile
+            log.warning("cannot claim %s (%s) now: %s", it.digest, it.reg, e)
+            held = False
+        if held:
+            self._elsewhere.pop((it.reg, it.digest), None)
+            return True
+        # Looked at again when the claim's deletion is seen, else after a TTL.
+        self._elsewhere[(it.reg, it.digest)] = time.monotonic() + self.claims.ttl
+        return False
+
     async def _replicate(self, it: Item) -> None:
+        # A fresh look (never the per-plan cache): the node that held the
+        # claim before may have committed the bytes to the shared store.
         if not await self._local(it.digest):
             await self.fetcher.fetch(it.reg, it.digest, it.size, reason="replicate")
         if it.rank != BLOB:
             # A placed manifest means the whole image is here: wait for the
-            # children copied alongside it.
+            # children copied alongside it (here, or by another node).
             async with self._landed:
                 while await self._deps_state(it) == "inflight":
-                    await self._landed.wait()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._landed.wait(), DEPS_POLL)
+                    self._presence = {}  # another node's copies land unannounced
             if await self._deps_state(it) == "blocked":
                 raise RuntimeError("a referenced blob or manifest is not here yet")
         if self.region not in self.ns.placements(it.reg, it.digest):

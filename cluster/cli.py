@@ -66,6 +66,12 @@ def _group(name: str):  # noqa: ANN202 - the identity verbs (cluster/manage_cli.
     return run
 
 
+def _import(argv: list[str]) -> int:
+    from cluster.import_cli import main as import_main
+
+    return import_main(argv)
+
+
 def _loadtest(argv: list[str]) -> int:
     from loadtest.cli import main as loadtest_main
 
@@ -87,6 +93,7 @@ COMMANDS = {
     "settings": (_group("settings"), "a registry's anonymous pull and public access"),
     "network-rule": (_group("network-rule"), "the networks a registry accepts clients from"),
     "registry": (_group("registry"), "registries: create, list, show, update, delete; tiers"),
+    "import": (_import, "copy an image from any OCI registry into a registry, server-side"),
     "loadtest": (_loadtest, "load tests of any OCI registry, with a JSON result and HTML report"),
 }
 

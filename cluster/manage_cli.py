@@ -148,9 +148,11 @@ class Api:
         *,
         anonymous: bool = False,
         creds: tuple[str, str] | None = None,
+        timeout: float = TIMEOUT,
     ) -> Any:
         """The answer's JSON (None for 204); an error is a :class:`CliError`.
-        Sends the stored credentials, or ``creds``, or none (``anonymous``)."""
+        Sends the stored credentials, or ``creds``, or none (``anonymous``);
+        waits ``timeout`` seconds at most for an answer."""
         use = None if anonymous else (creds or self.creds)
         headers = self.headers(use)
         data = None
@@ -159,7 +161,7 @@ class Api:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(self.server.url + path, data, headers, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
             raise self.refused(e, path, use) from None

@@ -1,11 +1,14 @@
 """Blob upload sessions of one node.
 
-A session's bytes are a resumable writer of the blob store, named
-``uploads/<id>/data``; the session's own record lives in
-``<data>/uploads/<id>/`` (``info.json``: whose repository it belongs to;
-``committed``: the digest once the bytes are in the store), so a session
-survives a restart: the offset is the writer's size, and a client resumes
-with GET (for ``Range``) then PATCH from that offset. Bytes are hashed while
+A session is three staged objects of the blob store, so it lives wherever
+the store keeps its staged writers (the data dir, or the region's Azure
+container) and every node sharing that store sees it: ``uploads/<id>/data``
+(the bytes, a resumable writer), ``uploads/<id>/info.json`` (whose
+repository it belongs to) and, once the bytes are in the store,
+``uploads/<id>/committed`` (their digest and size). On the filesystem these
+are the files of ``<data>/uploads/<id>/``. A session survives a restart:
+the offset is the writer's size, and a client resumes with GET (for
+``Range``) then PATCH from that offset. Bytes are hashed while
 they stream in (by the writer, on a worker thread, while the next batch
 arrives); after a restart the running hash is rebuilt from the staged bytes
 once.
@@ -14,12 +17,13 @@ Sessions open at once are capped per repository and per node (over a cap:
 429 TOOMANYREQUESTS); abandoned ones are purged after ``upload_ttl``, and
 sessions that never received a byte much sooner (``upload_empty_ttl``).
 
-Nodes of one region may share the data dir (and so the sessions): a
-session started on one node can be continued on another. Nothing about a
-session lives only in memory: a node that holds one in memory checks it
-against the disk on each request (still there? committed? the staged size
-it knows?) and reloads it when another node moved it on. The caps count
-the sessions each node knows of (those on disk when it started, those it
+Nodes of one region share the store (a data dir, an Azure container), and
+so the sessions: a session started on one node can be continued on another.
+Nothing about a session lives only in memory: a node that holds one in
+memory checks it against the store on each request (one listing of
+``uploads/<id>/``: still there? committed? the staged size it knows?) and
+reloads it when another node moved it on. The caps count the sessions each
+node knows of (those in the store when it first needed the count, those it
 made or served); a session another node removed stops counting at the next
 purge.
 
@@ -30,7 +34,7 @@ to the offset it started from, so the session stays resumable.
 from __future__ import annotations
 
 import asyncio
-import errno
+import contextlib
 import json
 import os
 import shutil
@@ -40,16 +44,34 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from node.storage.base import BlobNotFound, BlobStore, BlobWriter, DigestMismatch, StorageFull
+from node.storage.base import (
+    BlobInfo,
+    BlobNotFound,
+    BlobStore,
+    BlobWriter,
+    DigestMismatch,
+    StorageFull,
+)
 from ocidist.errors import Code, RegistryError, upload_unknown
 
 WRITE_BATCH = 4 << 20
 RETRY_AFTER = 60  # seconds a client over a session cap is told to wait
 
 
+PREFIX = "uploads/"
+DATA = "data"
+INFO = "info.json"
+COMMITTED = "committed"
+
+
+def session_name(upload_id: str, leaf: str) -> str:
+    """The blob store writer name of one object of a session."""
+    return f"{PREFIX}{upload_id}/{leaf}"
+
+
 def data_name(upload_id: str) -> str:
     """The blob store writer name of a session's bytes."""
-    return f"uploads/{upload_id}/data"
+    return session_name(upload_id, DATA)
 
 
 @dataclass
@@ -57,7 +79,6 @@ class Upload:
     id: str
     registry: str
     repo: str
-    dir: str
     started: float
     writer: BlobWriter
     # (digest, size) once the bytes are in the blob store but the namespace
@@ -89,6 +110,8 @@ class UploadManager:
         max_per_repo: int = 0,
         max_total: int = 0,
     ) -> None:
+        # On the filesystem store the sessions' own directory (a crash can
+        # leave an empty one there); elsewhere just an empty directory.
         self.root = os.path.join(os.path.abspath(root), "uploads")
         self.store = store
         self.max_blob_size = max_blob_size
@@ -96,16 +119,80 @@ class UploadManager:
         self.max_total = max_total
         self._live: dict[str, Upload] = {}
         os.makedirs(self.root, exist_ok=True)
-        # Every session on disk (they survive restarts), for the caps.
+        # Every session in the store (they survive restarts), for the caps;
+        # read from the store when first needed.
         self._open: dict[str, tuple[str, str]] = {}
         self._per_repo: Counter[tuple[str, str]] = Counter()
-        for name in os.listdir(self.root):
-            try:
-                with open(os.path.join(self.root, name, "info.json")) as f:
-                    info = json.load(f)
-                self._count(name, (info["registry"], info["repo"]))
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # half-created: the purge removes it
+        self._scanned = False
+        self._scan_lock = asyncio.Lock()
+
+    # -- the session's objects in the store -------------------------------------
+
+    async def _sessions(self, upload_id: str = "") -> dict[str, dict[str, BlobInfo]]:
+        """The staged objects of every session (or of one), by id and leaf."""
+        prefix = f"{PREFIX}{upload_id}/" if upload_id else PREFIX
+        found: dict[str, dict[str, BlobInfo]] = {}
+        async for info in self.store.list_staged(prefix):
+            sid, _, leaf = info.name[len(PREFIX) :].partition("/")
+            if sid and leaf and "/" not in leaf:
+                found.setdefault(sid, {})[leaf] = info
+        return found
+
+    async def _files(self, upload_id: str) -> dict[str, BlobInfo]:
+        return (await self._sessions(upload_id)).get(upload_id, {})
+
+    async def _read(self, upload_id: str, leaf: str) -> bytes | None:
+        w = await self.store.writer(session_name(upload_id, leaf), resume=True)
+        if w.size == 0:
+            return None
+        try:
+            return await w.read_at(0, w.size)
+        except BlobNotFound:
+            return None
+
+    async def _put(self, upload_id: str, leaf: str, doc: dict) -> None:
+        w = await self.store.writer(session_name(upload_id, leaf))
+        await w.write([json.dumps(doc).encode()])
+
+    async def _remove(self, upload_id: str, leaves: list[str]) -> None:
+        for leaf in leaves:
+            w = await self.store.writer(session_name(upload_id, leaf), resume=True)
+            with contextlib.suppress(BlobNotFound):
+                await w.abort()
+        await asyncio.to_thread(shutil.rmtree, os.path.join(self.root, upload_id), True)
+
+    async def _read_committed(self, upload_id: str) -> tuple[str, int] | None:
+        raw = await self._read(upload_id, COMMITTED)
+        try:
+            doc = json.loads(raw) if raw else None
+            return (doc["digest"], int(doc["size"])) if doc else None
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def _read_info(self, upload_id: str) -> dict | None:
+        raw = await self._read(upload_id, INFO)
+        try:
+            info = json.loads(raw) if raw else None
+            if info is not None:
+                str(info["registry"]), str(info["repo"]), float(info["started"])
+            return info
+        except (ValueError, KeyError, TypeError):
+            return None  # half-written: the purge removes it
+
+    # -- caps ----------------------------------------------------------------------
+
+    async def _scan(self) -> None:
+        if self._scanned:
+            return
+        async with self._scan_lock:
+            if self._scanned:
+                return
+            for sid, files in (await self._sessions()).items():
+                if INFO in files and _valid_id(sid):
+                    info = await self._read_info(sid)
+                    if info is not None:
+                        self._count(sid, (info["registry"], info["repo"]))
+            self._scanned = True
 
     def _count(self, upload_id: str, key: tuple[str, str]) -> None:
         if upload_id not in self._open:
@@ -135,22 +222,25 @@ class UploadManager:
                 headers={"Retry-After": str(RETRY_AFTER)},
             )
 
+    # -- sessions ------------------------------------------------------------------
+
     async def create(self, registry: str, repo: str) -> Upload:
         key = (registry, repo)
+        await self._scan()
         self._check_caps(key)
         upload_id = str(uuid.uuid4())
         self._count(upload_id, key)  # holds the place while the session is made
-        d = os.path.join(self.root, upload_id)
         started = time.time()
         info = {"registry": registry, "repo": repo, "started": started}
         try:
-            await asyncio.to_thread(_create_dir, d, json.dumps(info))
+            await self._put(upload_id, INFO, info)
             writer = await self.store.writer(data_name(upload_id))
         except BaseException:
             self._uncount(upload_id)
-            shutil.rmtree(d, ignore_errors=True)
+            with contextlib.suppress(Exception):
+                await self._remove(upload_id, [INFO, DATA])
             raise
-        up = Upload(upload_id, registry, repo, d, started, writer)
+        up = Upload(upload_id, registry, repo, started, writer)
         self._live[upload_id] = up
         return up
 
@@ -165,40 +255,47 @@ class UploadManager:
         return up
 
     async def _refresh(self, up: Upload) -> Upload | None:
-        """``up`` as the disk has it now (another node sharing the data dir
-        may have appended to, committed or cancelled it); None if gone.
-        Cheap when nothing changed: the running hash is kept."""
-        if not await asyncio.to_thread(os.path.exists, os.path.join(up.dir, "info.json")):
+        """``up`` as the store has it now (another node sharing it may have
+        appended to, committed or cancelled it); None if gone. Cheap when
+        nothing changed: one listing, and the running hash is kept."""
+        files = await self._files(up.id)
+        if INFO not in files:
             self._live.pop(up.id, None)
             self._uncount(up.id)
             up.cancelled = True
             return None
-        committed = await asyncio.to_thread(_read_committed, up.dir)
-        if committed is not None:
-            up.committed = committed
-            return up
+        if COMMITTED in files:
+            committed = await self._read_committed(up.id)
+            if committed is not None:
+                up.committed = committed
+                return up
         if up.committed is None:
+            data = files.get(DATA)
             seen, seen_size = up.writer, up.writer.size
-            fresh = await self.store.writer(data_name(up.id), resume=True)
-            # Take the disk's view only if this node did not write meanwhile:
-            # a request of ours that appended while we looked is newer than
-            # what we read (two racing PATCHes must not both start at 0).
-            moved = up.writer is not seen or up.writer.size != seen_size
-            if fresh.size != seen_size and not moved and not up.lock.locked():
-                up.writer = fresh  # its hash is rebuilt from the bytes, once
+            if (data.size if data is not None else 0) != seen_size:
+                fresh = await self.store.writer(data_name(up.id), resume=True)
+                # Take the store's view only if this node did not write
+                # meanwhile: a request of ours that appended while we looked
+                # is newer than what we read (two racing PATCHes must not
+                # both start at 0).
+                moved = up.writer is not seen or up.writer.size != seen_size
+                if fresh.size != seen_size and not moved and not up.lock.locked():
+                    up.writer = fresh  # its hash is rebuilt from the bytes, once
         return up
 
     async def _load(self, upload_id: str) -> Upload | None:
         if not _valid_id(upload_id):
             return None
-        d = os.path.join(self.root, upload_id)
-        try:
-            info = json.loads(await asyncio.to_thread(_read_text, os.path.join(d, "info.json")))
-        except (OSError, ValueError):
+        files = await self._files(upload_id)
+        if INFO not in files:
+            return None
+        info = await self._read_info(upload_id)
+        if info is None:
             return None
         writer = await self.store.writer(data_name(upload_id), resume=True)
-        up = Upload(upload_id, info["registry"], info["repo"], d, info["started"], writer)
-        up.committed = await asyncio.to_thread(_read_committed, d)
+        up = Upload(upload_id, info["registry"], info["repo"], info["started"], writer)
+        if COMMITTED in files:
+            up.committed = await self._read_committed(upload_id)
         self._live[upload_id] = up
         self._count(upload_id, (up.registry, up.repo))
         return up
@@ -285,10 +382,9 @@ class UploadManager:
             raise RegistryError(
                 Code.DIGEST_INVALID, detail={"expected": digest, "actual": e.actual}
             ) from None
-        marker = json.dumps({"digest": digest, "size": size})
-        await asyncio.to_thread(_write_file, os.path.join(up.dir, "committed"), marker)
-        # (A marker the disk had no room for: the session is still whole;
-        # _write_file raised StorageFull and the client retries the PUT.)
+        # (A marker the store had no room for: the session is still whole;
+        # the write raised StorageFull and the client retries the PUT.)
+        await self._put(up.id, COMMITTED, {"digest": digest, "size": size})
         up.committed = (digest, size)
         return size
 
@@ -298,78 +394,47 @@ class UploadManager:
         self._uncount(up.id)
         if up.committed is None:
             await up.writer.abort()
-        await asyncio.to_thread(shutil.rmtree, up.dir, True)
+        # The record first: every node sees the session gone from then on.
+        await self._remove(up.id, [INFO, COMMITTED])
 
     async def purge_older_than(self, seconds: float, empty_seconds: float | None = None) -> int:
         """Remove sessions idle for ``seconds``, and those that never
         received a byte after ``empty_seconds``; returns how many."""
-        staged = {i.name: i async for i in self.store.list_staged("uploads/")}
+        await self._scan()
+        sessions = await self._sessions()
         now = time.time()
         n = 0
-        names = await asyncio.to_thread(os.listdir, self.root)
-        for gone in set(self._open) - set(names):  # removed by a node sharing the dir
+        # A crash can leave a session directory with nothing in it on the
+        # filesystem store (killed inside create()): its own time tells its age.
+        dirs = set(await asyncio.to_thread(os.listdir, self.root))
+        for gone in set(self._open) - set(sessions) - dirs:  # removed by another node
             self._uncount(gone)
             self._live.pop(gone, None)
-        for name in names:
-            d = os.path.join(self.root, name)
-            data = staged.get(data_name(name)) if _valid_id(name) else None
-            if data is not None:
-                mtime = data.mtime
+        for name in sorted(set(sessions) | dirs):
+            files = sessions.get(name, {})
+            data = files.get(DATA)
+            if files:
+                # The latest write of any of its objects: a session whose
+                # bytes were committed away (killed before the clean-up)
+                # ages from its marker or record.
+                mtime = max(i.mtime for i in files.values())
             else:
-                # A crash can leave a session without its bytes (killed
-                # inside create(), or after finish() committed them): the
-                # directory's own time then tells its age.
                 try:
-                    mtime = os.stat(d).st_mtime
+                    mtime = os.stat(os.path.join(self.root, name)).st_mtime
                 except OSError:
                     continue
             ttl = seconds
-            if empty_seconds is not None and (data is None or data.size == 0):
-                committed = await asyncio.to_thread(os.path.exists, os.path.join(d, "committed"))
-                if not committed:
-                    ttl = min(seconds, empty_seconds)
+            empty = data is None or data.size == 0
+            if empty_seconds is not None and empty and COMMITTED not in files:
+                ttl = min(seconds, empty_seconds)
             if mtime < now - ttl:
                 self._uncount(name)
                 up = self._live.pop(name, None)
                 if up is not None:
                     up.cancelled = True
-                if data is not None:
-                    w = await self.store.writer(data_name(name), resume=True)
-                    await w.abort()
-                await asyncio.to_thread(shutil.rmtree, d, True)
+                if _valid_id(name):
+                    await self._remove(name, list(dict.fromkeys([INFO, COMMITTED, DATA, *files])))
+                else:
+                    await asyncio.to_thread(shutil.rmtree, os.path.join(self.root, name), True)
                 n += 1
         return n
-
-
-def _create_dir(d: str, info: str) -> None:
-    try:
-        os.makedirs(d)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StorageFull(str(e)) from e
-        raise
-    _write_file(os.path.join(d, "info.json"), info)
-
-
-def _read_committed(d: str) -> tuple[str, int] | None:
-    try:
-        with open(os.path.join(d, "committed")) as f:
-            doc = json.load(f)
-        return doc["digest"], int(doc["size"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _read_text(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def _write_file(path: str, text: str) -> None:
-    try:
-        with open(path, "w") as f:
-            f.write(text)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StorageFull(str(e)) from e
-        raise

@@ -94,6 +94,9 @@ COMMANDS = {
     "network-rule": (_group("network-rule"), "the networks a registry accepts clients from"),
     "registry": (_group("registry"), "registries: create, list, show, update, delete; tiers"),
     "import": (_import, "copy an image from any OCI registry into a registry, server-side"),
+    "repository": (_group("repository"), "a registry's repositories, tags and locks; delete"),
+    "manifest": (_group("manifest"), "a repository's manifests: list, show, lock, delete"),
+    "config": (_group("config"), "registry policies: retention of untagged manifests"),
     "loadtest": (_loadtest, "load tests of any OCI registry, with a JSON result and HTML report"),
 }
 

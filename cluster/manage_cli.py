@@ -727,7 +727,12 @@ GROUPS: dict[str, tuple[Callable[[Any, Parser, Parser], None], str]] = {
 
 # Verb groups kept in modules of their own, imported only when they run:
 # group -> module with a ``GROUPS`` dict shaped as the one above.
-GROUP_MODULES: dict[str, str] = {"registry": "cluster.registry_cli"}
+GROUP_MODULES: dict[str, str] = {
+    "registry": "cluster.registry_cli",
+    "repository": "cluster.content_cli",
+    "manifest": "cluster.content_cli",
+    "config": "cluster.content_cli",
+}
 
 
 def _group(group: str) -> tuple[Callable[[Any, Parser, Parser], None], str]:

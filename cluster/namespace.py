@@ -31,6 +31,16 @@ with a nested repository name):
                                                         "t": unix time linked})
     /meridian/reg/<registry>/repo/<repo>/_g/pushes      bumped by every manifest
                                                         push (guards link GC)
+    /meridian/reg/<registry>/repo/<repo>/_l/<ref>       lock of a tag or (a ref
+                                                        with ':') a manifest:
+                                                        JSON {"write", "delete"}
+                                                        (only while not both true)
+    /meridian/reg/<registry>/repo/<repo>/_g/locks       the repository's own lock
+                                                        (JSON as above), rewritten
+                                                        with every lock change in
+                                                        it; absent: no lock at all.
+                                                        Pushes and deletes compare
+                                                        its revision
     /meridian/reg/<registry>/place/<digest>/<region>    bytes of <digest> held in
                                                         <region> (JSON {"size"})
 
@@ -47,7 +57,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from cluster.kv import (
     Compare,
@@ -82,6 +92,8 @@ MAX_RECORD_ANNOTATIONS = 256 << 10
 FRESH_READ_TIMEOUT = 0.5
 PUSH_ATTEMPTS = 8  # a manifest push re-reads links that changed under it this often
 STORE_CHECK_TIMEOUT = 2.0  # the periodic liveness read
+# A manifest record keeps the times of at most this many of its tags.
+MAX_TAGGED = 1024
 
 
 class Conflict(Exception):
@@ -118,6 +130,13 @@ class ManifestRecord:
     @classmethod
     def from_json(cls, raw: bytes) -> ManifestRecord:
         d = json.loads(raw)
+    # ``created`` is the record's last push (every tag move rewrites it);
+    # ``first_pushed`` the first (0: unknown, take ``created``), and
+    # ``tagged`` each tag's [created, last update] as of its last move onto
+    # this manifest (the tag key's value stays the bare digest). Written by
+    # ``Namespace.put_manifest``; not part of a record's equality.
+    first_pushed: float = field(default=0.0, compare=False)
+    tagged: dict[str, list[float]] = field(default_factory=dict, compare=False)
         d["blobs"] = tuple(d.get("blobs", ()))
         d["manifests"] = tuple(d.get("manifests", ()))
         return cls(**d)
@@ -129,6 +148,13 @@ class RegionInfo:
     http: str  # base URL of the region's v2 API
     grpc: str = ""  # host:port of its replication service
     started: float = 0.0
+    def tag_times(self, tag: str) -> tuple[float, float]:
+        """(created, last update) of ``tag`` pointing here."""
+        t = self.tagged.get(tag)
+        if t and len(t) == 2:
+            return float(t[0]), float(t[1])
+        return self.created, self.created
+
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -174,6 +200,56 @@ def place_key(reg: str, digest: str, region: str) -> str:
 def config_key(reg: str) -> str:
     return f"{REG}{reg}/config"
 
+def lock_key(reg: str, repo: str, ref: str) -> str:
+    """The lock record of a tag or (``ref`` with a ':') a manifest digest."""
+    return f"{REG}{reg}/repo/{repo}/_l/{ref}"
+
+
+def locks_key(reg: str, repo: str) -> str:
+    """The repository's own lock attributes, rewritten with every lock change
+    in the repository: writes and deletes compare its revision."""
+    return f"{REG}{reg}/repo/{repo}/_g/locks"
+
+
+def repo_prefix(reg: str, repo: str) -> str:
+    return f"{REG}{reg}/repo/{repo}/_"
+
+
+@dataclass(frozen=True, slots=True)
+class Lock:
+    """ACR's changeable attributes of a repository, tag or manifest."""
+
+    write: bool = True  # False: no push onto it, no delete (ACR write-enabled)
+    delete: bool = True  # False: no delete (ACR delete-enabled)
+
+    @property
+    def deletable(self) -> bool:
+        return self.write and self.delete
+
+    def to_dict(self) -> dict[str, bool]:
+        return {"write_enabled": self.write, "delete_enabled": self.delete}
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Lock:
+        d = json.loads(raw)
+        return cls(bool(d.get("write", True)), bool(d.get("delete", True)))
+
+    def to_json(self) -> bytes:
+        return json.dumps({"write": self.write, "delete": self.delete}).encode()
+
+
+UNLOCKED = Lock()
+
+
+class Locked(Exception):
+    """A write or delete refused by a lock (nothing was changed)."""
+
+    def __init__(self, what: str, lock: Lock, unlock: str) -> None:
+        attr = "write-enabled false" if not lock.write else "delete-enabled false"
+        super().__init__(f"{what} is locked ({attr}): unlock with `{unlock}`")
+        self.what = what
+
+
 
 def region_key(region: str) -> str:
     return REGIONS + region
@@ -202,9 +278,12 @@ class RepoState:
         return self._sorted_tags
 
     def empty(self) -> bool:
-        return not (self.tags or self.manifests or self.blobs)
+        return not (self.tags or self.manifests or self.blobs or self.locks or self.repo_lock)
 
 
+    # lock records: tag or digest -> Lock; the repository's own (None: unlocked)
+    locks: dict[str, Lock] = field(default_factory=dict)
+    repo_lock: Lock | None = None
 @dataclass
 class RegistryState:
     repos: dict[str, RepoState] = field(default_factory=dict)
@@ -402,6 +481,15 @@ class Namespace:
         self._watch_task: asyncio.Task[None] | None = None
         self.synced = asyncio.Event()
 
+        elif kind == "_l":
+            lock = Lock.from_json(value) if value is not None else UNLOCKED
+            if lock == UNLOCKED:
+                rs.locks.pop(leaf, None)
+            else:
+                rs.locks[leaf] = lock
+        elif kind == "_g" and leaf == "locks":
+            lock = Lock.from_json(value) if value is not None else UNLOCKED
+            rs.repo_lock = None if lock == UNLOCKED else lock
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
@@ -669,28 +757,27 @@ class Namespace:
         (``cluster.gc``), which removes a link only if that counter did not
         move since it found the link unreferenced, can never remove a link
         a committed manifest references. Raises ``BlobsGone`` when a link
-        was removed meanwhile."""
+        was removed meanwhile. ``children`` (an index's manifests) are
+        required the same way, so retention cannot delete one under it;
+        ``Locked`` when a lock refuses the push (decided atomically: the
+        transaction also compares the repository's lock guard)."""
         tags = list(dict.fromkeys(tags))
         if len(tags) > MAX_TAGS_PER_PUSH:
             raise ValueError(f"at most {MAX_TAGS_PER_PUSH} tags per push")
+        children: Iterable[str] = (),
         links = [blob_key(reg, repo, d) for d in dict.fromkeys(blobs)]
-        ops: list[Op] = [
-            Put(manifest_key(reg, repo, rec.digest), rec.to_json()),
-            Put(pushes_key(reg, repo), rec.digest.encode()),
-        ]
-        if self.region not in self.placements(reg, rec.digest):
-            ops.append(Put(place_key(reg, rec.digest, self.region), _size(rec.size)))
-        ops += [Put(tag_key(reg, repo, t), rec.digest.encode()) for t in tags]
+        links += [manifest_key(reg, repo, d) for d in dict.fromkeys(children)]
+        checked = len(links) <= TXN_BATCH
         for _ in range(PUSH_ATTEMPTS):
             # Past etcd's compare limit the links are checked by the fresh
             # read below only (an image of over 100 blobs).
-            compares = [Compare(k, self._rev(k)) for k in links] if len(links) <= TXN_BATCH else []
-            if compares and all(c.mod_revision for c in compares):
+            compares = [Compare(k, self._rev(k)) for k in links] if checked else []
+            if checked and all(c.mod_revision for c in compares):
                 try:
-                    await self._commit(compares, ops)
+                    await self._commit([guard, *compares], ops)
                     return
                 except Conflict:
-                    pass  # a link changed: look again
+                    pass  # a link or a lock changed: look again
             fresh = [await self.kv.get(k) for k in links]
             gone = [k.rpartition("/")[2] for k, e in zip(links, fresh, strict=True) if e is None]
             if gone:
@@ -698,18 +785,40 @@ class Namespace:
             for e in fresh:
                 assert e is not None
                 self.cache.apply(e.key, e.value, e.mod_revision)
-            if not compares:
-                await self._commit([], ops)
-                return
+            await self.fresh_locks(reg, repo)
+            if not checked:
+                self.check_write(reg, repo, rec.digest, tags)
+                try:
+                    await self._commit(
+                        [self._locks_guard(reg, repo)], self._push_ops(reg, repo, rec, tags)
+                    )
+                    return
+                except Conflict:
+                    continue
+            # Locks are decided on this node's view and the transaction
+            # holds only if the repository's lock guard has not moved since.
+            self.check_write(reg, repo, rec.digest, tags)
+            ops = self._push_ops(reg, repo, rec, tags)
+            guard = self._locks_guard(reg, repo)
         raise Conflict()
 
     async def delete_tag(self, reg: str, repo: str, tag: str) -> bool:
         key = tag_key(reg, repo, tag)
-        rev = self._rev(key)
-        if not rev:
-            return False
-        await self._commit([Compare(key, rev)], [Delete(key)])
-        return True
+        for attempt in range(PUSH_ATTEMPTS):
+            if attempt:
+                await self.fresh_locks(reg, repo)
+            rev = self._rev(key)
+            if not rev and (attempt or await self._fresh(key) is None):
+                return False
+            rev = self._rev(key)
+            self.check_delete(reg, repo, tags=(tag,))
+            try:
+                await self._commit([self._locks_guard(reg, repo), Compare(key, rev)], [Delete(key)])
+            except Conflict:
+                await self._reread(key)
+                continue
+            return True
+        raise Conflict()
 
     async def delete_manifest(self, reg: str, repo: str, digest: str) -> bool:
         """Delete a manifest and every tag of this repository that points at
@@ -722,27 +831,65 @@ class Namespace:
         record = await self.kv.get(mkey)
         if record is None:
             return False
+    def _push_ops(self, reg: str, repo: str, rec: ManifestRecord, tags: list[str]) -> list[Op]:
+        rec = self._stamped(reg, repo, rec, tags)
+        ops: list[Op] = [
+            Put(manifest_key(reg, repo, rec.digest), rec.to_json()),
+            Put(pushes_key(reg, repo), rec.digest.encode()),
+        ]
+        if self.region not in self.placements(reg, rec.digest):
+            ops.append(Put(place_key(reg, rec.digest, self.region), _size(rec.size)))
+        ops += [Put(tag_key(reg, repo, t), rec.digest.encode()) for t in tags]
+        return ops
+
+    def _stamped(self, reg: str, repo: str, rec: ManifestRecord, tags: list[str]) -> ManifestRecord:
+        """``rec`` with its first push time and its tags' times: a tag moved
+        here keeps the creation time it had on the manifest it leaves."""
+        rs = self.repo(reg, repo)
+        now = rec.created
+        current = rs.tags if rs is not None else {}
+        old = rs.manifests.get(rec.digest) if rs is not None else None
+        tagged: dict[str, list[float]] = {}
+        if old is not None:
+            tagged = {t: v for t, v in old.tagged.items() if current.get(t) == rec.digest}
+        for t in tags:
+            holder = current.get(t)
+            hrec = rs.manifests.get(holder) if rs is not None and holder else None
+            tagged.pop(t, None)
+            tagged[t] = [hrec.tag_times(t)[0] if hrec is not None else now, now]
+        if len(tagged) > MAX_TAGGED:  # keep the latest moves; others show the record's time
+            tagged = dict(list(tagged.items())[-MAX_TAGGED:])
+        first = (old.first_pushed or old.created) if old is not None else now
+        return replace(rec, first_pushed=first, tagged=tagged)
+
         tag_entries, _ = await self.kv.range(tag_key(reg, repo, ""))
+        """Remove one tag (the manifest stays); refused (``Locked``) when the
+        tag or the repository is locked. False when there is no such tag."""
         pointing = [e for e in tag_entries if e.value == digest.encode()]
         guard = Compare(mkey, record.mod_revision)
-        if len(pointing) < TXN_BATCH:
+        if len(pointing) < TXN_BATCH - 1:
             await self._commit(
-                [guard, *(Compare(e.key, e.mod_revision) for e in pointing)],
+                [locks, guard, *(Compare(e.key, e.mod_revision) for e in pointing)],
                 [Delete(mkey), *(Delete(e.key) for e in pointing)],
             )
             return True
-        for i in range(0, len(pointing), TXN_BATCH):
-            batch = pointing[i : i + TXN_BATCH]
+        for i in range(0, len(pointing), TXN_BATCH - 1):
+            batch = pointing[i : i + TXN_BATCH - 1]
             await self._commit(
-                [Compare(e.key, e.mod_revision) for e in batch], [Delete(e.key) for e in batch]
+                [locks, *(Compare(e.key, e.mod_revision) for e in batch)],
+                [Delete(e.key) for e in batch],
             )
-        await self._commit([guard], [Delete(mkey)])
+        await self._commit([locks, guard], [Delete(mkey)])
         return True
+        await self.fresh_locks(reg, repo)
 
     async def collect_links(self, grace: float) -> int:
         """Online garbage collection of blob links: remove every link that no
         manifest of its repository references and that is older than
         ``grace`` seconds (an upload links its blob before the manifest that
+        prefix = len(tag_key(reg, repo, ""))
+        self.check_delete(reg, repo, digests=(digest,), tags=[e.key[prefix:] for e in pointing])
+        locks = self._locks_guard(reg, repo)
         uses it is pushed). Returns how many were removed.
 
         Safe while pushes run: each removal is one transaction that holds
@@ -775,10 +922,20 @@ class Namespace:
                 scan.links[leaf] = (e.key, e.mod_revision, linked)
             elif kind == "_m":
                 try:
-                    scan.referenced.update(ManifestRecord.from_json(e.value).blobs)
+                    scan.records[leaf] = (e.key, e.mod_revision, ManifestRecord.from_json(e.value))
                 except (ValueError, TypeError, KeyError):
                     scan.unreadable = True  # keep every link of this repository
-            elif kind == "_g":
+            elif kind == "_t":
+                scan.tagged.add(e.value.decode(errors="replace"))
+            elif kind == "_l":
+                scan.locked.add(leaf)
+            elif kind == "_g" and leaf == "locks":
+                scan.locks_rev = e.mod_revision
+                try:
+                    scan.repo_locked = not Lock.from_json(e.value).deletable
+                except (ValueError, TypeError, AttributeError):
+                    scan.repo_locked = True
+            elif kind == "_g" and leaf == "pushes":
                 scan.pushes_rev = e.mod_revision
         removed = 0
         for (reg, repo), scan in repos.items():
@@ -799,10 +956,15 @@ class Namespace:
                 except Conflict:
                     break  # a push or an upload raced this pass: look again next time
                 removed += len(batch)
+        policies = _retention_policies(entries)
         return removed
 
     # -- records (identities, signing keys: cluster.auth) --------------------
 
+            if reg in policies and not scan.repo_locked:
+                await self._apply_retention(reg, repo, scan, max(policies[reg], grace), now)
+            for _, _, rec in scan.records.values():
+                scan.referenced.update(rec.blobs)
     def record(self, key: str) -> bytes | None:
         return self.cache.records.get(key)
 
@@ -820,6 +982,217 @@ class Namespace:
 
     async def replace_record(self, key: str, value: bytes, expect: bytes | None) -> None:
         """Write a record only if it still holds ``expect`` as this node saw
+    async def _apply_retention(
+        self, reg: str, repo: str, scan: _RepoScan, age: float, now: float
+    ) -> None:
+        """Delete the untagged manifests of a repository last pushed more
+        than ``age`` seconds ago (registry config ``retention``), except
+        locked ones, children of a manifest that stays and referrers whose
+        subject stays. Each batch holds only if the records, the push
+        counter (an index pushed meanwhile may name one as its child) and
+        the lock guard are unchanged; a push that tags a manifest rewrites
+        its record. Deleted records leave ``scan.records``."""
+        kept = {
+            d
+            for d, (_, _, rec) in scan.records.items()
+            if d in scan.tagged or d in scan.locked or now - rec.created < age
+        }
+        grew = True
+        while grew:
+            grew = False
+            for d, (_, _, rec) in scan.records.items():
+                if d in kept:
+                    for child in rec.manifests:
+                        if child in scan.records and child not in kept:
+                            kept.add(child)
+                            grew = True
+                elif rec.subject and rec.subject in kept:
+                    kept.add(d)
+                    grew = True
+        doomed = [(d, key, rev) for d, (key, rev, _) in scan.records.items() if d not in kept]
+        guards = [
+            Compare(pushes_key(reg, repo), scan.pushes_rev),
+            Compare(locks_key(reg, repo), scan.locks_rev),
+        ]
+        for i in range(0, len(doomed), TXN_BATCH - len(guards)):
+            batch = doomed[i : i + TXN_BATCH - len(guards)]
+            try:
+                await self._commit(
+                    [*guards, *(Compare(k, r) for _, k, r in batch)],
+                    [Delete(k) for _, k, _ in batch],
+                )
+            except Conflict:
+                return  # a push or a lock raced this pass: look again next time
+            for d, _, _ in batch:
+                del scan.records[d]
+            log.info("retention: deleted %d untagged manifest(s) of %s/%s", len(batch), reg, repo)
+
+    # -- content management: locks, repository delete (node.manage_content) ----
+
+    async def _reread(self, key: str) -> None:
+        """Bring one key of the cache up to the store (also a delete)."""
+        entry = await self.kv.get(key)
+        if entry is not None:
+            self.cache.apply(entry.key, entry.value, entry.mod_revision)
+        elif key in self.cache.revs:
+            self.cache.apply(key, None, self.cache.revs[key] + 1)
+
+    async def fresh_locks(self, reg: str, repo: str) -> None:
+        """Read a repository's lock guard, then its lock records, from the
+        store into the cache (a lock set a moment ago in another region). A
+        lock changed between the two reads moves the guard past what the
+        cache holds, so a write decided on this view fails its compare."""
+        for prefix in (locks_key(reg, repo), lock_key(reg, repo, "")):
+            entries, rev = await self.kv.range(prefix)
+            seen = {e.key for e in entries}
+            for e in entries:
+                self.cache.apply(e.key, e.value, e.mod_revision)
+            for key in [k for k in self.cache.revs if k.startswith(prefix) and k not in seen]:
+                self.cache.apply(key, None, rev)
+
+    def _locks_guard(self, reg: str, repo: str) -> Compare:
+        key = locks_key(reg, repo)
+        return Compare(key, self._rev(key))
+
+    def lock(self, reg: str, repo: str, ref: str | None = None) -> Lock:
+        """The attributes of a repository (``ref`` None), tag or manifest."""
+        rs = self.repo(reg, repo)
+        if rs is None:
+            return UNLOCKED
+        if ref is None:
+            return rs.repo_lock or UNLOCKED
+        return rs.locks.get(ref, UNLOCKED)
+
+    @staticmethod
+    def _unlock(reg: str, repo: str, ref: str | None, attr: str) -> str:
+        target = f"--repository {repo}" if ref is None else f"--image {repo}{_sep(ref)}{ref}"
+        return f"meridian repository update --registry {reg} {target} --{attr} true"
+
+    def check_write(self, reg: str, repo: str, digest: str, tags: Iterable[str]) -> None:
+        """Raise ``Locked`` if a push of ``digest`` under ``tags`` is refused:
+        the repository is write-locked, or a tag that would move is."""
+        rs = self.repo(reg, repo)
+        if rs is None or not (rs.repo_lock or rs.locks):
+            return
+        lock = rs.repo_lock or UNLOCKED
+        if not lock.write:
+            raise Locked(f"repository {repo}", lock, self._unlock(reg, repo, None, "write-enabled"))
+        for t in tags:
+            lock = rs.locks.get(t, UNLOCKED)
+            if not lock.write and rs.tags.get(t) != digest:
+                raise Locked(f"tag {t}", lock, self._unlock(reg, repo, t, "write-enabled"))
+
+    def check_delete(
+        self, reg: str, repo: str, *, digests: Iterable[str] = (), tags: Iterable[str] = ()
+    ) -> None:
+        """Raise ``Locked`` if deleting these tags and manifests is refused:
+        the repository or one of them is delete- or write-locked (ACR: a
+        write-disabled image cannot be deleted either)."""
+        rs = self.repo(reg, repo)
+        if rs is None or not (rs.repo_lock or rs.locks):
+            return
+        refs: list[tuple[str, str | None]] = [(f"repository {repo}", None)]
+        refs += [(f"tag {t}", t) for t in tags] + [(f"manifest {d}", d) for d in digests]
+        for what, ref in refs:
+            lock = self.lock(reg, repo, ref)
+            if not lock.deletable:
+                attr = "write-enabled" if not lock.write else "delete-enabled"
+                raise Locked(what, lock, self._unlock(reg, repo, ref, attr))
+
+    async def set_lock(
+        self,
+        reg: str,
+        repo: str,
+        ref: str | None,
+        *,
+        write: bool | None = None,
+        delete: bool | None = None,
+    ) -> Lock | None:
+        """Change the attributes of a repository (``ref`` None), a tag or a
+        manifest digest; unchanged where None. Returns the new attributes,
+        or None when the repository, tag or manifest does not exist. One
+        transaction: the lock record, the repository's guard (rewritten, so
+        every write or delete decided before fails its compare) and the
+        target's existence."""
+        for _ in range(PUSH_ATTEMPTS):
+            await self.fresh_locks(reg, repo)
+            compares = [self._locks_guard(reg, repo)]
+            if ref is not None:
+                target = manifest_key(reg, repo, ref) if ":" in ref else tag_key(reg, repo, ref)
+                await self._reread(target)
+                if not self._rev(target):
+                    return None
+                compares.append(Compare(target, self._rev(target)))
+            rs = self.repo(reg, repo)
+            if rs is None or not rs.manifests:
+                return None
+            old = self.lock(reg, repo, ref)
+            new = Lock(
+                old.write if write is None else write, old.delete if delete is None else delete
+            )
+            repo_lock = new if ref is None else (rs.repo_lock or UNLOCKED)
+            others = {k for k in rs.locks if k != ref}
+            ops: list[Op] = []
+            if ref is not None:
+                key = lock_key(reg, repo, ref)
+                ops.append(Put(key, new.to_json()) if new != UNLOCKED else Delete(key))
+                if new != UNLOCKED:
+                    others.add(ref)
+            guard = locks_key(reg, repo)
+            if repo_lock != UNLOCKED or others:
+                ops.append(Put(guard, repo_lock.to_json()))
+            else:
+                ops.append(Delete(guard))
+            try:
+                await self._commit(compares, ops)
+            except Conflict:
+                continue
+            return new
+        raise Conflict()
+
+    async def delete_repository(self, reg: str, repo: str) -> int | None:
+        """Delete a whole repository: its tags, then its manifests (indexes
+        before their children), blob links, lock records and counters, in
+        transactions of at most ``TXN_BATCH`` keys, each holding only if the
+        keys and the repository's lock guard are unchanged (a push racing
+        it keeps what it wrote: the pass re-reads and goes on). Refused
+        (``Locked``) while the repository or anything in it is delete- or
+        write-locked. Returns how many keys went, None when there is no
+        such repository. Bytes go by the reclaimers of every region once
+        nothing in the registry references them."""
+        deleted = 0
+        prefix = repo_prefix(reg, repo)
+        for _ in range(PUSH_ATTEMPTS):
+            await self.fresh_locks(reg, repo)
+            rs = self.repo(reg, repo)
+            if rs is not None:
+                refs = list(rs.locks)
+                self.check_delete(
+                    reg,
+                    repo,
+                    digests=[r for r in refs if ":" in r],
+                    tags=[r for r in refs if ":" not in r],
+                )
+            entries, _ = await self.kv.range(prefix)
+            if not entries:
+                return deleted if deleted else None
+            guard = self._locks_guard(reg, repo)
+            entries.sort(key=lambda e: _delete_order(e, len(prefix)))
+            try:
+                for i in range(0, len(entries), TXN_BATCH - 1):
+                    batch = entries[i : i + TXN_BATCH - 1]
+                    ops: list[Op] = [Delete(e.key) for e in batch]
+                    cmps = [Compare(e.key, e.mod_revision) for e in batch]
+                    if any(e.key == guard.key for e in batch):
+                        await self._commit(cmps, ops)
+                    else:
+                        await self._commit([guard, *cmps], ops)
+                    deleted += len(batch)
+            except Conflict:
+                continue
+            return deleted
+        raise Conflict()
+
         it (compare on its revision); raises ``Conflict`` otherwise."""
         if self.record(key) != expect:
             raise Conflict()
@@ -952,3 +1325,40 @@ __all__ = [
     "Namespace",
     "RegionInfo",
 ]
+    records: dict[str, tuple[str, int, ManifestRecord]] = field(default_factory=dict)
+    tagged: set[str] = field(default_factory=set)  # digests some tag points at
+    locked: set[str] = field(default_factory=set)  # tags and digests with a lock record
+    locks_rev: int = 0
+    repo_locked: bool = False
+
+
+def _retention_policies(entries: list[Entry]) -> dict[str, float]:
+    """Registries whose config enables retention of untagged manifests:
+    name -> seconds an untagged manifest is kept."""
+    out: dict[str, float] = {}
+    for e in entries:
+        reg, _, rest = e.key[len(REG) :].partition("/")
+        if rest != "config":
+            continue
+        try:
+            policy = json.loads(e.value).get("retention") or {}
+            if policy.get("enabled") is True:
+                out[reg] = float(policy.get("days", 7)) * 86400
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return out
+
+
+def _sep(ref: str) -> str:
+    return "@" if ":" in ref else ":"
+
+
+def _delete_order(e: Entry, skip: int) -> tuple[int, int]:
+    """Tags, indexes, other manifests, then links, locks and counters."""
+    kind = e.key[skip - 1 : skip + 2]  # "_t/", "_m/", ...
+    if kind == "_m/":
+        try:
+            return (1 if ManifestRecord.from_json(e.value).manifests else 2), 0
+        except (ValueError, TypeError, KeyError):
+            return 2, 0
+    return {"_t/": 0, "_b/": 3, "_l/": 4}.get(kind, 5), 0

@@ -18,7 +18,7 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from cluster.kv import KVUnavailable
-from cluster.namespace import MAX_TAGS_PER_PUSH, BlobsGone, ManifestRecord, Namespace
+from cluster.namespace import MAX_TAGS_PER_PUSH, BlobsGone, Locked, ManifestRecord, Namespace
 from node import manifests as mf
 from node import ranges
 from node.auth import GRANT_HEADER, Access, Gate
@@ -411,7 +411,11 @@ class Registry:
             )
         await self.store.put_bytes(digest, body)
         try:
-            await self.ns.put_manifest(reg, name, parsed.record, tags, parsed.required_blobs)
+            await self.ns.put_manifest(
+                reg, name, parsed.record, tags, parsed.required_blobs, parsed.required_manifests
+            )
+        except Locked as e:
+            raise RegistryError(Code.DENIED, str(e)) from None
         except BlobsGone as e:
             raise RegistryError(
                 Code.MANIFEST_BLOB_UNKNOWN, detail={"blobs": e.digests, "manifests": []}
@@ -435,6 +439,12 @@ class Registry:
         return resp
 
     async def delete_manifest(self, reg: str, name: str, ref: str) -> web.Response:
+        try:
+            return await self._delete_manifest(reg, name, ref)
+        except Locked as e:
+            raise RegistryError(Code.DENIED, str(e)) from None
+
+    async def _delete_manifest(self, reg: str, name: str, ref: str) -> web.Response:
         if ":" in ref:
             parse_digest(ref)
             if not await self.ns.delete_manifest(reg, name, ref):

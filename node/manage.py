@@ -126,7 +126,11 @@ def api_handler(fn: Handler) -> Handler:
 # Modules holding more of the API, each with ``add_routes(api, app)``: their
 # handlers are functions ``(api, request)`` wrapped by ``api_handler`` and use
 # this class's ``caller``/``owner``/``manager``/``body``/``ok``/``done``.
-EXTENSIONS: tuple[str, ...] = ("node.manage_webhooks", "node.manage_import")
+EXTENSIONS: tuple[str, ...] = (
+    "node.manage_webhooks",
+    "node.manage_import",
+    "node.manage_content",
+)
 
 
 class ManageAPI:

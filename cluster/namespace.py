@@ -85,6 +85,8 @@ NODES = "/nodes/"  # /meridian/regions/<region>/nodes/<node-id>
 # the embedded store enforces the same, so what works standalone works on etcd.
 TXN_BATCH = 100
 MAX_TAGS_PER_PUSH = TXN_BATCH
+# A manifest record keeps the times of at most this many of its tags.
+MAX_TAGGED = 1024
 # Manifest records are etcd values (etcd's request limit is 1.5 MiB): larger
 # annotations stay only in the manifest's bytes.
 MAX_RECORD_ANNOTATIONS = 256 << 10
@@ -92,8 +94,6 @@ MAX_RECORD_ANNOTATIONS = 256 << 10
 FRESH_READ_TIMEOUT = 0.5
 PUSH_ATTEMPTS = 8  # a manifest push re-reads links that changed under it this often
 STORE_CHECK_TIMEOUT = 2.0  # the periodic liveness read
-# A manifest record keeps the times of at most this many of its tags.
-MAX_TAGGED = 1024
 
 
 class Conflict(Exception):
@@ -123,13 +123,6 @@ class ManifestRecord:
     # True when the annotations were too large to keep in the record: read
     # them from the manifest's bytes.
     annotations_elided: bool = False
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> ManifestRecord:
-        d = json.loads(raw)
     # ``created`` is the record's last push (every tag move rewrites it);
     # ``first_pushed`` the first (0: unknown, take ``created``), and
     # ``tagged`` each tag's [created, last update] as of its last move onto
@@ -137,9 +130,23 @@ class ManifestRecord:
     # ``Namespace.put_manifest``; not part of a record's equality.
     first_pushed: float = field(default=0.0, compare=False)
     tagged: dict[str, list[float]] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ManifestRecord:
+        d = json.loads(raw)
         d["blobs"] = tuple(d.get("blobs", ()))
         d["manifests"] = tuple(d.get("manifests", ()))
         return cls(**d)
+
+    def tag_times(self, tag: str) -> tuple[float, float]:
+        """(created, last update) of ``tag`` pointing here."""
+        t = self.tagged.get(tag)
+        if t and len(t) == 2:
+            return float(t[0]), float(t[1])
+        return self.created, self.created
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +155,6 @@ class RegionInfo:
     http: str  # base URL of the region's v2 API
     grpc: str = ""  # host:port of its replication service
     started: float = 0.0
-    def tag_times(self, tag: str) -> tuple[float, float]:
-        """(created, last update) of ``tag`` pointing here."""
-        t = self.tagged.get(tag)
-        if t and len(t) == 2:
-            return float(t[0]), float(t[1])
-        return self.created, self.created
-
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -192,13 +192,6 @@ def blob_key(reg: str, repo: str, digest: str) -> str:
 def pushes_key(reg: str, repo: str) -> str:
     return f"{REG}{reg}/repo/{repo}/_g/pushes"
 
-
-def place_key(reg: str, digest: str, region: str) -> str:
-    return f"{REG}{reg}/place/{digest}/{region}"
-
-
-def config_key(reg: str) -> str:
-    return f"{REG}{reg}/config"
 
 def lock_key(reg: str, repo: str, ref: str) -> str:
     """The lock record of a tag or (``ref`` with a ':') a manifest digest."""
@@ -250,6 +243,13 @@ class Locked(Exception):
         self.what = what
 
 
+def place_key(reg: str, digest: str, region: str) -> str:
+    return f"{REG}{reg}/place/{digest}/{region}"
+
+
+def config_key(reg: str) -> str:
+    return f"{REG}{reg}/config"
+
 
 def region_key(region: str) -> str:
     return REGIONS + region
@@ -270,6 +270,9 @@ class RepoState:
     blobs: dict[str, int] = field(default_factory=dict)
     # subject digest -> referrer manifest digests
     referrers: dict[str, set[str]] = field(default_factory=dict)
+    # lock records: tag or digest -> Lock; the repository's own (None: unlocked)
+    locks: dict[str, Lock] = field(default_factory=dict)
+    repo_lock: Lock | None = None
     _sorted_tags: list[str] | None = None
 
     def sorted_tags(self) -> list[str]:
@@ -281,9 +284,6 @@ class RepoState:
         return not (self.tags or self.manifests or self.blobs or self.locks or self.repo_lock)
 
 
-    # lock records: tag or digest -> Lock; the repository's own (None: unlocked)
-    locks: dict[str, Lock] = field(default_factory=dict)
-    repo_lock: Lock | None = None
 @dataclass
 class RegistryState:
     repos: dict[str, RepoState] = field(default_factory=dict)
@@ -462,6 +462,15 @@ class Cache:
             else:
                 size = rs.blobs[leaf] = json.loads(value)["size"]
                 st.blob_repos.setdefault(leaf, set()).add(repo)
+        elif kind == "_l":
+            lock = Lock.from_json(value) if value is not None else UNLOCKED
+            if lock == UNLOCKED:
+                rs.locks.pop(leaf, None)
+            else:
+                rs.locks[leaf] = lock
+        elif kind == "_g" and leaf == "locks":
+            lock = Lock.from_json(value) if value is not None else UNLOCKED
+            rs.repo_lock = None if lock == UNLOCKED else lock
         if st.holds(leaf) != held:
             st.stored += size if not held else -size
         if bool(rs.manifests) != had_manifests:
@@ -481,15 +490,6 @@ class Namespace:
         self._watch_task: asyncio.Task[None] | None = None
         self.synced = asyncio.Event()
 
-        elif kind == "_l":
-            lock = Lock.from_json(value) if value is not None else UNLOCKED
-            if lock == UNLOCKED:
-                rs.locks.pop(leaf, None)
-            else:
-                rs.locks[leaf] = lock
-        elif kind == "_g" and leaf == "locks":
-            lock = Lock.from_json(value) if value is not None else UNLOCKED
-            rs.repo_lock = None if lock == UNLOCKED else lock
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
@@ -742,6 +742,7 @@ class Namespace:
         rec: ManifestRecord,
         tags: Iterable[str],
         blobs: Iterable[str] = (),
+        children: Iterable[str] = (),
     ) -> None:
         """Record a manifest, its placement here and its tags in one
         transaction. Racing pushes of one tag are all accepted: the store
@@ -764,11 +765,15 @@ class Namespace:
         tags = list(dict.fromkeys(tags))
         if len(tags) > MAX_TAGS_PER_PUSH:
             raise ValueError(f"at most {MAX_TAGS_PER_PUSH} tags per push")
-        children: Iterable[str] = (),
         links = [blob_key(reg, repo, d) for d in dict.fromkeys(blobs)]
         links += [manifest_key(reg, repo, d) for d in dict.fromkeys(children)]
         checked = len(links) <= TXN_BATCH
         for _ in range(PUSH_ATTEMPTS):
+            # Locks are decided on this node's view and the transaction
+            # holds only if the repository's lock guard has not moved since.
+            self.check_write(reg, repo, rec.digest, tags)
+            ops = self._push_ops(reg, repo, rec, tags)
+            guard = self._locks_guard(reg, repo)
             # Past etcd's compare limit the links are checked by the fresh
             # read below only (an image of over 100 blobs).
             compares = [Compare(k, self._rev(k)) for k in links] if checked else []
@@ -795,42 +800,8 @@ class Namespace:
                     return
                 except Conflict:
                     continue
-            # Locks are decided on this node's view and the transaction
-            # holds only if the repository's lock guard has not moved since.
-            self.check_write(reg, repo, rec.digest, tags)
-            ops = self._push_ops(reg, repo, rec, tags)
-            guard = self._locks_guard(reg, repo)
         raise Conflict()
 
-    async def delete_tag(self, reg: str, repo: str, tag: str) -> bool:
-        key = tag_key(reg, repo, tag)
-        for attempt in range(PUSH_ATTEMPTS):
-            if attempt:
-                await self.fresh_locks(reg, repo)
-            rev = self._rev(key)
-            if not rev and (attempt or await self._fresh(key) is None):
-                return False
-            rev = self._rev(key)
-            self.check_delete(reg, repo, tags=(tag,))
-            try:
-                await self._commit([self._locks_guard(reg, repo), Compare(key, rev)], [Delete(key)])
-            except Conflict:
-                await self._reread(key)
-                continue
-            return True
-        raise Conflict()
-
-    async def delete_manifest(self, reg: str, repo: str, digest: str) -> bool:
-        """Delete a manifest and every tag of this repository that points at
-        it. Reads the store fresh (this node's cache may not know a tag
-        another region just moved here); every tag move onto a manifest
-        rewrites its record, so the compare on the record's revision catches
-        a move that races this delete. Tags go first and the record last, so
-        no tag is ever left pointing at a missing record."""
-        mkey = manifest_key(reg, repo, digest)
-        record = await self.kv.get(mkey)
-        if record is None:
-            return False
     def _push_ops(self, reg: str, repo: str, rec: ManifestRecord, tags: list[str]) -> list[Op]:
         rec = self._stamped(reg, repo, rec, tags)
         ops: list[Op] = [
@@ -862,10 +833,43 @@ class Namespace:
         first = (old.first_pushed or old.created) if old is not None else now
         return replace(rec, first_pushed=first, tagged=tagged)
 
-        tag_entries, _ = await self.kv.range(tag_key(reg, repo, ""))
+    async def delete_tag(self, reg: str, repo: str, tag: str) -> bool:
         """Remove one tag (the manifest stays); refused (``Locked``) when the
         tag or the repository is locked. False when there is no such tag."""
+        key = tag_key(reg, repo, tag)
+        for attempt in range(PUSH_ATTEMPTS):
+            if attempt:
+                await self.fresh_locks(reg, repo)
+            rev = self._rev(key)
+            if not rev and (attempt or await self._fresh(key) is None):
+                return False
+            rev = self._rev(key)
+            self.check_delete(reg, repo, tags=(tag,))
+            try:
+                await self._commit([self._locks_guard(reg, repo), Compare(key, rev)], [Delete(key)])
+            except Conflict:
+                await self._reread(key)
+                continue
+            return True
+        raise Conflict()
+
+    async def delete_manifest(self, reg: str, repo: str, digest: str) -> bool:
+        """Delete a manifest and every tag of this repository that points at
+        it. Reads the store fresh (this node's cache may not know a tag
+        another region just moved here); every tag move onto a manifest
+        rewrites its record, so the compare on the record's revision catches
+        a move that races this delete. Tags go first and the record last, so
+        no tag is ever left pointing at a missing record."""
+        mkey = manifest_key(reg, repo, digest)
+        await self.fresh_locks(reg, repo)
+        record = await self.kv.get(mkey)
+        if record is None:
+            return False
+        tag_entries, _ = await self.kv.range(tag_key(reg, repo, ""))
         pointing = [e for e in tag_entries if e.value == digest.encode()]
+        prefix = len(tag_key(reg, repo, ""))
+        self.check_delete(reg, repo, digests=(digest,), tags=[e.key[prefix:] for e in pointing])
+        locks = self._locks_guard(reg, repo)
         guard = Compare(mkey, record.mod_revision)
         if len(pointing) < TXN_BATCH - 1:
             await self._commit(
@@ -881,15 +885,11 @@ class Namespace:
             )
         await self._commit([locks, guard], [Delete(mkey)])
         return True
-        await self.fresh_locks(reg, repo)
 
     async def collect_links(self, grace: float) -> int:
         """Online garbage collection of blob links: remove every link that no
         manifest of its repository references and that is older than
         ``grace`` seconds (an upload links its blob before the manifest that
-        prefix = len(tag_key(reg, repo, ""))
-        self.check_delete(reg, repo, digests=(digest,), tags=[e.key[prefix:] for e in pointing])
-        locks = self._locks_guard(reg, repo)
         uses it is pushed). Returns how many were removed.
 
         Safe while pushes run: each removal is one transaction that holds
@@ -937,10 +937,15 @@ class Namespace:
                     scan.repo_locked = True
             elif kind == "_g" and leaf == "pushes":
                 scan.pushes_rev = e.mod_revision
+        policies = _retention_policies(entries)
         removed = 0
         for (reg, repo), scan in repos.items():
             if scan.unreadable:
                 continue
+            if reg in policies and not scan.repo_locked:
+                await self._apply_retention(reg, repo, scan, max(policies[reg], grace), now)
+            for _, _, rec in scan.records.values():
+                scan.referenced.update(rec.blobs)
             garbage = [
                 (key, rev)
                 for d, (key, rev, linked) in scan.links.items()
@@ -956,32 +961,8 @@ class Namespace:
                 except Conflict:
                     break  # a push or an upload raced this pass: look again next time
                 removed += len(batch)
-        policies = _retention_policies(entries)
         return removed
 
-    # -- records (identities, signing keys: cluster.auth) --------------------
-
-            if reg in policies and not scan.repo_locked:
-                await self._apply_retention(reg, repo, scan, max(policies[reg], grace), now)
-            for _, _, rec in scan.records.values():
-                scan.referenced.update(rec.blobs)
-    def record(self, key: str) -> bytes | None:
-        return self.cache.records.get(key)
-
-    def records(self, prefix: str) -> dict[str, bytes]:
-        return {k: v for k, v in self.cache.records.items() if k.startswith(prefix)}
-
-    async def fresh_record(self, key: str) -> bytes | None:
-        """A record the cache lacks (written an instant ago elsewhere)."""
-        return self.record(key) or await self._fresh(key)
-
-    async def put_record(self, key: str, value: bytes, *, create: bool = False) -> None:
-        """Write a record; with ``create``, only if it does not exist yet
-        (raises ``Conflict`` otherwise, also when this node's cache is behind)."""
-        await self._commit([Compare(key, 0)] if create else [], [Put(key, value)])
-
-    async def replace_record(self, key: str, value: bytes, expect: bytes | None) -> None:
-        """Write a record only if it still holds ``expect`` as this node saw
     async def _apply_retention(
         self, reg: str, repo: str, scan: _RepoScan, age: float, now: float
     ) -> None:
@@ -1193,6 +1174,25 @@ class Namespace:
             return deleted
         raise Conflict()
 
+    # -- records (identities, signing keys: cluster.auth) --------------------
+
+    def record(self, key: str) -> bytes | None:
+        return self.cache.records.get(key)
+
+    def records(self, prefix: str) -> dict[str, bytes]:
+        return {k: v for k, v in self.cache.records.items() if k.startswith(prefix)}
+
+    async def fresh_record(self, key: str) -> bytes | None:
+        """A record the cache lacks (written an instant ago elsewhere)."""
+        return self.record(key) or await self._fresh(key)
+
+    async def put_record(self, key: str, value: bytes, *, create: bool = False) -> None:
+        """Write a record; with ``create``, only if it does not exist yet
+        (raises ``Conflict`` otherwise, also when this node's cache is behind)."""
+        await self._commit([Compare(key, 0)] if create else [], [Put(key, value)])
+
+    async def replace_record(self, key: str, value: bytes, expect: bytes | None) -> None:
+        """Write a record only if it still holds ``expect`` as this node saw
         it (compare on its revision); raises ``Conflict`` otherwise."""
         if self.record(key) != expect:
             raise Conflict()
@@ -1310,21 +1310,6 @@ class _RepoScan:
     referenced: set[str] = field(default_factory=set)
     pushes_rev: int = 0
     unreadable: bool = False
-
-
-def _size(size: int) -> bytes:
-    return json.dumps({"size": size}).encode()
-
-
-__all__ = [
-    "BlobsGone",
-    "Cache",
-    "Conflict",
-    "KVUnavailable",
-    "ManifestRecord",
-    "Namespace",
-    "RegionInfo",
-]
     records: dict[str, tuple[str, int, ManifestRecord]] = field(default_factory=dict)
     tagged: set[str] = field(default_factory=set)  # digests some tag points at
     locked: set[str] = field(default_factory=set)  # tags and digests with a lock record
@@ -1362,3 +1347,18 @@ def _delete_order(e: Entry, skip: int) -> tuple[int, int]:
         except (ValueError, TypeError, KeyError):
             return 2, 0
     return {"_t/": 0, "_b/": 3, "_l/": 4}.get(kind, 5), 0
+
+
+def _size(size: int) -> bytes:
+    return json.dumps({"size": size}).encode()
+
+
+__all__ = [
+    "BlobsGone",
+    "Cache",
+    "Conflict",
+    "KVUnavailable",
+    "ManifestRecord",
+    "Namespace",
+    "RegionInfo",
+]

@@ -288,20 +288,27 @@ class SourceClient:
 
     def clean(self, text: str) -> str:
         """What the source said, on one line, short, without the credentials."""
-        text = " ".join(str(text).split())[:200]
-        for secret in (self._password, self._user):
-            if secret:
-                text = text.replace(secret, "***")
-        return text
+        text = " ".join(str(text).split())
+        secrets = [self._password or "", self._basic()[6:]]
+        if self._user and len(self._user) >= 4:  # a name, but one that may identify
+            secrets.append(self._user)
+        for secret in filter(None, secrets):
+            text = text.replace(secret, "***")
+        return text[:200]
+
+    def _basic(self) -> str:
+        """``Basic <base64>`` of the credentials, or ""."""
+        if self._user is None:
+            return ""
+        pair = f"{self._user}:{self._password or ''}".encode()
+        return "Basic " + base64.b64encode(pair).decode()
 
     async def _says(self, resp: aiohttp.ClientResponse) -> str:
         try:
             raw = await resp.content.read(MAX_ERROR_BODY)
             err = json.loads(raw)["errors"][0]
             said = f"{err.get('code', '')}: {err.get('message', '')}".strip(": ")
-        except (ValueError, KeyError, IndexError, TypeError, aiohttp.ClientError):
-            said = ""
-        except TimeoutError:
+        except (ValueError, KeyError, IndexError, TypeError, aiohttp.ClientError, TimeoutError):
             said = ""
         return f" ({self.clean(said)})" if said else ""
 
@@ -387,10 +394,7 @@ class SourceClient:
 
     async def _authenticate(self, header: str, tried: str | None) -> None:
         scheme, params = _challenge(header)
-        basic = None
-        if self._user is not None:
-            pair = f"{self._user}:{self._password or ''}".encode()
-            basic = "Basic " + base64.b64encode(pair).decode()
+        basic = self._basic() or None
         if scheme == "basic":
             if basic is None or tried == basic:
                 raise self._denied()

@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
+from cluster.auth.admin import Invalid
 from cluster.auth.identities import OWNER
 from loadtest.reference import Server, start_distribution
+from node.importer import parse_source
 from tests.images import Image, Index, Registry, build_image, build_index
 from tests.oci import module_node_fixture
 from tests.procs import OWNER_PASSWORD, NodeProcess, free_port, redact, skopeo
@@ -169,6 +171,30 @@ def assert_pulled(dest: Path, item: Image | Index) -> None:
             assert (dest / f"{d[7:]}.manifest.json").read_bytes() == body
     for b in item.all_blobs():
         assert (dest / b.digest[7:]).read_bytes() == b.data
+
+
+# -- references ------------------------------------------------------------------------
+
+
+def test_source_references() -> None:
+    s = parse_source("docker.io/library/alpine:3.19")
+    assert (s.scheme, s.host, s.api_host, s.repo, s.tag, s.digest) == (
+        "https", "docker.io", "registry-1.docker.io", "library/alpine", "3.19", None
+    )  # fmt: skip
+    assert parse_source("docker.io/alpine").repo == "library/alpine"
+    assert parse_source("docker.io/alpine").ref == "latest"
+    d = "sha256:" + "a" * 64
+    s = parse_source(f"registry.example.com:5000/team/app:1@{d}")
+    assert (s.host, s.repo, s.tag, s.digest, s.ref) == ("registry.example.com:5000", "team/app",
+                                                      "1", d, d)  # fmt: skip
+    s = parse_source("http://localhost:5001/x")
+    assert (s.scheme, s.base_url, str(s)) == ("http", "http://localhost:5001",
+                                              "http://localhost:5001/x:latest")  # fmt: skip
+    assert parse_source("[::1]:5000/a/b:c").host == "[::1]:5000"
+    for bad in ("alpine", "alpine:3", "library/alpine:3", "ftp://h.io/x", "u:p@h.io/x", "h.io/",
+                "h.io/X", "h.io/x:", "h.io/x@sha256:12", "https://h.io"):  # fmt: skip
+        with pytest.raises(Invalid):
+            parse_source(bad)
 
 
 # -- copies --------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from cluster.kv import KVUnavailable
 from cluster.namespace import MAX_TAGS_PER_PUSH, BlobsGone, Locked, ManifestRecord, Namespace
+from cluster.registries import Guard
 from node import manifests as mf
 from node import ranges
 from node.auth import GRANT_HEADER, Access, Gate
@@ -114,6 +115,7 @@ class Registry:
         self.default_registry = default_registry
         self.domain = normalize_domain(domain)
         self.manifest_cache = ManifestCache()
+        self.guard = Guard(ns, default_registry)  # registries' existence and limits
         self.activity: Activity | None = None  # webhooks and audit (node.webhooks)
 
     # -- routing -----------------------------------------------------------
@@ -130,7 +132,11 @@ class Registry:
         kind = route.kind
         name = check_name(route.name) if route.name else ""
         reg = self.registry_for(request)
+        # A registry must exist (the default one always does: no lookup).
+        lim = None if reg == self.default_registry else await self.guard.admit(reg)
         access = await self.gate.authorize(request, reg, route) if self.gate else None
+        if lim is not None:  # its tier's operations per minute
+            self.guard.count(reg, lim, method not in ("GET", "HEAD"))
         request[ACCESS] = access
         if kind == "base":
             if method in ("GET", "HEAD"):
@@ -409,6 +415,7 @@ class Registry:
                 "a descriptor's size does not match the content stored under its digest",
                 detail={"sizes": wrong},
             )
+        self.guard.check_storage(reg, digest, len(body))
         await self.store.put_bytes(digest, body)
         try:
             await self.ns.put_manifest(
@@ -645,6 +652,7 @@ class Registry:
             up = await self.uploads.create(reg, name)
             try:
                 await self._append(request, up)
+                self.guard.check_storage(reg, digest, up.size)
                 size = await self.uploads.finish(up, digest)
                 await self.ns.link_blob(reg, name, digest, size)
             finally:
@@ -717,6 +725,7 @@ class Registry:
                 self._check_range(request, up)
                 if request.can_read_body:
                     await self._append(request, up)
+            self.guard.check_storage(up.registry, digest, up.size)
             size = await self.uploads.finish(up, digest)
             await self.ns.link_blob(up.registry, up.repo, digest, size)
             await self.uploads.cancel(up)

@@ -56,6 +56,7 @@ from typing import Any
 
 from aiohttp import web
 
+from cluster import registries
 from cluster.auth import scopes as sc
 from cluster.auth import tokens
 from cluster.auth.identities import Identities, Principal
@@ -318,6 +319,7 @@ class Gate:
             self.domain,
             self.default_registry,
         )
+        await registries.require(self.ns, reg, self.default_registry)  # 404 if it does not exist
         self.check_network(request, reg)
         service = self.service_for(reg)
         if request.method == "POST":

@@ -56,8 +56,16 @@ from typing import TYPE_CHECKING, Any
 import jwt
 from aiohttp import web
 
+from cluster import registries
 from cluster.auth import tokens
-from cluster.auth.admin import REGISTRY_RE, Admin, AdminError, Invalid, check_registry
+from cluster.auth.admin import (
+    REGISTRY_RE,
+    Admin,
+    AdminError,
+    Invalid,
+    NotFound,
+    check_registry,
+)
 from cluster.auth.identities import Principal
 from cluster.namespace import Namespace
 from node.auth import MAX_AUTH_HEADER, Gate, basic_credentials
@@ -127,6 +135,7 @@ def api_handler(fn: Handler) -> Handler:
 # handlers are functions ``(api, request)`` wrapped by ``api_handler`` and use
 # this class's ``caller``/``owner``/``manager``/``body``/``ok``/``done``.
 EXTENSIONS: tuple[str, ...] = (
+    "node.manage_registry",
     "node.manage_webhooks",
     "node.manage_import",
     "node.manage_content",
@@ -309,6 +318,8 @@ class ManageAPI:
         assert c is not None
         if not c.manage:
             raise self._denied(c, reg)
+        if reg != self.default_registry and await registries.known(self.ns, reg) is None:
+            raise NotFound(registries.unknown(reg), {"registry": reg})
         return reg, c
 
     async def body(self, request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Registries selected by Host (``<registry>.<domain>``): every endpoint is
 scoped to its registry, and a Host that names no valid registry never reads
-or writes another registry's content."""
+or writes another registry's content. Each test creates its registries
+(``oci.create_registry``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from tests import oci
 from tests.oci import Client, assert_error
+from tests.procs import NodeProcess
 
 DOMAIN = "reg.test"
 reg_node = oci.module_node_fixture("registries", "--domain", DOMAIN)
@@ -16,6 +18,13 @@ api = oci.client_fixture()
 
 def _host(registry: str) -> dict[str, str]:
     return {"Host": f"{registry}.{DOMAIN}"}
+
+
+def _new(node: NodeProcess, prefix: str) -> str:
+    """A registry of its own, created."""
+    name = f"{prefix}{oci.unknown_digest()[7:15]}"
+    oci.create_registry(node.url, name)
+    return name
 
 
 async def _push(api: Client, host: dict[str, str], repo: str, m: oci.Manifest, tag: str) -> None:
@@ -34,8 +43,8 @@ async def _push(api: Client, host: dict[str, str], repo: str, m: oci.Manifest, t
     assert r.status == 201, r
 
 
-async def test_registries_are_isolated(api: Client) -> None:
-    a, b = _host(f"a{oci.unknown_digest()[7:15]}"), _host(f"b{oci.unknown_digest()[7:15]}")
+async def test_registries_are_isolated(api: Client, reg_node: NodeProcess) -> None:
+    a, b = _host(_new(reg_node, "a")), _host(_new(reg_node, "b"))
     repo = "team/app"
     img = oci.image(1)
     sbom = oci.artifact(img, annotations={"r": "a"})
@@ -69,8 +78,8 @@ async def test_registries_are_isolated(api: Client) -> None:
     assert (await api.get(f"/v2/{repo}/manifests/v1", headers=a)).status == 200
 
 
-async def test_host_is_case_insensitive(api: Client) -> None:
-    name = f"c{oci.unknown_digest()[7:15]}"
+async def test_host_is_case_insensitive(api: Client, reg_node: NodeProcess) -> None:
+    name = _new(reg_node, "c")
     img = oci.image(1)
     await _push(api, _host(name), "app", img, "v1")
     r = await api.get("/v2/app/manifests/v1", headers={"Host": f"{name.upper()}.REG.TEST"})
@@ -85,8 +94,10 @@ async def test_host_is_case_insensitive(api: Client) -> None:
         "{victim}/x",
     ],
 )
-async def test_host_cannot_reach_into_another_registry(api: Client, registry_part: str) -> None:
-    victim = f"v{oci.unknown_digest()[7:15]}"
+async def test_host_cannot_reach_into_another_registry(
+    api: Client, reg_node: NodeProcess, registry_part: str
+) -> None:
+    victim = _new(reg_node, "v")
     vh = _host(victim)
     await _push(api, vh, "own", oci.image(1), "v1")
     evil = {"Host": f"{registry_part.format(victim=victim)}.{DOMAIN}"}

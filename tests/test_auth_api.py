@@ -89,7 +89,10 @@ class Reg:
 
 
 def new_reg(node: NodeProcess, prefix: str = "r") -> Reg:
-    return Reg(node, prefix + uuid.uuid4().hex[:10])
+    """A registry of its own, created (Premium: network rules allowed)."""
+    reg = Reg(node, prefix + uuid.uuid4().hex[:10])
+    oci.create_registry(node.url, reg.name)
+    return reg
 
 
 @pytest.fixture

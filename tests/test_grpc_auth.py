@@ -50,6 +50,7 @@ from proto import replication_pb2 as pb
 from proto import replication_pb2_grpc as pb_grpc
 from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.images import build_image
+from tests.oci import create_registry
 from tests.test_replication import (
     REG,
     REPO,
@@ -270,6 +271,7 @@ def test_only_content_the_registry_references_is_served(etcd: EtcdServer, tmp_pa
         kept = build_image([100_000], seed="grpc-auth-kept")
         east.registry().push(REPO, "kept", kept)
         loose = push_blob(east, b"a blob pushed, then deleted" * 1000)
+        create_registry(east.url, "other", location="eastus")
         theirs = push_blob(east, b"another registry's blob" * 1000, registry="other")
         wait_until(
             lambda: west.has_all(content_digests(image) + content_digests(kept)),

@@ -29,11 +29,13 @@ import pytest
 
 from cluster.auth.identities import OWNER, OWNER_PASSWORD_ENV
 from tests.images import build_image, write_layout
+from tests.oci import create_registry
 from tests.procs import ROOT, NodeProcess, require_tool
 
 pytestmark = pytest.mark.timeout(300)
 
 DOMAIN = "meridian.test"
+REGISTRIES = ("contoso", "fabrikam")  # what the tests' Host names select
 OWNER_PASSWORD = os.environ.setdefault(OWNER_PASSWORD_ENV, secrets.token_urlsafe(18))
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 CLUSTER_ENV = (
@@ -72,6 +74,8 @@ class Node:
 def node(tmp_path: Path) -> Iterator[Node]:
     p = NodeProcess(tmp_path / "data", extra=["--auth", "--domain", DOMAIN, "--access-log"]).start()
     n = Node(p)
+    for reg in REGISTRIES:  # registries exist once created (cluster.registries)
+        create_registry(p.url, reg)
     try:
         yield n
         n.assert_no_secret_logged()

@@ -47,10 +47,20 @@ from localcluster.wan import Link, Wan
 from tests import images as im
 from tests.containerd import Containerd
 from tests.etcd_server import EtcdServer
-from tests.oci import Client, Manifest, assert_error, digest, image, owner_auth, repo_name
+from tests.oci import (
+    Client,
+    Manifest,
+    assert_error,
+    create_registry,
+    digest,
+    image,
+    owner_auth,
+    repo_name,
+)
 from tests.procs import OWNER_CREDS, OWNER_LOGIN, ROOT, NodeProcess, free_port, require_tool
 
 DOMAIN = "meridian.test"
+REGISTRIES = ("teamreg", "walled")  # created registries the tests select by Host
 LATENCY = {"near": 0.002, "mid": 0.010, "far": 0.020}  # one way, seconds
 PIN = "meridian_region"
 TRUSTED = "127.0.0.1/32"  # the router (through the in-process WAN links)
@@ -190,6 +200,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 "--access-log",
             ]  # fmt: skip
             nodes[name], links[name] = node.start(), link
+        for reg in REGISTRIES:  # registries exist once created (cluster.registries)
+            create_registry(nodes["near"].url, reg)
         router = RouterProcess(etcd.client_url, base, ("--domain", DOMAIN)).start()
         c = Cluster(etcd, wan, nodes, links, router, base)
         c.restore()
@@ -507,7 +519,7 @@ async def test_upload_location_points_at_the_region_and_stays_pinned(cluster: Cl
 
 async def test_registry_selected_by_host_is_preserved(cluster: Cluster) -> None:
     repo, m = repo_name("hosted"), image(1)
-    host = f"team.{DOMAIN}"
+    host = f"teamreg.{DOMAIN}"
     await push_to(cluster.router.url, repo, m, host=host)
     async with session() as s:
         h = {"Accept": m.media_type}
@@ -519,7 +531,7 @@ async def test_registry_selected_by_host_is_preserved(cluster: Cluster) -> None:
         async with s.get(f"{cluster.router.url}/v2/{repo}/manifests/v1", headers=h) as r:
             assert r.status == 404
             assert (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
-        # The node itself serves it under that host name: it landed in "team".
+        # The node itself serves it under that host name: it landed in "teamreg".
         async with s.get(
             f"{cluster.nodes['near'].url}/v2/{repo}/manifests/v1", headers={**h, "Host": host}
         ) as r:
@@ -550,15 +562,15 @@ async def test_unknown_hosts(cluster: Cluster, everywhere: tuple[str, Manifest])
     repo, m = everywhere
     async with session() as s:
         h = {"Accept": m.media_type}
-        # A registry nobody created: the region answers, with the spec's error.
-        async with s.get(
-            f"{cluster.router.url}/v2/{repo}/manifests/v1",
-            headers={**h, "Host": f"nosuch.{DOMAIN}"},
-        ) as r:
-            assert r.status == 404
-            assert (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
-        async with s.get(f"{cluster.router.url}/v2/", headers={"Host": f"nosuch.{DOMAIN}"}) as r:
-            assert r.status == 200
+        # A registry nobody created: the region answers, with the spec's error
+        # naming the registry (its token endpoint too).
+        for path in (f"/v2/{repo}/manifests/v1", "/v2/", "/oauth2/token"):
+            async with s.get(
+                f"{cluster.router.url}{path}", headers={**h, "Host": f"nosuch.{DOMAIN}"}
+            ) as r:
+                assert r.status == 404, path
+                err = (await r.json())["errors"][0]
+                assert err["code"] == "NAME_UNKNOWN" and "'nosuch'" in err["message"], err
         # A host outside the domain (or the bare domain): the default registry.
         for host in ("registry.elsewhere.example:8443", DOMAIN, "127.0.0.1"):
             async with s.get(
@@ -723,10 +735,8 @@ async def test_forwarded_for_names_the_client_only_through_a_trusted_proxy(
     ns = Namespace(EtcdKV(cluster.etcd.endpoints), region="")
     await ns.start()
     try:
-        await ns.set_registry_config(
-            "walled",
-            {"network": {"public_access": False, "allowed_cidrs": ["10.1.2.0/24", "127.0.0.3"]}},
-        )
+        rules = {"public_access": False, "allowed_cidrs": ["10.1.2.0/24", "127.0.0.3"]}
+        await ns.update_registry_config("walled", lambda c: {**c, "network": rules})
     finally:
         await ns.close()
     forged = {"X-Forwarded-For": "10.1.2.3"}

@@ -93,6 +93,8 @@ COMMANDS = {
     "settings": (_group("settings"), "a registry's anonymous pull and public access"),
     "network-rule": (_group("network-rule"), "the networks a registry accepts clients from"),
     "registry": (_group("registry"), "registries: create, list, show, update, delete; tiers"),
+    "webhook": (_group("webhook"), "a registry's webhooks: create, list, show, update, ping"),
+    "audit": (_group("audit"), "a registry's audit records: list, export as JSON lines"),
     "import": (_import, "copy an image from any OCI registry into a registry, server-side"),
     "repository": (_group("repository"), "a registry's repositories, tags and locks; delete"),
     "manifest": (_group("manifest"), "a repository's manifests: list, show, lock, delete"),

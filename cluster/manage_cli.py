@@ -732,6 +732,8 @@ GROUP_MODULES: dict[str, str] = {
     "repository": "cluster.content_cli",
     "manifest": "cluster.content_cli",
     "config": "cluster.content_cli",
+    "webhook": "cluster.webhook_cli",
+    "audit": "cluster.webhook_cli",
 }
 
 

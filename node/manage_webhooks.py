@@ -38,9 +38,9 @@ import aiohttp
 from aiohttp import web
 
 from cluster import skus
-from cluster.auth.admin import AdminError, Exists, Invalid, NotFound
+from cluster.auth.admin import AdminError, Busy, Exists, Invalid, NotFound
 from cluster.kv import Compare, Delete, Put
-from cluster.namespace import Namespace
+from cluster.namespace import Conflict, Namespace
 from node import audit
 from node.manage import PREFIX, ManageAPI, api_handler
 from node.webhooks import records as rec
@@ -115,7 +115,7 @@ async def _stored_hooks(ns: Namespace, reg: str) -> list[rec.Webhook]:
 @api_handler
 async def list_hooks(api: ManageAPI, request: web.Request) -> web.Response:
     reg, _ = await api.manager(request)
-    hooks = sorted(await _stored_hooks(api.ns, reg), key=lambda h: h.name)
+    hooks = sorted(_activity(api).hooks.of(reg), key=lambda h: h.name)
     return api.ok({"webhooks": [h.public() for h in hooks]})
 
 
@@ -137,9 +137,10 @@ async def create_hook(api: ManageAPI, request: web.Request) -> web.Response:
     )
     _check_count(api, reg, len(await _stored_hooks(api.ns, reg)))
     key = rec.hook_key(reg, name)
-    r = await api.ns.kv.txn([Compare(key, 0)], [Put(key, hook.to_json())])
-    if not r.succeeded:
-        raise Exists(f"webhook {name!r} exists already in {reg!r}: pick another name")
+    try:  # through the cache: this node's next push sees the webhook
+        await api.ns.commit([Compare(key, 0)], [Put(key, hook.to_json())])
+    except Conflict:
+        raise Exists(f"webhook {name!r} exists already in {reg!r}: pick another name") from None
     api.audit(c, f"created webhook {reg}/{name} ({','.join(hook.actions)} -> {hook.location})")
     return api.ok(hook.public(secret=True), 201)
 
@@ -189,10 +190,12 @@ async def update_hook(api: ManageAPI, request: web.Request) -> web.Response:
         if rotate:
             changes["secret"] = rec.new_secret()
         new = rec.Webhook(**{**hook.__dict__, **changes})
-        r = await api.ns.kv.txn([Compare(key, entry.mod_revision)], [Put(key, new.to_json())])
-        if r.succeeded:
-            api.audit(c, f"updated webhook {reg}/{name}: {', '.join(sorted(doc))}")
-            return api.ok(new.public(secret=bool(rotate)))
+        try:
+            await api.ns.commit([Compare(key, entry.mod_revision)], [Put(key, new.to_json())])
+        except Conflict:
+            continue
+        api.audit(c, f"updated webhook {reg}/{name}: {', '.join(sorted(doc))}")
+        return api.ok(new.public(secret=bool(rotate)))
     raise AdminError("the webhook kept changing under this update: retry")
 
 
@@ -210,7 +213,10 @@ async def delete_hook(api: ManageAPI, request: web.Request) -> web.Response:
     entry = await api.ns.kv.get(key)
     hook = _hook_from_store(entry.value if entry else None, name)
     assert entry is not None
-    await api.ns.kv.txn([Compare(key, entry.mod_revision)], [Delete(key)])
+    try:
+        await api.ns.commit([Compare(key, entry.mod_revision)], [Delete(key)])
+    except Conflict:
+        raise Busy("the webhook changed meanwhile: look again and retry") from None
     await _delete_prefix(api.ns, rec.events_prefix(reg, hook.location, name))
     await _delete_prefix(api.ns, rec.deliveries_prefix(reg, hook.location, name))
     api.audit(c, f"deleted webhook {reg}/{name}")
@@ -284,6 +290,7 @@ async def hook_events(api: ManageAPI, request: web.Request) -> web.Response:
                 "time": ev.get("created"),
                 "outcome": "pending",
                 "request": {"method": "POST", "uri": hook.uri, "body": doc},
+                "response": None,
             }
         )
     done = await api.ns.refresh(rec.deliveries_prefix(reg, hook.location, name))

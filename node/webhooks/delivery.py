@@ -2,9 +2,9 @@
 order per webhook, retried with back-off, never following a redirect.
 
 The region's deliverer is the node holding ``/meridian/leaders/<region>/
-webhooks`` (a put-if-absent under a lease of its own, ``Leader``; taken
-over within the lease's TTL when that node dies, at once by the same node
-restarted). It reads the region's queue (``/meridian/reg/<r>/events/
+webhooks`` (``node.replication.claims.Leader``: a put-if-absent under a
+lease of its own; taken over within the lease's TTL when that node dies, at
+once by the same node restarted). It reads the region's queue (``/meridian/reg/<r>/events/
 <region>/<hook>/<id>``, ordered by the revision that wrote each event) and
 runs one worker per webhook with pending events (at most ``concurrency``
 at once): each sends its webhook's events one after the other, so a
@@ -36,9 +36,10 @@ import aiohttp
 from prometheus_client import Counter, Histogram
 
 from cluster.backoff import Backoff
-from cluster.kv import Compare, Delete, Entry, KVStore, Op, Put
-from cluster.namespace import ROOT, Namespace
+from cluster.kv import Compare, Delete, Entry, Op, Put
+from cluster.namespace import Namespace
 from cluster.runtime import cancel_and_wait
+from node.replication.claims import Claims, Leader
 from node.webhooks.events import Hooks
 from node.webhooks.records import (
     Webhook,
@@ -50,8 +51,6 @@ from node.webhooks.signing import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADE
 
 log = logging.getLogger("meridian.webhooks")
 
-LEADERS = ROOT + "leaders/"
-LEADER_TTL = 10
 LEADER_POLL = 3.0
 REJECT_ATTEMPTS = 3
 MAX_RESPONSE = 64 << 10
@@ -71,79 +70,6 @@ LATENCY = Histogram(
     "Webhook request latency (to the answer or the failure)",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-
-
-def leader_key(region: str, role: str) -> str:
-    return f"{LEADERS}{region}/{role}"
-
-
-class Leader:
-    """``role`` for the region on one node at a time (a small twin of
-    ``node.replication.claims.Leader``, which had not landed yet)."""
-
-    def __init__(self, kv: KVStore, region: str, role: str, node: str, ttl: int = LEADER_TTL):
-        self.kv = kv
-        self.key = leader_key(region, role)
-        self.node = node
-        self.ttl = ttl
-        self.lease: int | None = None
-        self.held = False
-
-    def _value(self, lease: int) -> bytes:
-        return json.dumps({"node": self.node, "lease": lease, "t": round(time.time(), 3)}).encode()
-
-    async def acquire(self) -> bool:
-        """Whether this node holds the role now (taken now, or already)."""
-        held = await self._acquire()
-        if held != self.held:
-            log.info("webhook deliverer of the region: %s", "this node" if held else "another")
-            self.held = held
-        return held
-
-    async def _acquire(self) -> bool:
-        for _ in range(3):
-            if self.lease is None:
-                self.lease = await self.kv.grant_lease(self.ttl)
-            lease = self.lease
-            try:
-                r = await self.kv.txn(
-                    [Compare(self.key, 0)], [Put(self.key, self._value(lease), lease)]
-                )
-            except ValueError:  # our lease lapsed (the store was away): a new one
-                self.lease = None
-                continue
-            if r.succeeded:
-                return True
-            e = await self.kv.get(self.key)
-            if e is None:
-                continue
-            try:
-                doc = json.loads(e.value)
-                node, held_lease = doc["node"], int(doc["lease"])
-            except (ValueError, KeyError, TypeError):
-                return False
-            if node != self.node:
-                return False
-            if held_lease == lease:
-                return True
-            # Left by an earlier process of this node: ours again at once.
-            try:
-                r = await self.kv.txn(
-                    [Compare(self.key, e.mod_revision)], [Put(self.key, self._value(lease), lease)]
-                )
-            except ValueError:
-                self.lease = None
-                continue
-            if r.succeeded:
-                return True
-        return False
-
-    async def release(self) -> None:
-        lease, self.lease = self.lease, None
-        self.held = False
-        if lease is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.kv.revoke_lease(lease), 2.0)
 
 
 def _classify(status: int | None) -> str:
@@ -252,7 +178,8 @@ class Deliverer:
         self.ns = ns
         self.hooks = hooks
         self.region = ns.region
-        self.leader = Leader(ns.kv, ns.region, "webhooks", node)
+        self.claims = Claims(ns.kv, node)
+        self.leader = Leader(self.claims, ns.region, "webhooks")
         self.timeout = timeout
         self.max_age = max_age
         self.retry_cap = retry_cap
@@ -277,7 +204,7 @@ class Deliverer:
         tasks = [t for t in (self._task, *self._workers.values()) if t is not None]
         await cancel_and_wait(tasks)
         self._workers.clear()
-        await self.leader.release()
+        await self.claims.close()
         if self.session is not None:
             await self.session.close()
 

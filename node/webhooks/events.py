@@ -268,6 +268,7 @@ class Emitter:
                 tag = next((t for t in tags or [""] if hook.fires("replicated", repo, t)), None)
                 if tag is None:
                     continue
+                rec = self.ns.manifest(ev.registry, repo, ev.digest)
                 doc = payload(
                     "replicated",
                     registry=ev.registry,
@@ -276,7 +277,7 @@ class Emitter:
                     tag=tag,
                     digest=ev.digest,
                     media_type=ev.media_type,
-                    size=ev.bytes,
+                    size=rec.size if rec is not None else None,
                 )
                 ops.append(self._put(ev.registry, hook, doc))
         if not ops:

@@ -7,10 +7,12 @@ bumps a dictionary entry. Records wait in memory and are written in batches:
 every ``flush_interval`` seconds each node writes one key per registry that
 had activity, ``/meridian/reg/<registry>/audit/<ms>-<node>-<n>`` (a JSON
 list; cluster-level changes such as service principals go to
-``/meridian/audit/...``), so etcd sees a handful of writes a minute rather
-than one per request. A node stopped cleanly writes what it holds; one
-killed loses at most the last interval's records (webhook events, which
-must not be lost, are written before the request is answered instead).
+``/meridian/audit/...``), and the minute's pull counts under
+``.../audit/<minute's ms>-<node>-pulls`` (rewritten while the minute lasts),
+so etcd sees a handful of writes a minute rather than one per request. A
+node stopped cleanly writes what it holds; one killed loses at most the
+last interval's records (webhook events, which must not be lost, are
+written before the request is answered instead).
 
 Each node removes records older than ``retention`` seconds (keys are named
 by time, so one range read per registry finds them), every few minutes.
@@ -82,6 +84,7 @@ class AuditLog:
         self.retention = retention
         self._held: dict[str | None, list[dict[str, Any]]] = {}
         self._pulls: dict[tuple[str, str, str, str, int], int] = {}
+        self._dirty: set[tuple[str, int]] = set()  # (registry, minute) counted since a flush
         self._seq = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -123,8 +126,10 @@ class AuditLog:
 
     def pull(self, registry: str, repository: str, identity: str, source: str) -> None:
         """One manifest GET: counted into its minute (the hot path)."""
-        key = (registry, repository, identity, source, int(time.time() // 60))
+        minute = int(time.time() // 60)
+        key = (registry, repository, identity, source, minute)
         self._pulls[key] = self._pulls.get(key, 0) + 1
+        self._dirty.add((registry, minute))
 
     def _hold(self, registry: str | None, rec: dict[str, Any]) -> None:
         held = self._held.setdefault(registry, [])
@@ -134,12 +139,15 @@ class AuditLog:
             held.pop(0)
             self._dropped += 1
 
-    def _drain_pulls(self) -> None:
-        pulls, self._pulls = self._pulls, {}
-        for (reg, repo, identity, source, minute), count in pulls.items():
+    def _pull_batches(self) -> list[tuple[str, int, list[dict[str, Any]]]]:
+        """(registry, minute, records) of every minute counted into since the
+        last flush: all of that minute's counts, rewritten under one key per
+        node, registry and minute until the minute is over."""
+        dirty, self._dirty = self._dirty, set()
+        out = []
+        for reg, minute in sorted(dirty):
             ts = minute * 60.0
-            self._hold(
-                reg,
+            recs = [
                 {
                     "time": iso(ts),
                     "ts": ts,
@@ -153,8 +161,12 @@ class AuditLog:
                     "repository": repo,
                     "count": count,
                     "minute": iso(ts),
-                },
-            )
+                }
+                for (r, repo, identity, source, m), count in self._pulls.items()
+                if r == reg and m == minute
+            ]
+            out.append((reg, minute, recs))
+        return out
 
     # -- writing ---------------------------------------------------------------------
 
@@ -191,7 +203,17 @@ class AuditLog:
 
     async def flush(self) -> None:
         async with self._lock:
-            self._drain_pulls()
+            batches = self._pull_batches()
+            try:
+                for reg, minute, recs in batches:
+                    key = f"{audit_prefix(reg)}{minute * 60_000:013d}-{self.node}-pulls"
+                    await self.ns.kv.txn([], [Put(key, json.dumps(recs).encode())])
+            except Exception:
+                self._dirty.update((reg, minute) for reg, minute, _ in batches)
+                raise
+            now = int(time.time() // 60)
+            for k in [k for k in self._pulls if k[4] < now and (k[0], k[4]) not in self._dirty]:
+                del self._pulls[k]  # a minute over and written
             if self._dropped:
                 log.warning("dropped %d audit records: the namespace was away", self._dropped)
                 self._dropped = 0

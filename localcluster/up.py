@@ -4,12 +4,19 @@ On loopback, as child processes of this one (each with its own log under
 ``<data>/logs``, started and stopped by :mod:`localcluster.supervisor`):
 
 - **etcd** -- a real etcd, its own ports, data in ``<data>/etcd``;
-- **regions** -- one ``meridian node`` per region (``--region <name>`` on its
-  command line), data in ``<data>/regions/<name>``, HTTP and gRPC on their
-  own ports;
+- **regions** -- ``--nodes-per-region`` ``meridian node`` processes per
+  region (one by default; ``--region <name>`` on their command lines, node
+  ids ``<region>-<i>``), each with HTTP and gRPC on its own ports. Their
+  blob store: ``--storage fs`` (the default) -- the region's nodes share
+  the data dir ``<data>/regions/<name>``; ``--storage azurite`` -- one
+  Azurite (Microsoft's Azure Storage emulator, ``localcluster.azurite``,
+  data in ``<data>/azurite``) for the cluster, a container per region
+  (``meridian-<region>``), each node its own data dir
+  ``<data>/regions/<name>/<node-id>``; the connection string reaches the
+  nodes by environment only;
 - **a WAN emulator** (``python -m localcluster.wan --config``, a process) --
-  a TCP proxy per region between "this site" and the region (the region's
-  RTT from here), and one into each region's gRPC service whose latency
+  a TCP proxy per node between "this site" and the node (its region's
+  RTT from here), and one into each node's gRPC service whose latency
   depends on which region connects (the inter-region RTTs). Nodes advertise
   the emulator's addresses (``--advertise``, ``--grpc-advertise``): whoever
   reaches a region -- the router, a redirected client, another region --
@@ -93,6 +100,9 @@ TLS_DIR = "tls"
 TRUSTED_PROXIES = "127.0.0.1/32"
 # tiers, stopped highest first
 ETCD, WAN, REGIONS, ROUTERS = 0, 1, 2, 3
+STORAGES = ("fs", "azurite")
+AZURE_CONNECTION_ENV = "MERIDIAN_AZURE_CONNECTION_STRING"
+MAX_NODES_PER_REGION = 16
 
 #: A router whose process carries ``--region <source>`` on its command line
 #: (``meridian router`` takes no such flag): the WAN emulator tells its
@@ -152,6 +162,19 @@ class UpConfig:
         f"HTTPS for the router and the regions, with a local CA made in <data>/{TLS_DIR}/",
         env="MERIDIAN_UP_TLS",
     )
+    nodes_per_region: int = setting(
+        1,
+        "nodes per region, sharing its blob store (the router balances across them)",
+        parse=_at_least_one,
+        env="MERIDIAN_UP_NODES_PER_REGION",
+    )
+    storage: str = setting(
+        "fs",
+        "the regions' blob store: fs (each region's data dir, shared by its nodes) or azurite "
+        "(an Azurite emulator started here, a container per region)",
+        choices=STORAGES,
+        env="MERIDIAN_UP_STORAGE",
+    )
 
 
 @dataclass
@@ -178,6 +201,32 @@ class ClusterOptions:
     status_interval: float = 1.0
     auth: bool = True
     tls: bool = False
+    nodes_per_region: int = 1
+    storage: str = "fs"  # or "azurite"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of a region: its id, ports, data dir and names."""
+
+    region: str
+    index: int  # 0 for the region's first node
+    ports: dict[str, int]  # http, grpc, site, link
+    data: Path
+
+    @property
+    def id(self) -> str:
+        return f"{self.region}-{self.index + 1}"
+
+    @property
+    def child(self) -> str:
+        """Its name among the children (and its log's)."""
+        return f"region {self.region}" + (f" node {self.index + 1}" if self.index else "")
+
+    @property
+    def link(self) -> str:
+        """The suffix of its emulated links' names."""
+        return self.region + (f"~{self.index + 1}" if self.index else "")
 
 
 class DataDirInUse(CliError):
@@ -247,6 +296,7 @@ class Cluster:
         self._ports = Ports()
         self._taken: set[int] = set()
         self._lock_fd: int | None = None
+        self._azure_connection = ""
         self.notes: list[str] = []  # what start() noticed and did about it
         for name in options.sources:
             if name in {r.name for r in self.topo.regions}:
@@ -355,14 +405,13 @@ class Cluster:
         etcd_client = ports.get("etcd-client", taken)
         etcd_peer = ports.get("etcd-peer", taken)
         wan_control = ports.get("wan-control", taken)
-        regions: dict[str, dict[str, int]] = {}
-        for r in self.topo.regions:
-            regions[r.name] = {
-                k: ports.get(f"{r.name}-{k}", taken) for k in ("http", "grpc", "site", "link")
-            }
+        regions = self._node_specs(ports, taken)
+        azurite_port = ports.get("azurite", taken) if self.options.storage == "azurite" else 0
         ports.save(ports_file)
 
         self._start_etcd(etcd_binary, etcd_client, etcd_peer)
+        if azurite_port:
+            self._start_azurite(azurite_port)
         control = self._start_wan(regions, wan_control)
         self._start_regions(regions)
         with contextlib.suppress(OSError, urllib.error.URLError):
@@ -375,27 +424,64 @@ class Cluster:
             )
             urllib.request.urlopen(req, timeout=2).read()
         if self.options.auth:
-            self._check_owner(
-                f"{self.scheme}://127.0.0.1:{regions[self.topo.regions[0].name]['http']}"
-            )
+            first = regions[self.topo.regions[0].name][0]
+            self._check_owner(f"{self.scheme}://127.0.0.1:{first.ports['http']}")
         self.addr["router"] = self.start_router("router", port=router_port)
         if self.options.tls:
             self._write_hosts_dir()
-        scheme = self.scheme
-        self.addr["regions"] = {
-            r.name: {
-                "node": f"{scheme}://127.0.0.1:{regions[r.name]['http']}",
-                "advertised": f"{scheme}://127.0.0.1:{regions[r.name]['site']}"
-                if self.options.emulate
-                else f"{scheme}://127.0.0.1:{regions[r.name]['http']}",
-                "grpc": f"127.0.0.1:{regions[r.name]['grpc']}",
-                "grpc_advertised": f"127.0.0.1:{regions[r.name]['link']}",
+        self.addr["regions"] = {}
+        for r in self.topo.regions:
+            nodes = [self._node_addr(n) for n in regions[r.name]]
+            self.addr["regions"][r.name] = {
+                **{k: v for k, v in nodes[0].items() if k not in ("id", "pid")},
                 "rtt_ms": r.rtt_ms,
                 "data": str(self.data / "regions" / r.name),
+                "nodes": nodes,
             }
-            for r in self.topo.regions
-        }
         self._write_state()
+
+    def _node_specs(self, ports: Ports, taken: set[int]) -> dict[str, list[NodeSpec]]:
+        """Every region's nodes, with their ports (the first node's keep the
+        names they had before regions had several nodes)."""
+        out: dict[str, list[NodeSpec]] = {}
+        for r in self.topo.regions:
+            rdir = self.data / "regions" / r.name
+            out[r.name] = []
+            for i in range(self.options.nodes_per_region):
+                prefix = r.name if i == 0 else f"{r.name}~{i + 1}"
+                p = {k: ports.get(f"{prefix}-{k}", taken) for k in ("http", "grpc", "site", "link")}
+                spec = NodeSpec(r.name, i, p, rdir)
+                if self.options.storage == "azurite":  # the store is Azurite: own dirs
+                    spec = NodeSpec(r.name, i, p, rdir / spec.id)
+                out[r.name].append(spec)
+        return out
+
+    def _node_addr(self, n: NodeSpec) -> dict[str, Any]:
+        scheme = self.scheme
+        http = f"{scheme}://127.0.0.1:{n.ports['http']}"
+        child = self.child(n.child)
+        return {
+            "id": n.id,
+            "pid": child.pid if child is not None else None,
+            "node": http,
+            "advertised": f"{scheme}://127.0.0.1:{n.ports['site']}"
+            if self.options.emulate
+            else http,
+            "grpc": f"127.0.0.1:{n.ports['grpc']}",
+            "grpc_advertised": f"127.0.0.1:{n.ports['link']}",
+            "node_data": str(n.data),
+        }
+
+    def _start_azurite(self, port: int) -> None:
+        from localcluster.azurite import Azurite
+
+        az = Azurite(self.data / "azurite", port)
+        az.start()
+        assert az.child is not None
+        self.children.append((ETCD, az.child))
+        self.addr["azurite"] = az.blob_endpoint
+        # The account key reaches the nodes by environment only.
+        self._azure_connection = az.connection_string
 
     # -- identity and TLS ------------------------------------------------------
 
@@ -562,41 +648,43 @@ class Cluster:
         meta.write_text(json.dumps({"client": client_url, "peer": peer_url}))
         self.addr["etcd"] = client_url
 
-    def _wan_links(self, regions: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+    def _wan_links(self, regions: dict[str, list[NodeSpec]]) -> list[dict[str, Any]]:
         links = []
         for r in self.topo.regions:
-            p = regions[r.name]
-            site: dict[str, Any] = {
-                "name": f"site>{r.name}",
-                "listen": f"127.0.0.1:{p['site']}",
-                "target": f"127.0.0.1:{p['http']}",
-                "latency": r.rtt_ms / 2000,
-                "bandwidth": r.bandwidth,
-            }
-            if self.options.sources:
-                site["identify"] = True
-                site["source_latency"] = {
-                    s: self.rtt_ms(s, r.name) / 2000 for s in self.options.sources
-                }
-            links.append(site)
-            links.append(
-                {
-                    "name": f"regions>{r.name}",
-                    "listen": f"127.0.0.1:{p['link']}",
-                    "target": f"127.0.0.1:{p['grpc']}",
-                    # from an unidentified source: as from this site
-                    "latency": r.rtt_ms / 2000,
-                    "source_latency": {
-                        o.name: self.topo.between(o.name, r.name).rtt_ms / 2000
-                        for o in self.topo.regions
-                        if o.name != r.name
-                    },
-                    "identify": True,
-                }
-            )
+            for n in regions[r.name]:
+                links += self._node_links(r, n)
         return links
 
-    def _start_wan(self, regions: dict[str, dict[str, int]], control_port: int) -> str:
+    def _node_links(self, r: topo.RegionSpec, n: NodeSpec) -> list[dict[str, Any]]:
+        p = n.ports
+        site: dict[str, Any] = {
+            "name": f"site>{n.link}",
+            "listen": f"127.0.0.1:{p['site']}",
+            "target": f"127.0.0.1:{p['http']}",
+            "latency": r.rtt_ms / 2000,
+            "bandwidth": r.bandwidth,
+        }
+        if self.options.sources:
+            site["identify"] = True
+            site["source_latency"] = {
+                s: self.rtt_ms(s, r.name) / 2000 for s in self.options.sources
+            }
+        link = {
+            "name": f"regions>{n.link}",
+            "listen": f"127.0.0.1:{p['link']}",
+            "target": f"127.0.0.1:{p['grpc']}",
+            # from an unidentified source: as from this site
+            "latency": r.rtt_ms / 2000,
+            "source_latency": {
+                o.name: self.topo.between(o.name, r.name).rtt_ms / 2000
+                for o in self.topo.regions
+                if o.name != r.name
+            },
+            "identify": True,
+        }
+        return [site, link]
+
+    def _start_wan(self, regions: dict[str, list[NodeSpec]], control_port: int) -> str:
         wan_cfg = self.data / "wan.json"
         wan_cfg.write_text(json.dumps({"links": self._wan_links(regions)}, indent=1))
         control = f"127.0.0.1:{control_port}"
@@ -606,42 +694,52 @@ class Cluster:
         self.addr["wan"] = f"http://{control}"
         return control
 
-    def _start_regions(self, regions: dict[str, dict[str, int]]) -> None:
+    def _start_regions(self, regions: dict[str, list[NodeSpec]]) -> None:
         started: list[tuple[Child, str]] = []
         for r in self.topo.regions:
-            p = regions[r.name]
-            rdir = self.data / "regions" / r.name
-            rdir.mkdir(parents=True, exist_ok=True)
-            http = f"127.0.0.1:{p['http']}"
-            advertise = f"127.0.0.1:{p['site']}" if self.options.emulate else http
-            if self.options.auth:
-                auth = ["--auth", "--trusted-proxies", TRUSTED_PROXIES]
-                assert self.owner_password is not None
-                env = {**self.env, OWNER_PASSWORD_ENV: self.owner_password}
-            else:
-                auth, env = ["--no-auth"], self.env
-            child = self._spawn(
-                f"region {r.name}",
-                REGIONS,
-                meridian_argv(
-                    "node",
-                    "--region", r.name,
-                    "--listen", http,
-                    "--data", str(rdir),
-                    "--etcd", self.addr["etcd"],
-                    "--grpc-listen", f"127.0.0.1:{p['grpc']}",
-                    "--grpc-advertise", f"127.0.0.1:{p['link']}",
-                    "--advertise", f"{self.scheme}://{advertise}",
-                    *auth,
-                    *self._leaf(f"region-{r.name}"),
-                ),
-                env,
-            )  # fmt: skip
-            started.append((child, f"{self.scheme}://{http}/v2/"))
+            for n in regions[r.name]:
+                started.append(self._start_node(n))
         for child, url in started:
             child.wait_ready(
                 check=lambda url=url: self.registry_answers(url), timeout=60, interval=0.1
             )
+
+    def _start_node(self, n: NodeSpec) -> tuple[Child, str]:
+        p = n.ports
+        n.data.mkdir(parents=True, exist_ok=True)
+        http = f"127.0.0.1:{p['http']}"
+        advertise = f"127.0.0.1:{p['site']}" if self.options.emulate else http
+        env = dict(self.env)
+        if self.options.auth:
+            auth = ["--auth", "--trusted-proxies", TRUSTED_PROXIES]
+            assert self.owner_password is not None
+            env[OWNER_PASSWORD_ENV] = self.owner_password
+        else:
+            auth = ["--no-auth"]
+        storage: list[str] = []
+        if self.options.storage == "azurite":
+            storage = ["--storage", "azure"]
+            env[AZURE_CONNECTION_ENV] = self._azure_connection
+        child = self._spawn(
+            n.child,
+            REGIONS,
+            meridian_argv(
+                "node",
+                "--region", n.region,
+                "--node-id", n.id,
+                "--listen", http,
+                "--data", str(n.data),
+                "--etcd", self.addr["etcd"],
+                "--grpc-listen", f"127.0.0.1:{p['grpc']}",
+                "--grpc-advertise", f"127.0.0.1:{p['link']}",
+                "--advertise", f"{self.scheme}://{advertise}",
+                *storage,
+                *auth,
+                *self._leaf(f"region-{n.region}"),
+            ),
+            env,
+        )  # fmt: skip
+        return child, f"{self.scheme}://{http}/v2/"
 
     def start_router(self, name: str, *, source: str | None = None, port: int = 0) -> str:
         """Start a router (``name`` in the status and logs) on ``port`` (a
@@ -711,20 +809,34 @@ class Cluster:
                     f"password {self.owner_password} (kept in {self.password_file}, mode 0600)",
                 )
             )
-        for r in self.topo.regions:
-            a = self.addr["regions"][r.name]
+        if "azurite" in self.addr:
             rows.append(
                 (
-                    f"region {r.name}",
-                    self._pid(f"region {r.name}"),
-                    a["advertised"],
-                    f"{r.rtt_ms:g} ms RTT from here; node {a['node']}, gRPC {a['grpc']} "
-                    f"(via {a['grpc_advertised']})",
+                    "azurite",
+                    self._pid("azurite"),
+                    self.addr["azurite"],
+                    f"blob storage emulator, a container per region; data {self.data / 'azurite'}",
                 )
             )
+        for r in self.topo.regions:
+            a = self.addr["regions"][r.name]
+            several = len(a["nodes"]) > 1
+            for n in a["nodes"]:
+                rows.append(
+                    (
+                        f"region {r.name}" + (f" {n['id']}" if several else ""),
+                        str(n["pid"] or "-"),
+                        n["advertised"],
+                        f"{r.rtt_ms:g} ms RTT from here; node {n['node']}, gRPC {n['grpc']} "
+                        f"(via {n['grpc_advertised']})",
+                    )
+                )
         width = max(len(r[0]) for r in rows)
+        per = self.options.nodes_per_region
         lines = [
-            f"Meridian is up: {len(self.topo.regions)} regions on loopback "
+            f"Meridian is up: {len(self.topo.regions)} regions"
+            + (f" of {per} nodes each" if per > 1 else "")
+            + f" on loopback, blobs on {self.options.storage} "
             f"(data {self.data}, logs {self.logs})",
             "",
             f"  {'COMPONENT':<{width}}  {'PID':>7}  {'ADDRESS':<24}  NOTES",
@@ -807,9 +919,12 @@ class Cluster:
             parts.append(f"regions {len(up)}/{len(regions)} in rotation")
             parts.append(
                 ", ".join(
-                    f"{r['region']} {r['rtt_ms']:.0f}ms"
-                    if r["up"] and r["rtt_ms"] is not None
-                    else f"{r['region']} DOWN"
+                    (
+                        f"{r['region']} {r['rtt_ms']:.0f}ms"
+                        if r["up"] and r["rtt_ms"] is not None
+                        else f"{r['region']} DOWN"
+                    )
+                    + _nodes_up(r)
                     for r in sorted(regions, key=lambda r: (not r["up"], r["rtt_ms"] or 0))
                 )
             )
@@ -837,6 +952,14 @@ class Cluster:
         self._unlock()
 
 
+def _nodes_up(row: dict[str, Any]) -> str:
+    """`` (2/3 nodes)`` for a region of several nodes in a router status row."""
+    nodes = row.get("nodes") or []
+    if len(nodes) < 2:
+        return ""
+    return f" ({sum(1 for n in nodes if n.get('up'))}/{len(nodes)} nodes)"
+
+
 def _out(stream: IO[str], text: str) -> None:
     with contextlib.suppress(OSError, ValueError):
         stream.write(text)
@@ -845,6 +968,10 @@ def _out(stream: IO[str], text: str) -> None:
 
 def options_from(cfg: UpConfig) -> ClusterOptions:
     """The cluster ``meridian up``'s flags describe (TopologyError if wrong)."""
+    if cfg.nodes_per_region > MAX_NODES_PER_REGION:
+        raise topo.TopologyError(
+            f"--nodes-per-region {cfg.nodes_per_region}: at most {MAX_NODES_PER_REGION}"
+        )
     if cfg.config:
         topology = topo.load(cfg.config)
         if cfg.regions:
@@ -858,6 +985,8 @@ def options_from(cfg: UpConfig) -> ClusterOptions:
         status_interval=cfg.status_interval,
         auth=cfg.auth,
         tls=cfg.tls,
+        nodes_per_region=cfg.nodes_per_region,
+        storage=cfg.storage,
     )
 
 

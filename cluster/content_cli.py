@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from cluster.manage_cli import Column, Ctx, Parser, many, one, parse_bool
@@ -220,16 +221,15 @@ def retention_update(ctx: Ctx) -> None:
 # -- the parsers ------------------------------------------------------------------------------
 
 
-def _days(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 365:
-        raise argparse.ArgumentTypeError(f"expected a whole number of days 0..365, got {text!r}")
-    return int(text)
+def _whole(lo: int, hi: int | None) -> Callable[[str], int]:
+    span = f"{lo}..{hi}" if hi is not None else f"at least {lo}"
 
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < lo or (hi is not None and int(text) > hi):
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {text!r}")
+        return int(text)
 
-def _top(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
+    return parse
 
 
 def _attr_flags(p: argparse.ArgumentParser) -> None:
@@ -258,7 +258,7 @@ def _repository(sub: Any, common: Parser, _: Parser) -> None:
     p = sub.add_parser("show-tags", parents=[common], help="its tags")
     p.add_argument("--repository", required=True)
     p.add_argument("--orderby", choices=("time_desc", "time_asc", "name"))
-    p.add_argument("--top", type=_top, help="only the first N")
+    p.add_argument("--top", type=_whole(1, None), help="only the first N")
     p.add_argument(
         "--detail", action="store_true", help="digest, size, times and attributes of each"
     )
@@ -307,7 +307,9 @@ def _config(sub: Any, common: Parser, _: Parser) -> None:
     rsub = r.add_subparsers(dest="action", required=True, parser_class=Parser)
     rsub.add_parser("show", parents=[common], help="the policy").set_defaults(run=retention_show)
     p = rsub.add_parser("update", parents=[common], help="change it")
-    p.add_argument("--days", type=_days, help="keep untagged manifests this many days (0..365)")
+    p.add_argument(
+        "--days", type=_whole(0, 365), help="keep untagged manifests this many days (0..365)"
+    )
     p.add_argument("--status", choices=("enabled", "disabled"))
     p.set_defaults(run=retention_update)
 

@@ -42,7 +42,7 @@ from aiohttp import web
 
 from cluster import skus
 from cluster.auth.admin import AdminError, Invalid, NotFound, check_bool, iso
-from cluster.namespace import Conflict, Locked, ManifestRecord, RepoState
+from cluster.namespace import Conflict, Lock, Locked, ManifestRecord, RepoState
 from node.manage import ManageAPI, api_handler
 from ocidist.digests import check_name, check_tag, parse_digest
 
@@ -173,11 +173,22 @@ def _resolve(
     return rec, ref
 
 
-def _attrs_body(doc: dict[str, Any]) -> dict[str, bool]:
-    out = {k: check_bool(k, doc[k]) for k in ("write_enabled", "delete_enabled") if k in doc}
-    if not out:
+async def _set_attrs(
+    api: ManageAPI, request: web.Request, reg: str, repo: str, ref: str | None
+) -> Lock:
+    """Change the attributes the request's body names; NotFound if the
+    repository, tag or manifest went meanwhile."""
+    doc = await api.body(request, ("write_enabled", "delete_enabled"))
+    attrs = {k: check_bool(k, v) for k, v in doc.items()}
+    if not attrs:
         raise Invalid("nothing to change: give write_enabled and/or delete_enabled")
-    return out
+    change = api.ns.set_lock(
+        reg, repo, ref, write=attrs.get("write_enabled"), delete=attrs.get("delete_enabled")
+    )
+    lock = await _locked(change)
+    if lock is None:
+        raise NotFound(f"{ref or 'repository ' + repo} is gone from registry {reg!r}")
+    return lock
 
 
 async def _locked(call: Awaitable[Any]) -> Any:
@@ -187,6 +198,24 @@ async def _locked(call: Awaitable[Any]) -> Any:
         raise LockedError(str(e)) from None
     except Conflict:
         raise Raced("the repository changed while this ran: try again") from None
+
+
+async def _observed(
+    api: ManageAPI, request: web.Request, reg: str, repo: str, ref: str, call: Awaitable[Any]
+) -> Any:
+    """A tag or manifest delete with the webhook events and audit record a
+    v2 DELETE of it gets (``node.webhooks``), when the node has them."""
+    activity = api.node.registry.activity if api.node is not None else None
+    info = activity.before_delete(reg, repo, ref) if activity is not None else None
+    try:
+        done = await _locked(call)
+    except AdminError as e:
+        if activity is not None and info is not None:
+            activity.delete_failed(request, info, e.code)
+        raise
+    if done and activity is not None and info is not None:
+        await activity.deleted(request, info)
+    return done
 
 
 # -- repositories ----------------------------------------------------------------
@@ -214,15 +243,8 @@ async def show_repository(api: ManageAPI, request: web.Request) -> web.Response:
 async def update_repository(api: ManageAPI, request: web.Request) -> web.Response:
     reg, c = await api.manager(request)
     name, _ = await _repo(api, reg, request)
-    attrs = _attrs_body(await api.body(request, ("write_enabled", "delete_enabled")))
-    lock = await _locked(
-        api.ns.set_lock(
-            reg, name, None, write=attrs.get("write_enabled"), delete=attrs.get("delete_enabled")
-        )
-    )
-    if lock is None:
-        raise NotFound(f"repository {name!r} is gone")
-    api.audit(c, f"set attributes of repository {reg}/{name}: {json.dumps(attrs)}")
+    lock = await _set_attrs(api, request, reg, name, None)
+    api.audit(c, f"set attributes of repository {reg}/{name}: {json.dumps(lock.to_dict())}")
     rs = api.ns.repo(reg, name)
     assert rs is not None
     return api.ok({**_repo_row(reg, name, rs), **lock.to_dict()})
@@ -276,7 +298,7 @@ async def untag(api: ManageAPI, request: web.Request) -> web.Response:
     name, rs = await _repo(api, reg, request)
     tag = check_tag(_param(request, "tag", "tag"))
     _resolve(api, reg, name, rs, tag)
-    if not await _locked(api.ns.delete_tag(reg, name, tag)):
+    if not await _observed(api, request, reg, name, tag, api.ns.delete_tag(reg, name, tag)):
         raise NotFound(f"tag {tag!r} is gone from {name}")
     api.audit(c, f"untagged {reg}/{name}:{tag}")
     return api.done()
@@ -316,16 +338,10 @@ async def update_manifest(api: ManageAPI, request: web.Request) -> web.Response:
     reg, c = await api.manager(request)
     name, rs = await _repo(api, reg, request)
     rec, tag = _resolve(api, reg, name, rs, _param(request, "reference", "tag or digest"))
-    attrs = _attrs_body(await api.body(request, ("write_enabled", "delete_enabled")))
     ref = tag if tag is not None else rec.digest
-    lock = await _locked(
-        api.ns.set_lock(
-            reg, name, ref, write=attrs.get("write_enabled"), delete=attrs.get("delete_enabled")
-        )
-    )
-    if lock is None:
-        raise NotFound(f"{ref} is gone from {name}")
-    api.audit(c, f"set attributes of {reg}/{name}{'@' if tag is None else ':'}{ref}")
+    lock = await _set_attrs(api, request, reg, name, ref)
+    where = f"{reg}/{name}{'@' if tag is None else ':'}{ref}"
+    api.audit(c, f"set attributes of {where}: {json.dumps(lock.to_dict())}")
     kind = "tag" if tag is not None else "manifest"
     return api.ok({"registry": reg, "repository": name, kind: ref, **lock.to_dict()})
 
@@ -335,7 +351,8 @@ async def delete_manifest(api: ManageAPI, request: web.Request) -> web.Response:
     name, rs = await _repo(api, reg, request)
     rec, _ = _resolve(api, reg, name, rs, _param(request, "reference", "tag or digest"))
     tags = _tags_of(rs).get(rec.digest, [])
-    if not await _locked(api.ns.delete_manifest(reg, name, rec.digest)):
+    deleting = api.ns.delete_manifest(reg, name, rec.digest)
+    if not await _observed(api, request, reg, name, rec.digest, deleting):
         raise NotFound(f"manifest {rec.digest} is gone from {name}")
     api.audit(c, f"deleted manifest {reg}/{name}@{rec.digest}")
     return api.ok({"registry": reg, "repository": name, "digest": rec.digest, "tags": tags})

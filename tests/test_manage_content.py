@@ -18,6 +18,8 @@ from urllib.parse import urlencode
 
 import pytest
 
+from cluster.etcd import EtcdKV
+from cluster.namespace import Namespace, config_key
 from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.oci import Client, artifact, digest, image, index, manifest_path, repo_name
 from tests.procs import NodeProcess
@@ -321,6 +323,25 @@ async def test_bad_input_is_refused_and_changes_nothing(
     assert status == 401
     assert state() == before
     assert await tags_of(client, repo) == ["v1"]
+
+
+async def test_retention_is_premium_only(reg_node: NodeProcess, etcd: EtcdServer) -> None:
+    ns = Namespace(EtcdKV(etcd.endpoints), "tests")
+    await ns.start()
+    try:
+        for reg, sku in (("basicreg1", "Basic"), ("premiumreg1", "Premium")):
+            await ns.set_registry_config(reg, {"sku": sku, "created": time.time()})
+        path = "/registries/basicreg1/retention"
+        message = refused(reg_node, "PATCH", path, 400, "INVALID", {"enabled": True})
+        assert "Premium" in message
+        assert "retention" not in json.loads((await ns.kv.get(config_key("basicreg1"))).value)
+        assert ok(reg_node, "GET", path)["enabled"] is False
+        doc = ok(reg_node, "PATCH", "/registries/premiumreg1/retention", {"enabled": True})
+        assert (doc["enabled"], doc["days"], doc["sku"]) == (True, 7, "Premium")
+        stored = json.loads((await ns.kv.get(config_key("premiumreg1"))).value)
+        assert stored["retention"] == {"enabled": True, "days": 7} and stored["sku"] == "Premium"
+    finally:
+        await ns.close()
 
 
 # -- the CLI ----------------------------------------------------------------------------------

@@ -57,8 +57,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+from aiohttp import web
 
 from cluster.auth.admin import AdminError, Exists, Invalid
+from cluster.namespace import ManifestRecord
 from node import manifests as mf
 from node.storage.base import BlobStore, DigestMismatch
 from ocidist import mediatypes as mt
@@ -611,8 +613,15 @@ class Importer:
                 {"image": req.image},
             )
 
-    async def run(self, reg: str, req: Request) -> dict[str, Any]:
+    async def run(
+        self, reg: str, req: Request, request: web.Request | None = None
+    ) -> dict[str, Any]:
+        """Copy ``req`` into registry ``reg``; ``request`` (the API call,
+        naming the caller) goes with the push events the commit emits."""
         await self._check_tag(reg, req)
+        guard = self.registry.guard
+        if reg != self.registry.default_registry:  # one write of the tier's rate
+            guard.count(reg, await guard.admit(reg), True)
         if self.running >= MAX_IMPORTS:
             raise RegistryError(
                 Code.TOOMANYREQUESTS,
@@ -625,11 +634,15 @@ class Importer:
             async with aiohttp.ClientSession(auto_decompress=False) as session:
                 client = SourceClient(session, req.source, req.username, req.password)
                 plan = await self._plan(client)
+                self._check_quota(reg, plan)
                 copied, nbytes = await self._fetch_blobs(client, reg, plan)
             await self._check_tag(reg, req)
-            await self._commit(reg, req, plan)
+            pushed = await self._commit(reg, req, plan)
         finally:
             self.running -= 1
+        if self.registry.activity is not None and request is not None:
+            for rec, tags in pushed:  # webhooks and audit, as for a push
+                await self.registry.activity.pushed(request, reg, req.repo, rec, tags)
         digest, body, media_type = plan.manifests[-1]
         rec = self.ns.manifest(reg, req.repo, digest)
         out = {
@@ -703,6 +716,14 @@ class Importer:
             plan.blobs[d] = size
         plan.manifests.append((digest, body, ctype))
 
+    def _check_quota(self, reg: str, plan: Plan) -> None:
+        """The registry's storage quota holds what the import adds (as a
+        push's upload completions and manifest PUT check it)."""
+        ns = self.ns
+        new = sum(s for d, s in plan.blobs.items() if not ns.references(reg, d))
+        new += sum(len(b) for d, b, _ in plan.manifests if not ns.references(reg, d))
+        self.registry.guard.check_storage(reg, plan.manifests[-1][0], new)
+
     async def _held_here(self, reg: str, digest: str, size: int) -> bool:
         if self.ns.region not in self.ns.placements(reg, digest):
             return False
@@ -725,10 +746,15 @@ class Importer:
             raise _first(eg) from None
         return len(todo), sum(s for _, s in todo)
 
-    async def _commit(self, reg: str, req: Request, plan: Plan) -> None:
+    async def _commit(
+        self, reg: str, req: Request, plan: Plan
+    ) -> list[tuple[ManifestRecord, list[str]]]:
+        """Link the blobs, commit the manifests; what was committed, with
+        its tags (a push's events)."""
         ns, repo = self.ns, req.repo
         linked: list[str] = []
         created: list[str] = []
+        pushed: list[tuple[ManifestRecord, list[str]]] = []
         try:
             for d, size in plan.blobs.items():
                 was = ns.blob_size(reg, repo, d)
@@ -738,18 +764,20 @@ class Importer:
             *children, top = plan.manifests
             for d, body, ctype in children:
                 if ns.manifest(reg, repo, d) is None:
-                    await self.registry.commit_manifest(reg, repo, body, ctype, d, [])
+                    rec = await self.registry.commit_manifest(reg, repo, body, ctype, d, [])
                     created.append(d)
+                    pushed.append((rec, []))
             d, body, ctype = top
             existed = ns.manifest(reg, repo, d) is not None
-            await self.registry.commit_manifest(
-                reg, repo, body, ctype, d, [req.tag] if req.tag else []
-            )
+            tags = [req.tag] if req.tag else []
+            rec = await self.registry.commit_manifest(reg, repo, body, ctype, d, tags)
             if not existed:
                 created.append(d)
+            pushed.append((rec, tags))
         except BaseException:
             await asyncio.shield(self._undo(reg, repo, created, linked))
             raise
+        return pushed
 
     async def _undo(self, reg: str, repo: str, created: list[str], linked: list[str]) -> None:
         """Remove what a failed commit made (records, then links)."""

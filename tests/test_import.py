@@ -27,7 +27,9 @@ from node.importer import parse_source
 from tests.images import Image, Index, Registry, build_image, build_index
 from tests.oci import module_node_fixture
 from tests.procs import OWNER_PASSWORD, NodeProcess, free_port, redact, skopeo
-from tests.test_manage_identities import OWNER_BASIC, Cli, basic, http
+from tests.test_manage_identities import OWNER_BASIC, Cli, api, basic, http
+from tests.test_replication import wait_until
+from tests.test_webhooks import FAST, Receiver, create_hook
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,7 +37,7 @@ SRC_USER, SRC_PASSWORD = "importer", "src-Pa55word-not-the-owner"
 WRONG_PASSWORD = "wrong-Pa55word-never-logged"
 MAX_BLOB = 1 << 20
 
-reg_node = module_node_fixture("import", "--max-blob-size", "1M", "--access-log")
+reg_node = module_node_fixture("import", "--max-blob-size", "1M", "--access-log", *FAST)
 
 
 def _htpasswd(path: Path) -> Path:
@@ -308,6 +310,34 @@ def test_a_source_behind_basic_auth(reg_node: NodeProcess, dist_auth: Server) ->
     assert status == 201 and doc["digest"] == img.digest, doc
     assert_has(reg_node, "priv/app", "2", img)
     assert_not_logged(reg_node, SRC_PASSWORD, WRONG_PASSWORD)
+
+
+def test_an_import_makes_a_push_s_events(reg_node: NodeProcess, dist: Server) -> None:
+    """Webhooks and the audit log see an import as the push it amounts to,
+    by the caller."""
+    r = Receiver().up()
+    try:
+        create_hook(reg_node, name="imports1", uri=r.url, actions=["push"], scope="hooked/app:*")
+        img = build_image((700,), seed="hooked")
+        Registry(dist.base_url, auth=None).push("lib/hooked", "1", img)
+        body = {"source": source(dist, "lib/hooked:1"), "image": "hooked/app:v1"}
+        status, doc = import_(reg_node, body)
+        assert status == 201, doc
+        r.wait(1, "the import's push event", "push")
+        (d,) = r.deliveries("push")
+    finally:
+        r.close()
+    target = d.doc["target"]
+    assert (target["repository"], target["tag"]) == ("hooked/app", "v1")
+    assert target["digest"] == img.digest and d.doc["request"]["method"] == "POST"
+
+    def pushed() -> list[dict[str, Any]]:
+        status, doc = api(reg_node, "GET", "/registries/default/audit?action=push&identity=owner")
+        assert status == 200, doc
+        return [x for x in doc["records"] if x.get("repository") == "hooked/app"]
+
+    wait_until(lambda: bool(pushed()), "the import's audit record", 60, 0.1)
+    assert pushed()[0]["target"]["digest"] == img.digest
 
 
 # -- failures leave nothing -------------------------------------------------------------

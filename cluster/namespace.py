@@ -771,7 +771,7 @@ class Namespace:
         for _ in range(PUSH_ATTEMPTS):
             # Locks are decided on this node's view and the transaction
             # holds only if the repository's lock guard has not moved since.
-            self.check_write(reg, repo, rec.digest, tags)
+            await self._confirmed(reg, repo, lambda: self.check_write(reg, repo, rec.digest, tags))
             ops = self._push_ops(reg, repo, rec, tags)
             guard = self._locks_guard(reg, repo)
             # Past etcd's compare limit the links are checked by the fresh
@@ -844,7 +844,7 @@ class Namespace:
             if not rev and (attempt or await self._fresh(key) is None):
                 return False
             rev = self._rev(key)
-            self.check_delete(reg, repo, tags=(tag,))
+            await self._confirmed(reg, repo, lambda: self.check_delete(reg, repo, tags=(tag,)))
             try:
                 await self._commit([self._locks_guard(reg, repo), Compare(key, rev)], [Delete(key)])
             except Conflict:
@@ -1030,6 +1030,16 @@ class Namespace:
                 self.cache.apply(e.key, e.value, e.mod_revision)
             for key in [k for k in self.cache.revs if k.startswith(prefix) and k not in seen]:
                 self.cache.apply(key, None, rev)
+
+    async def _confirmed(self, reg: str, repo: str, check: Callable[[], None]) -> None:
+        """Run a lock ``check`` on the cache; a refusal is confirmed against
+        the store before it stands (a cache behind an unlock elsewhere must
+        not refuse), so it raises ``Locked`` only for a lock the store holds."""
+        try:
+            check()
+        except Locked:
+            await self.fresh_locks(reg, repo)
+            check()
 
     def _locks_guard(self, reg: str, repo: str) -> Compare:
         key = locks_key(reg, repo)

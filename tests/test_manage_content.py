@@ -19,11 +19,13 @@ from urllib.parse import urlencode
 import pytest
 
 from cluster.etcd import EtcdKV
-from cluster.namespace import Namespace, config_key
+from cluster.namespace import Lock, Locked, Namespace, config_key, tag_key
 from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.oci import Client, artifact, digest, image, index, manifest_path, repo_name
 from tests.procs import NodeProcess
 from tests.test_manage_identities import api, basic, error_code, owner_cli
+from tests.test_namespace import D1, D2, L1, make_kv, namespaces  # noqa: F401 (fixtures)
+from tests.test_namespace import rec as ns_rec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -256,6 +258,35 @@ async def test_delete_locks_on_manifest_and_repository(
     ok(reg_node, "PATCH", repo_path, {"delete_enabled": True})
     ok(reg_node, "DELETE", repo_path)
     assert (await client.get(f"/v2/{repo}/tags/list")).status == 404
+
+
+async def test_a_lock_holds_against_a_node_whose_cache_is_behind(namespaces) -> None:  # noqa: F811
+    """The lock check is part of the write's transaction: a node that has
+    not seen a lock set elsewhere (its watch stalled) is refused all the
+    same, and one that has not seen the unlock is not refused."""
+    b = await namespaces("westeurope")
+    await b.link_blob(REG, "team/app", L1, 10)
+    await b.put_manifest(REG, "team/app", ns_rec(D1), ["v1"], [L1])
+    await b.put_manifest(REG, "team/app", ns_rec(D2), [], [L1])
+    a = await namespaces("eastus", watch=False)  # knows v1 -> D1, no lock
+    assert await b.set_lock(REG, "team/app", "v1", write=False) == Lock(write=False)
+    assert a.lock(REG, "team/app", "v1") == Lock()  # a's cache is behind
+    with pytest.raises(Locked, match="tag v1 is locked"):
+        await a.put_manifest(REG, "team/app", ns_rec(D2), ["v1"], [L1])
+    with pytest.raises(Locked):
+        await a.delete_tag(REG, "team/app", "v1")
+    with pytest.raises(Locked):
+        await a.delete_manifest(REG, "team/app", D1)
+    with pytest.raises(Locked):
+        await a.delete_repository(REG, "team/app")
+    assert (await a.kv.get(tag_key(REG, "team/app", "v1"))).value == D1.encode()
+
+    assert await b.set_lock(REG, "team/app", "v1", write=True) == Lock()
+    assert a.lock(REG, "team/app", "v1") == Lock(write=False)  # behind again
+    await a.put_manifest(REG, "team/app", ns_rec(D2), ["v1"], [L1])
+    assert (await a.kv.get(tag_key(REG, "team/app", "v1"))).value == D2.encode()
+    assert await a.delete_repository(REG, "team/app")
+    assert (await a.kv.range(f"/meridian/reg/{REG}/repo/team/app/"))[0] == []
 
 
 # -- bad input --------------------------------------------------------------------------

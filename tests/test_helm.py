@@ -18,8 +18,11 @@ import os
 import re
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -27,8 +30,6 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from cluster import settings
 from cluster.auth.identities import OWNER_PASSWORD_ENV
@@ -313,39 +314,64 @@ def test_external_etcd():
 # -- TLS: generated or supplied ----------------------------------------------
 
 
-def _verify_signed(ca: x509.Certificate, cert: x509.Certificate) -> None:
-    key = ca.public_key()
-    if isinstance(key, rsa.RSAPublicKey):
-        key.verify(
-            cert.signature,
-            cert.tbs_certificate_bytes,
-            padding.PKCS1v15(),
-            cert.signature_hash_algorithm,
-        )
-    else:
-        assert isinstance(key, ec.EllipticCurvePublicKey)
-        key.verify(
-            cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
-        )
+def handshake(
+    tmp: Path, server: dict[str, bytes], hostname: str, client: dict[str, bytes] | None = None
+) -> None:
+    """A real TLS handshake: a server with ``server``'s tls.crt and tls.key, a
+    client that trusts only its ca.crt and checks ``hostname``; with
+    ``client``, the server requires a certificate signed by that same CA and
+    the client presents ``client``'s tls.crt. Raises ssl.SSLError when either side refuses."""
+    paths: dict[str, str] = {}
+    for side, files in (("server", server), ("client", client or {})):
+        for name, pem in files.items():
+            path = tmp / f"{side}-{name}"
+            path.write_bytes(pem)
+            paths[f"{side}/{name}"] = str(path)
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(paths["server/tls.crt"], paths["server/tls.key"])
+    cctx = ssl.create_default_context(cafile=paths["server/ca.crt"])
+    if client:
+        sctx.load_verify_locations(paths["server/ca.crt"])  # as etcd's trusted CA file
+        sctx.verify_mode = ssl.CERT_REQUIRED
+        cctx.load_cert_chain(paths["client/tls.crt"], paths["client/tls.key"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(60)
+    served: list[BaseException | None] = []
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            with sctx.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"ok")
+            served.append(None)
+        except (OSError, ssl.SSLError) as e:
+            served.append(e)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with (
+            socket.create_connection(listener.getsockname(), timeout=60) as raw,
+            cctx.wrap_socket(raw, server_hostname=hostname) as tls,
+        ):
+            assert tls.recv(2) == b"ok"
+    finally:
+        thread.join(60)
+        listener.close()
+    assert served == [None], served
 
 
-def test_tls_generated_names_every_endpoint_and_serves_both_sides():
+def test_tls_generated_names_every_endpoint_and_serves_both_sides(tmp_path):
     docs = rendered("default")
     data = secret_data(docs, f"{FULL}-tls")
-    ca = x509.load_pem_x509_certificate(data["ca.crt"])
-    cert = x509.load_pem_x509_certificate(data["tls.crt"])
-    _verify_signed(ca, cert)
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    names = set(sans.get_values_for_type(x509.DNSName))
     hl = f"{FULL}-node-eastus-hl.{NAMESPACE}.svc.cluster.local"
-    assert f"*.{hl}" in names, "each node pod's advertised name"
-    assert f"{FULL}-router.{NAMESPACE}.svc" in names
-    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert {
-        x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
-        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH,
-    } <= set(usages), "gRPC between regions is mutual TLS: one certificate for both ends"
+    # the names node pods advertise, the router's Service, the containerd mirror on 127.0.0.1
+    for host in (f"{FULL}-node-eastus-0.{hl}", f"{FULL}-router.{NAMESPACE}.svc", "127.0.0.1"):
+        handshake(tmp_path, data, host)
+    # gRPC between regions is mutual TLS: the same certificate on both ends
+    handshake(tmp_path, data, f"{FULL}-node-eastus-1.{hl}", client=data)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(tmp_path, data, f"{FULL}-node-eastus-0.elsewhere.{NAMESPACE}.svc.cluster.local")
     node = container(one(docs, "StatefulSet", f"{FULL}-node-eastus"), "node")
     args = flag_args(node)
     assert args["--advertise"] == f"https://$(POD_NAME).{hl}:5000"
@@ -353,21 +379,14 @@ def test_tls_generated_names_every_endpoint_and_serves_both_sides():
     assert args["--tls-cert"] == args["--grpc-tls-cert"] == "/etc/meridian/tls/tls.crt"
     assert args["--grpc-tls-ca"] == "/etc/meridian/tls/ca.crt"
     assert node["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
-    # etcd: its own CA; the server certificate names the members, the client one is signed too
-    server, client = (
-        secret_data(docs, f"{FULL}-etcd-server"),
-        secret_data(docs, f"{FULL}-etcd-client"),
-    )
-    assert server["ca.crt"] == client["ca.crt"]
-    etcd_ca = x509.load_pem_x509_certificate(server["ca.crt"])
-    for pem in (server["tls.crt"], client["tls.crt"]):
-        _verify_signed(etcd_ca, x509.load_pem_x509_certificate(pem))
-    etcd_names = (
-        x509.load_pem_x509_certificate(server["tls.crt"])
-        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        .value.get_values_for_type(x509.DNSName)
-    )
-    assert f"*.{FULL}-etcd-hl.{NAMESPACE}.svc.cluster.local" in etcd_names
+    # etcd: its own CA; members and the Service are named, clients must present a certificate
+    server = secret_data(docs, f"{FULL}-etcd-server")
+    client = secret_data(docs, f"{FULL}-etcd-client")
+    etcd_hl = f"{FULL}-etcd-hl.{NAMESPACE}.svc.cluster.local"
+    handshake(tmp_path, server, f"{FULL}-etcd-2.{etcd_hl}", client=client)
+    handshake(tmp_path, server, f"{FULL}-etcd.{NAMESPACE}.svc.cluster.local", client=client)
+    with pytest.raises(ssl.SSLError):
+        handshake(tmp_path, server, f"{FULL}-etcd-0.{etcd_hl}", client=data)  # not etcd's CA
 
 
 def test_tls_supplied_in_a_secret():
@@ -596,7 +615,7 @@ SCHEMA = {
 }
 
 BAD: dict[str, tuple[list[str], str]] = {
-    "no regions": (["--set-json", "regions=[]"], "/regions"),
+    "no regions": (["--set-json", "regions=[]"], "'/regions': minItems"),
     "region without a name": (
         ["--set-json", 'regions=[{"replicas":1}]'],
         "missing property 'name'",
@@ -609,7 +628,10 @@ BAD: dict[str, tuple[list[str], str]] = {
         ["--set-json", 'regions=[{"name":"eastus"},{"name":"eastus"}]'],
         '"eastus" is listed twice',
     ),
-    "replicas below 1": (["--set-json", 'regions=[{"name":"eastus","replicas":0}]'], "replicas"),
+    "replicas below 1": (
+        ["--set-json", 'regions=[{"name":"eastus","replicas":0}]'],
+        "'/regions/0/replicas': minimum",
+    ),
     "node replicas below 1": (["--set", "node.replicas=0"], "/node/replicas"),
     "many nodes, unshared fs": (
         ["--set-json", 'regions=[{"name":"eastus","replicas":2}]'],

@@ -407,6 +407,13 @@ class Registries:
             if anon is not None:
                 config["anonymous_pull"] = anon
             if public is not None:
+                if public is False and not skus.of_config(config).network_rules:
+                    raise Invalid(
+                        f"network rules need the Premium tier and registry {reg!r} is "
+                        f"{config.get('sku')}: raise it with `meridian registry update {reg} "
+                        "--sku Premium`",
+                        {"sku": config.get("sku")},
+                    )
                 net = dict(config.get("network") or {})
                 net["public_access"] = public
                 config["network"] = net

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -141,7 +141,16 @@ async def test_untag_and_manifest_delete(reg_node: NodeProcess, client: Client) 
     assert (await client.get(manifest_path(repo, "v2"))).status == 200
 
 
-async def test_repository_delete_removes_everything(reg_node: NodeProcess, client: Client) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.2)
+
+
+async def test_repository_delete_removes_everything(
+    reg_node: NodeProcess, client: Client, etcd: EtcdServer, tmp_path: Path
+) -> None:
     parent = f"org/{repo_name('del')}"
     repo = f"{parent}/app"
     kept = image()
@@ -152,8 +161,27 @@ async def test_repository_delete_removes_everything(reg_node: NodeProcess, clien
     await client.push(repo, image(), "v1")
     await client.push(repo, image())  # untagged
 
-    doc = ok(reg_node, "DELETE", q("repository", repository=repo))
-    assert doc["deleted"] == {"tags": 2, "manifests": 5}
+    # Another region of the cluster sees the repository, then its deletion.
+    west = NodeProcess(tmp_path / "west", region="westeurope", etcd=etcd.client_url).start()
+    try:
+        async with Client.connect(west.url) as wc:
+
+            async def west_has() -> bool:
+                return await tags_of(wc, repo) == ["multi", "v1"]
+
+            await eventually(west_has, "the other region never saw the repository")
+            doc = ok(reg_node, "DELETE", q("repository", repository=repo))
+            assert doc["deleted"] == {"tags": 2, "manifests": 5}
+
+            async def west_lost() -> bool:
+                r = await wc.get(f"/v2/{repo}/tags/list")
+                catalog = (await wc.get("/v2/_catalog")).json()["repositories"]
+                return r.status == 404 and repo not in catalog and parent in catalog
+
+            await eventually(west_lost, "the other region still lists the repository")
+            refused(west, "GET", q("repository", repository=repo), 404, "NOT_FOUND")
+    finally:
+        west.stop()
     catalog = (await client.get("/v2/_catalog")).json()["repositories"]
     assert repo not in catalog and parent in catalog
     assert (await client.get(f"/v2/{repo}/tags/list")).status == 404

@@ -57,10 +57,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
-from aiohttp import web
 
 from cluster.auth.admin import AdminError, Exists, Invalid
-from cluster.namespace import ManifestRecord
 from node import manifests as mf
 from node.storage.base import BlobStore, DigestMismatch
 from ocidist import mediatypes as mt
@@ -613,11 +611,10 @@ class Importer:
                 {"image": req.image},
             )
 
-    async def run(
-        self, reg: str, req: Request, request: web.Request | None = None
-    ) -> dict[str, Any]:
-        """Copy ``req`` into registry ``reg``; ``request`` (the API call,
-        naming the caller) goes with the push events the commit emits."""
+    async def run(self, reg: str, req: Request) -> dict[str, Any]:
+        """Copy ``req`` into registry ``reg``. Its manifests commit through
+        the push's path, with the push's webhook events; the management
+        call is what the audit log records."""
         await self._check_tag(reg, req)
         guard = self.registry.guard
         if reg != self.registry.default_registry:  # one write of the tier's rate
@@ -637,12 +634,9 @@ class Importer:
                 self._check_quota(reg, plan)
                 copied, nbytes = await self._fetch_blobs(client, reg, plan)
             await self._check_tag(reg, req)
-            pushed = await self._commit(reg, req, plan)
+            await self._commit(reg, req, plan)
         finally:
             self.running -= 1
-        if self.registry.activity is not None and request is not None:
-            for rec, tags in pushed:  # webhooks and audit, as for a push
-                await self.registry.activity.pushed(request, reg, req.repo, rec, tags)
         digest, body, media_type = plan.manifests[-1]
         rec = self.ns.manifest(reg, req.repo, digest)
         out = {
@@ -746,15 +740,11 @@ class Importer:
             raise _first(eg) from None
         return len(todo), sum(s for _, s in todo)
 
-    async def _commit(
-        self, reg: str, req: Request, plan: Plan
-    ) -> list[tuple[ManifestRecord, list[str]]]:
-        """Link the blobs, commit the manifests; what was committed, with
-        its tags (a push's events)."""
+    async def _commit(self, reg: str, req: Request, plan: Plan) -> None:
+        """Link the blobs, then commit the manifests, children first."""
         ns, repo = self.ns, req.repo
         linked: list[str] = []
         created: list[str] = []
-        pushed: list[tuple[ManifestRecord, list[str]]] = []
         try:
             for d, size in plan.blobs.items():
                 was = ns.blob_size(reg, repo, d)
@@ -764,20 +754,17 @@ class Importer:
             *children, top = plan.manifests
             for d, body, ctype in children:
                 if ns.manifest(reg, repo, d) is None:
-                    rec = await self.registry.commit_manifest(reg, repo, body, ctype, d, [])
+                    await self.registry.commit_manifest(reg, repo, body, ctype, d, [])
                     created.append(d)
-                    pushed.append((rec, []))
             d, body, ctype = top
             existed = ns.manifest(reg, repo, d) is not None
             tags = [req.tag] if req.tag else []
-            rec = await self.registry.commit_manifest(reg, repo, body, ctype, d, tags)
+            await self.registry.commit_manifest(reg, repo, body, ctype, d, tags)
             if not existed:
                 created.append(d)
-            pushed.append((rec, tags))
         except BaseException:
             await asyncio.shield(self._undo(reg, repo, created, linked))
             raise
-        return pushed
 
     async def _undo(self, reg: str, repo: str, created: list[str], linked: list[str]) -> None:
         """Remove what a failed commit made (records, then links)."""

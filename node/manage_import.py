@@ -7,8 +7,8 @@
   source's tag; none: the source's repository and tag). The node that takes
   the call copies, and answers when the image is committed: ``201`` with
   the digest and what was copied (manifests, blobs, bytes, platforms).
-  Its manifests make the push events (webhooks, audit records) a push of
-  them would, in the caller's name.
+  Its manifests commit through the push's path (with a push's webhook
+  events); the audit log records the call.
   ``force`` overwrites an existing tag (else ``409``).
 
 Callers: those who manage the registry (the cluster owner, a service
@@ -23,10 +23,8 @@ from functools import partial
 from aiohttp import web
 
 from cluster.auth.admin import Invalid
-from node.auth import Access
 from node.importer import Importer, Request
 from node.manage import PREFIX, ManageAPI, api_handler
-from node.webhooks.service import ACCESS
 
 FIELDS = ("source", "image", "username", "password", "force")
 IMPORTER_KEY = web.AppKey("meridian_importer", Importer)
@@ -40,9 +38,7 @@ async def import_image(api: ManageAPI, request: web.Request) -> web.Response:
     importer = request.app.get(IMPORTER_KEY)
     if importer is None:
         raise Invalid("this server does not serve content: import through a registry node")
-    if caller.kind != "open":  # who pushed, for the push events and audit records
-        request[ACCESS] = Access(caller.kind, caller.name, reg, {})
-    out = await importer.run(reg, req, request)
+    out = await importer.run(reg, req)
     api.audit(caller, f"imported {out['source']} into {reg}/{out['image']} ({out['digest']})")
     return api.ok(out, 201)
 

@@ -24,8 +24,8 @@ from cluster.auth.admin import Invalid
 from cluster.auth.identities import OWNER
 from loadtest.reference import Server, start_distribution
 from node.importer import parse_source
-from tests.images import Image, Index, Registry, build_image, build_index
-from tests.oci import module_node_fixture
+from tests.images import ACCEPT, Image, Index, Registry, build_image, build_index
+from tests.oci import Client, client_fixture, create_registry, module_node_fixture, unknown_digest
 from tests.procs import OWNER_PASSWORD, NodeProcess, free_port, redact, skopeo
 from tests.test_manage_identities import OWNER_BASIC, Cli, api, basic, http
 from tests.test_replication import wait_until
@@ -37,7 +37,11 @@ SRC_USER, SRC_PASSWORD = "importer", "src-Pa55word-not-the-owner"
 WRONG_PASSWORD = "wrong-Pa55word-never-logged"
 MAX_BLOB = 1 << 20
 
-reg_node = module_node_fixture("import", "--max-blob-size", "1M", "--access-log", *FAST)
+DOMAIN = "import.test"
+reg_node = module_node_fixture(
+    "import", "--max-blob-size", "1M", "--access-log", "--domain", DOMAIN, *FAST
+)
+client = client_fixture()
 
 
 def _htpasswd(path: Path) -> Path:
@@ -313,8 +317,8 @@ def test_a_source_behind_basic_auth(reg_node: NodeProcess, dist_auth: Server) ->
 
 
 def test_an_import_makes_a_push_s_events(reg_node: NodeProcess, dist: Server) -> None:
-    """Webhooks and the audit log see an import as the push it amounts to,
-    by the caller."""
+    """Webhooks get an import's push event, as for a push; the audit log
+    records the management call, by its caller."""
     r = Receiver().up()
     try:
         create_hook(reg_node, name="imports1", uri=r.url, actions=["push"], scope="hooked/app:*")
@@ -329,15 +333,40 @@ def test_an_import_makes_a_push_s_events(reg_node: NodeProcess, dist: Server) ->
         r.close()
     target = d.doc["target"]
     assert (target["repository"], target["tag"]) == ("hooked/app", "v1")
-    assert target["digest"] == img.digest and d.doc["request"]["method"] == "POST"
+    assert target["digest"] == img.digest and target["mediaType"] == img.media_type
 
-    def pushed() -> list[dict[str, Any]]:
-        status, doc = api(reg_node, "GET", "/registries/default/audit?action=push&identity=owner")
+    def imported() -> list[dict[str, Any]]:
+        status, doc = api(reg_node, "GET", "/registries/default/audit?action=manage")
         assert status == 200, doc
-        return [x for x in doc["records"] if x.get("repository") == "hooked/app"]
+        return [x for x in doc["records"] if "hooked/app:v1" in x.get("detail", "")]
 
-    wait_until(lambda: bool(pushed()), "the import's audit record", 60, 0.1)
-    assert pushed()[0]["target"]["digest"] == img.digest
+    wait_until(lambda: bool(imported()), "the import's audit record", 60, 0.1)
+    (rec,) = imported()
+    assert rec["identity"] == "owner" and img.digest in rec["detail"]
+    assert source(dist, "lib/hooked:1") in rec["detail"]
+
+
+async def test_into_a_registry_of_its_own(
+    client: Client, reg_node: NodeProcess, dist: Server
+) -> None:
+    name = f"imp{unknown_digest()[7:15]}"
+    create_registry(reg_node.url, name)
+    img = build_image((800,), seed="own")
+    Registry(dist.base_url, auth=None).push("lib/own", "1", img)
+    body = {"source": source(dist, "lib/own:1"), "image": "own/app:1"}
+    status, doc = import_(reg_node, body, reg=name)
+    assert status == 201 and doc["registry"] == name, doc
+
+    host = {"Host": f"{name}.{DOMAIN}", "Accept": ACCEPT}
+    r = await client.get("/v2/own/app/manifests/1", headers=host)
+    assert r.status == 200 and r.body == img.manifest, r
+    r = await client.get(f"/v2/own/app/blobs/{img.layers[0].digest}", headers=host)
+    assert r.status == 200 and r.body == img.layers[0].data, r
+    r = await client.get("/v2/own/app/manifests/1", headers={"Accept": ACCEPT})
+    assert r.status == 404, r  # not in the default registry
+
+    status, doc = import_(reg_node, body, reg="nosuchregistry")
+    assert status == 404 and error(doc)[0] == "NOT_FOUND", doc
 
 
 # -- failures leave nothing -------------------------------------------------------------

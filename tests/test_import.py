@@ -24,11 +24,12 @@ from cluster.auth.admin import Invalid
 from cluster.auth.identities import OWNER
 from loadtest.reference import Server, start_distribution
 from node.importer import parse_source
+from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.images import ACCEPT, Image, Index, Registry, build_image, build_index
 from tests.oci import Client, client_fixture, create_registry, module_node_fixture, unknown_digest
 from tests.procs import OWNER_PASSWORD, NodeProcess, free_port, redact, skopeo
 from tests.test_manage_identities import OWNER_BASIC, Cli, api, basic, http
-from tests.test_replication import wait_until
+from tests.test_replication import content_digests, start_regions, wait_peers, wait_until
 from tests.test_webhooks import FAST, Receiver, create_hook
 
 pytestmark = pytest.mark.timeout(300)
@@ -42,6 +43,7 @@ reg_node = module_node_fixture(
     "import", "--max-blob-size", "1M", "--access-log", "--domain", DOMAIN, *FAST
 )
 client = client_fixture()
+etcd = etcd_fixture()
 
 
 def _htpasswd(path: Path) -> Path:
@@ -367,6 +369,26 @@ async def test_into_a_registry_of_its_own(
 
     status, doc = import_(reg_node, body, reg="nosuchregistry")
     assert status == 404 and error(doc)[0] == "NOT_FOUND", doc
+
+
+def test_imported_content_replicates_as_pushed_content(
+    etcd: EtcdServer, dist: Server, tmp_path: Path
+) -> None:
+    """Imported in eastus, every platform's manifests and blobs reach westus
+    by replication, and westus serves them."""
+    nodes = start_regions(tmp_path / "regions", etcd, ["eastus", "westus"])
+    try:
+        wait_peers(nodes)
+        east, west = nodes
+        idx = build_index((1500,), seed="geo")
+        Registry(dist.base_url, auth=None).push("lib/geo", "1", idx)
+        status, doc = import_(east, {"source": source(dist, "lib/geo:1"), "image": "geo/app:1"})
+        assert status == 201 and doc["digest"] == idx.digest, doc
+        wait_until(lambda: west.has_all(content_digests(idx)), "westus holds the whole import")
+        assert_has(west, "geo/app", "1", idx)
+    finally:
+        for n in nodes:
+            n.stop()
 
 
 # -- failures leave nothing -------------------------------------------------------------

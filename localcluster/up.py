@@ -103,6 +103,9 @@ ETCD, WAN, REGIONS, ROUTERS = 0, 1, 2, 3
 STORAGES = ("fs", "azurite")
 AZURE_CONNECTION_ENV = "MERIDIAN_AZURE_CONNECTION_STRING"
 MAX_NODES_PER_REGION = 16
+# Registries answer on <name>.meridian.test (``*.localhost`` would need no
+# hosts line, but Go clients such as skopeo do not resolve it by themselves).
+DEFAULT_DOMAIN = "meridian.test"
 
 #: A router whose process carries ``--region <source>`` on its command line
 #: (``meridian router`` takes no such flag): the WAN emulator tells its
@@ -175,6 +178,12 @@ class UpConfig:
         choices=STORAGES,
         env="MERIDIAN_UP_STORAGE",
     )
+    domain: str = setting(
+        DEFAULT_DOMAIN,
+        "registries answer on <name>.<domain> (meridian registry create); the /etc/hosts line "
+        "a client needs is printed; empty: the default registry only",
+        env="MERIDIAN_UP_DOMAIN",
+    )
 
 
 @dataclass
@@ -203,6 +212,7 @@ class ClusterOptions:
     tls: bool = False
     nodes_per_region: int = 1
     storage: str = "fs"  # or "azurite"
+    domain: str = ""  # --domain of nodes and router: registries on <name>.<domain>
 
 
 @dataclass(frozen=True)
@@ -537,11 +547,20 @@ class Cluster:
         CA alone in ``tls/client/`` for skopeo's and podman's ``--cert-dir``."""
         ca, _ = pki.ensure_ca(self.tls_dir, "Meridian local cluster CA")
         hosts = ["127.0.0.1", "localhost"]
+        if self.options.domain:  # every registry's host name
+            hosts.append(f"*.{self.options.domain}")
         for leaf in ["router", *(f"region-{r.name}" for r in self.topo.regions)]:
             pki.issue(self.tls_dir, leaf, hosts)
         self.cert_dir.mkdir(exist_ok=True)
         shutil.copyfile(ca, self.cert_dir / "ca.crt")
         self.client_ssl = ssl.create_default_context(cafile=str(ca))
+
+    def _domain(self) -> list[str]:
+        return ["--domain", self.options.domain] if self.options.domain else []
+
+    def hosts_line(self, registry: str) -> str:
+        """The /etc/hosts line a client needs to reach ``registry`` by name."""
+        return f"127.0.0.1 {registry}.{self.options.domain}"
 
     def _leaf(self, name: str) -> list[str]:
         """``--tls-cert``/``--tls-key`` for a leaf certificate (``--tls``)."""
@@ -735,6 +754,7 @@ class Cluster:
                 "--advertise", f"{self.scheme}://{advertise}",
                 *storage,
                 *auth,
+                *self._domain(),
                 *self._leaf(f"region-{n.region}"),
             ),
             env,
@@ -750,6 +770,7 @@ class Cluster:
         port = port or free_port(self._taken)
         url = f"{self.scheme}://127.0.0.1:{port}"
         args = ["router", "--etcd", self.addr["etcd"], "--listen", f"127.0.0.1:{port}"]
+        args += self._domain()
         if self.options.tls:
             args += [*self._leaf("router"), "--tls-ca", str(self.ca)]
         if source is None:
@@ -778,6 +799,7 @@ class Cluster:
             },
             "topology": self.topo.as_dict(),
             "auth": self.options.auth,
+            "domain": self.options.domain or None,
             # Where the owner's password is (never the password itself).
             "owner": {"user": OWNER, "password_file": str(self.password_file)}
             if self.options.auth
@@ -902,6 +924,15 @@ class Cluster:
             f"  meridian regions --etcd {self.addr['etcd']}",
             f"  {curl} {router}/meridian/v1/router",
         ]
+        if self.options.domain:
+            port = host.rpartition(":")[2]
+            lines += [
+                f"Registries of their own answer on <name>.{self.options.domain}:{port}:",
+                "  meridian registry create myregistry1 --sku Premium",
+                "  then, since Go clients (skopeo, ctr) resolve names only through /etc/hosts "
+                "and DNS, add:",
+                f"  {self.hosts_line('myregistry1')}",
+            ]
         return lines
 
     def _pid(self, name: str) -> str:
@@ -987,6 +1018,7 @@ def options_from(cfg: UpConfig) -> ClusterOptions:
         tls=cfg.tls,
         nodes_per_region=cfg.nodes_per_region,
         storage=cfg.storage,
+        domain=cfg.domain.strip().lower().strip("."),
     )
 
 

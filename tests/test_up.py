@@ -410,6 +410,14 @@ def test_up_runs_a_cluster_and_stops_it_cleanly(tmp_path: Path) -> None:
         assert state["auth"] is True and state["tls"] is None
         assert state["owner"] == {"user": "owner", "password_file": str(password_file)}
         assert OWNER_PASSWORD not in json.dumps(state)
+        # Registries answer on <name>.meridian.test: nodes and router get the
+        # domain, and the start-up text gives the /etc/hosts line clients need.
+        assert state["domain"] == "meridian.test"
+        for name, child in children.items():
+            if name.startswith("region ") or name == "router":
+                argv = child["cmd"]
+                assert argv[argv.index("--domain") + 1] == "meridian.test", name
+        assert "127.0.0.1 myregistry1.meridian.test" in out
         for name, child in children.items():
             assert OWNER_PASSWORD not in " ".join(child["cmd"]), name
             env = environ(child["pid"])

@@ -29,7 +29,9 @@ deletes. They are enforced in the namespace's transactions
 (``Namespace.check_write``/``check_delete`` plus a compare on the
 repository's lock guard), for the v2 API and this one alike; a refusal here
 is ``409 LOCKED`` with the command that unlocks, on the v2 API ``403
-DENIED``. Only the registry's managers (``ManageAPI.manager``) call these.
+DENIED``. Changes take the registry's managers (``ManageAPI.manager``);
+the reads of repositories, tags and manifests also answer whoever may pull
+the repository (``_reader``: as the v2 catalog filters).
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ from typing import Any
 
 from aiohttp import web
 
-from cluster import skus
-from cluster.auth.admin import AdminError, Invalid, NotFound, check_bool, iso
+from cluster import registries, skus
+from cluster.auth.admin import AdminError, Invalid, NotFound, check_bool, check_registry, iso
 from cluster.namespace import Conflict, Lock, Locked, ManifestRecord, RepoState
 from node.manage import ManageAPI, api_handler
 from ocidist.digests import check_name, check_tag, parse_digest
+from ocidist.errors import Code, RegistryError
 
 ORDERS = ("time_desc", "time_asc", "name")
 MAX_RETENTION_DAYS = 365
@@ -81,8 +84,40 @@ def _param(request: web.Request, name: str, what: str) -> str:
     return value
 
 
-async def _repo(api: ManageAPI, reg: str, request: web.Request) -> tuple[str, RepoState]:
+READ = frozenset({"pull", "metadata_read"})
+Reader = Callable[[str], bool]
+
+
+async def _reader(api: ManageAPI, request: web.Request) -> tuple[str, Reader]:
+    """The registry and which repositories the caller may read: all for its
+    managers, else those its identity may pull (a service principal with
+    AcrPull, a token whose scope map reads them: as the v2 catalog)."""
+    reg = check_registry(request.match_info["registry"])
+    c = await api.caller(request, reg)
+    assert c is not None
+    if reg != api.default_registry and await registries.known(api.ns, reg) is None:
+        raise NotFound(registries.unknown(reg), {"registry": reg})
+    if c.manage:
+        return reg, lambda _repo: True
+    principal = None
+    if api.gate is not None:
+        principal = await api.gate.identities.principal_for(c.kind, c.name, reg)
+    if principal is None or not principal.grants:
+        raise RegistryError(
+            Code.DENIED,
+            f"{c.subject} may not read registry {reg!r}: that takes pull rights or the Owner role",
+        )
+    return reg, lambda repo: bool(principal.actions(repo) & READ)
+
+
+async def _repo(
+    api: ManageAPI, reg: str, request: web.Request, may: Reader | None = None
+) -> tuple[str, RepoState]:
     name = check_name(_param(request, "repository", "repository name"))
+    if may is not None and not may(name):
+        raise RegistryError(
+            Code.DENIED, f"the caller may not read repository {name!r}: that takes pull rights"
+        )
     await api.ns.caught_up()
     rs = api.ns.repo(reg, name)
     if rs is None or not rs.manifests:
@@ -222,12 +257,12 @@ async def _observed(
 
 
 async def list_repositories(api: ManageAPI, request: web.Request) -> web.Response:
-    reg, _ = await api.manager(request)
+    reg, may = await _reader(api, request)
     await api.ns.caught_up()
     rows = []
     for name in api.ns.repos(reg):
         rs = api.ns.repo(reg, name)
-        if rs is not None:
+        if rs is not None and may(name):
             row = _repo_row(reg, name, rs)
             del row["registry"]
             rows.append(row)
@@ -235,8 +270,8 @@ async def list_repositories(api: ManageAPI, request: web.Request) -> web.Respons
 
 
 async def show_repository(api: ManageAPI, request: web.Request) -> web.Response:
-    reg, _ = await api.manager(request)
-    name, rs = await _repo(api, reg, request)
+    reg, may = await _reader(api, request)
+    name, rs = await _repo(api, reg, request, may)
     return api.ok({**_repo_row(reg, name, rs), **_lock_attrs(api, reg, name, None)})
 
 
@@ -264,7 +299,7 @@ async def delete_repository(api: ManageAPI, request: web.Request) -> web.Respons
 
 
 async def list_tags(api: ManageAPI, request: web.Request) -> web.Response:
-    reg, _ = await api.manager(request)
+    reg, may = await _reader(api, request)
     order = request.query.get("orderby", "name")
     if order not in ORDERS:
         raise Invalid(f"orderby must be one of {', '.join(ORDERS)}, not {order[:40]!r}")
@@ -274,7 +309,7 @@ async def list_tags(api: ManageAPI, request: web.Request) -> web.Response:
         if not top.isdigit() or int(top) < 1:
             raise Invalid(f"top must be a whole number of at least 1, not {top[:40]!r}")
         limit = int(top)
-    name, rs = await _repo(api, reg, request)
+    name, rs = await _repo(api, reg, request, may)
     rows = [_tag_row(api, reg, name, rs, t) for t in rs.sorted_tags()]
     if order != "name":
         rows.sort(key=lambda r: (r["_t"], r["name"]), reverse=order == "time_desc")
@@ -284,8 +319,8 @@ async def list_tags(api: ManageAPI, request: web.Request) -> web.Response:
 
 
 async def show_tag(api: ManageAPI, request: web.Request) -> web.Response:
-    reg, _ = await api.manager(request)
-    name, rs = await _repo(api, reg, request)
+    reg, may = await _reader(api, request)
+    name, rs = await _repo(api, reg, request, may)
     tag = check_tag(_param(request, "tag", "tag"))
     _resolve(api, reg, name, rs, tag)
     row = _tag_row(api, reg, name, rs, tag)
@@ -308,8 +343,8 @@ async def untag(api: ManageAPI, request: web.Request) -> web.Response:
 
 
 async def list_manifests(api: ManageAPI, request: web.Request) -> web.Response:
-    reg, _ = await api.manager(request)
-    name, rs = await _repo(api, reg, request)
+    reg, may = await _reader(api, request)
+    name, rs = await _repo(api, reg, request, may)
     tags = _tags_of(rs)
     rows = [
         _manifest_row(api, reg, name, rec, tags.get(d, []))
@@ -319,8 +354,8 @@ async def list_manifests(api: ManageAPI, request: web.Request) -> web.Response:
 
 
 async def show_manifest(api: ManageAPI, request: web.Request) -> web.Response:
-    reg, _ = await api.manager(request)
-    name, rs = await _repo(api, reg, request)
+    reg, may = await _reader(api, request)
+    name, rs = await _repo(api, reg, request, may)
     rec, tag = _resolve(api, reg, name, rs, _param(request, "reference", "tag or digest"))
     doc = _manifest_row(api, reg, name, rec, _tags_of(rs).get(rec.digest, []))
     if tag is not None:

@@ -366,17 +366,29 @@ async def test_bad_input_is_refused_and_changes_nothing(
         refused(reg_node, method, path, status, code, body)
     assert state() == before
 
-    # A principal that may push but not manage gets 403 on every route.
+    # Who may pull a repository may read it here; changes take a manager.
     sp = ok(reg_node, "POST", "/serviceprincipals", {"roles": {REG: ["AcrPush"]}})
     pusher = basic(sp["id"], sp["secret"])
-    for method, path, body in (
-        ("GET", q("repositories"), None),
-        ("GET", q("tags", repository=repo), None),
-        ("DELETE", q("repository", repository=repo), None),
-        ("PATCH", q("manifest", repository=repo, reference="v1"), {"write_enabled": False}),
-        ("PATCH", q("retention"), {"enabled": True}),
+    elsewhere = {"name": "elsewhere-only", "actions": {"elsewhere/*": ["content/read"]}}
+    ok(reg_node, "POST", q("scopemaps"), elsewhere)
+    tok = ok(reg_node, "POST", q("tokens"), {"name": "outsider", "scope_map": "elsewhere-only"})
+    outsider = basic(tok["name"], tok["passwords"][0]["value"])
+    status, doc = api(reg_node, "GET", q("repositories"), auth=pusher)  # type: ignore[arg-type]
+    assert status == 200 and repo in [r["name"] for r in doc["repositories"]]
+    status, doc = api(reg_node, "GET", q("tags", repository=repo), auth=pusher)  # type: ignore[arg-type]
+    assert status == 200 and [t["name"] for t in doc["tags"]] == ["v1"]
+    status, doc = api(reg_node, "GET", q("repositories"), auth=outsider)  # type: ignore[arg-type]
+    assert status == 200 and repo not in [r["name"] for r in doc["repositories"]]
+    for method, path, body, who in (
+        ("GET", q("tags", repository=repo), None, outsider),
+        ("GET", q("manifest", repository=repo, reference="v1"), None, outsider),
+        ("DELETE", q("repository", repository=repo), None, pusher),
+        ("DELETE", q("tag", repository=repo, tag="v1"), None, pusher),
+        ("PATCH", q("manifest", repository=repo, reference="v1"), {"write_enabled": False}, pusher),
+        ("GET", q("retention"), None, pusher),
+        ("PATCH", q("retention"), {"enabled": True}, pusher),
     ):
-        status, doc = api(reg_node, method, path, body, auth=pusher)  # type: ignore[arg-type]
+        status, doc = api(reg_node, method, path, body, auth=who)  # type: ignore[arg-type]
         assert (status, error_code(doc)) == (403, "DENIED"), (method, path, doc)
     status, doc = api(reg_node, "GET", q("repositories"), auth={})  # type: ignore[arg-type]
     assert status == 401

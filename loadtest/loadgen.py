@@ -446,10 +446,18 @@ def run_aiohttp(
 
 
 def run_curl_downloads(
-    url: str, expected: int, count: int, parallel: int, max_seconds: float = 900.0
+    url: str,
+    expected: int,
+    count: int,
+    parallel: int,
+    max_seconds: float = 900.0,
+    *,
+    follow: bool = False,
 ) -> dict[str, object]:
     """``count`` full GETs of ``url`` by one curl process, bodies to /dev/null,
-    over one keep-alive connection (``parallel`` 1) or ``parallel`` at once.
+    over one keep-alive connection (``parallel`` 1) or ``parallel`` at once;
+    ``follow``: through redirects (curl sends the bearer token to the first
+    host only, as registry clients do).
     Needs about half the client CPU of the aiohttp downloader, which matters
     when client and server share two CPUs.
 
@@ -457,6 +465,8 @@ def run_curl_downloads(
     process's wall time when parallel (it includes curl's start, a few ms)."""
     curl = require("curl")
     argv = [curl, "-s", "-w", "%{http_code} %{size_download} %{time_total}\\n"]
+    if follow:
+        argv.append("-L")
     if parallel > 1:
         argv += ["--parallel", "--parallel-immediate", "--parallel-max", str(parallel)]
     bearer = bearer_header(url)

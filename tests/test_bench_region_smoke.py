@@ -1,0 +1,67 @@
+"""Smoke test of loadtest/bench_region.py at toy size: etcd, Azurite, a
+region's nodes on one container and the router; checks the run completes
+and its figures are well formed. Nothing about speed.
+
+It runs as a user would, without ``MERIDIAN_OWNER_PASSWORD`` (the benchmark
+picks one and gives it to its nodes): a refused request would be a wrk
+error or a failed download."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.auth.identities import OWNER_PASSWORD_ENV
+from localcluster.azurite import find_azurite
+from tests.procs import ROOT, require_tool
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_toy_run(tmp_path: Path) -> None:
+    for tool in ("etcd", "wrk", "curl"):
+        require_tool(tool)
+    find_azurite()
+    out = tmp_path / "bench_region.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "loadtest.bench_region",
+            "--blob-mib", "2",
+            "--downloads", "3",
+            "--parallel", "2",
+            "--requests", "300",
+            "--connections", "4",
+            "--json", str(out),
+        ],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != OWNER_PASSWORD_ENV},
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def strict(const: str) -> object:
+        raise ValueError(f"non-standard JSON constant {const}")
+
+    fig = json.loads(out.read_text(), parse_constant=strict)
+    assert fig["auth"] == {"user": "owner"}
+    rps = fig["manifest_rps"]
+    for key in ("1_node", "2_nodes"):
+        assert rps[key]["errors"] == 0 and rps[key]["requests"] >= 300, rps[key]
+        assert rps[key]["rps"] > 0
+    # The router sent manifest GETs to both nodes of the region.
+    assert all(n > 0 for n in rps["2_nodes"]["per_node"].values()), rps["2_nodes"]
+    assert set(rps["2_nodes"]["per_node"]) == {"node-1", "node-2"}
+    blob = fig["blob_get"]
+    assert blob["size"] > 1 << 20  # about --blob-mib
+    for key in ("redirect", "stream"):
+        assert blob[key]["downloads"] == 3 and blob[key]["bytes"] == 3 * blob["size"]
+        assert math.isfinite(blob[key]["mib_s"]) and blob[key]["mib_s"] > 0
+    assert "password" not in (proc.stdout + proc.stderr).lower()

@@ -3,7 +3,8 @@
 Each node stages its temporary and partial files under its own name (its
 ``--node-id``), cleans up only its own leftovers at start (others' only
 once stale), and an upload session started on one node can be continued on
-another; replication into a region whose nodes share the dir lands whole.
+another; replication into a region whose nodes share the dir lands whole,
+each item copied by one of them (claims, node.replication.claims).
 """
 
 from __future__ import annotations
@@ -157,11 +158,15 @@ def test_two_nodes_share_a_data_dir(etcd: EtcdServer, tmp_path: Path) -> None:
         assert one.child is not None and one.child.running()
         assert two.child is not None and two.child.running()
         # Each node staged its parts under its own name, and once both have
-        # finished copying (both may copy a blob: no claims yet) none is
-        # left over. A node stopped mid-copy keeps its part to resume.
+        # finished copying none is left over. A node stopped mid-copy keeps
+        # its part to resume.
         parts = base / "eastus" / "replicating"
         wait_until(lambda: not list(parts.rglob("*.part")), "both nodes finished copying", 60)
         assert {p.name for p in parts.iterdir()} <= {"one", "two"}
+        # Each item was claimed and copied by one of the two nodes, once.
+        logs = one.logs() + two.logs()
+        copies = {d: logs.count(f'"msg": "fetched {d} ') for d in want}
+        assert copies == dict.fromkeys(want, 1), copies
     except BaseException:
         print(dump_logs(started))
         raise

@@ -477,8 +477,6 @@ class Cache:
             rs.repo_lock = None if lock == UNLOCKED else lock
         if st.holds(leaf) != held:
             st.stored += size if not held else -size
-        if st.holds(leaf) != held:
-            st.stored += size if not held else -size
         if bool(rs.manifests) != had_manifests:
             st._sorted_repos = None
         if rs.empty():
@@ -576,11 +574,6 @@ class Namespace:
             else:
                 self.cache.apply(op.key, None, res.revision)
         return res.revision
-
-    async def commit(self, compares: list[Compare], ops: list[Op]) -> int:
-        """A caller's own transaction (at most ``TXN_BATCH`` operations),
-        applied to the cache when it commits; ``Conflict`` if a compare fails."""
-        return await self._commit(compares, ops)
 
     async def commit(self, compares: list[Compare], ops: list[Op]) -> int:
         """A caller's own transaction (at most ``TXN_BATCH`` operations),
@@ -1249,25 +1242,6 @@ class Namespace:
 
     def registries(self) -> list[str]:
         return sorted(self.cache.registries)
-
-    def registry_config(self, reg: str) -> dict:
-        """The registry's config as this node's cache holds it ({}: none)."""
-        st = self.cache.registries.get(reg)
-        return st.config if st is not None else {}
-
-    async def fresh_registry_config(self, reg: str) -> dict:
-        """The registry's config, read from the store when the cache has
-        none (a registry created an instant ago in another region)."""
-        config = self.registry_config(reg)
-        if not config and await self._fresh(config_key(reg)) is not None:
-            config = self.registry_config(reg)
-        return config
-
-    def stored_bytes(self, reg: str) -> int:
-        """Bytes of the distinct digests ``reg`` references (linked blobs and
-        manifests), kept up to date as keys change: no scan."""
-        st = self.cache.registries.get(reg)
-        return st.stored if st is not None else 0
 
     def registry_config(self, reg: str) -> dict:
         """The registry's config as this node's cache holds it ({}: none)."""

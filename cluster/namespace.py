@@ -47,6 +47,14 @@ with a nested repository name):
                                                         its revision
     /meridian/reg/<registry>/place/<digest>/<region>    bytes of <digest> held in
                                                         <region> (JSON {"size"})
+    /meridian/claims/<region>/<registry>/<digest>       the node of <region> copying
+                                                        <digest> into it now (JSON
+                                                        {"node", "lease", "t"},
+                                                        leased by that node;
+                                                        node.replication.claims)
+    /meridian/leaders/<region>/<role>                   the node of <region> doing
+                                                        <role> (reclaim, ...; as
+                                                        a claim)
 
 Reads are served from ``Cache``, an in-memory mirror loaded with one range
 read and kept current by a watch; a node's own writes are applied to it as

@@ -262,6 +262,16 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
+async def _read_upto(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """The body, at most ``limit`` bytes of it; and whether there was more."""
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        buf += chunk
+        if len(buf) > limit:
+            return bytes(buf[:limit]), True
+    return bytes(buf), False
+
+
 def _origin(url: str) -> tuple[str, str]:
     u = urlsplit(url)
     return u.scheme, u.netloc.lower()
@@ -305,7 +315,7 @@ class SourceClient:
 
     async def _says(self, resp: aiohttp.ClientResponse) -> str:
         try:
-            raw = await resp.content.read(MAX_ERROR_BODY)
+            raw, _ = await _read_upto(resp, MAX_ERROR_BODY)
             err = json.loads(raw)["errors"][0]
             said = f"{err.get('code', '')}: {err.get('message', '')}".strip(": ")
         except (ValueError, KeyError, IndexError, TypeError, aiohttp.ClientError, TimeoutError):
@@ -427,7 +437,7 @@ class SourceClient:
                         f"{self.src.host}'s token endpoint answered HTTP {r.status}"
                         f"{await self._says(r)}"
                     )
-                raw = await r.content.read(MAX_ERROR_BODY)
+                raw, _ = await _read_upto(r, MAX_ERROR_BODY)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             raise self._unreachable(e, realm) from None
         try:
@@ -469,8 +479,8 @@ class SourceClient:
                     raise await self._fail(r, what)
                 if (r.content_length or 0) > mf.MAX_MANIFEST_SIZE:
                     raise self._too_big(what)
-                body = await r.content.read(mf.MAX_MANIFEST_SIZE + 1)
-                if len(body) > mf.MAX_MANIFEST_SIZE:
+                body, more = await _read_upto(r, mf.MAX_MANIFEST_SIZE)
+                if more:
                     raise self._too_big(what)
                 content_type = r.headers.get("Content-Type")
                 announced = r.headers.get("Docker-Content-Digest", "").strip()

@@ -242,6 +242,17 @@ def test_an_image_by_tag_and_by_digest(reg_node: NodeProcess, dist: Server, tmp_
     assert_has(reg_node, "lib/app", "1", img)
 
 
+def test_a_large_manifest_arrives_whole(reg_node: NodeProcess, dist: Server) -> None:
+    """A manifest of many network reads (large annotations) is read whole,
+    its digest kept."""
+    img = build_image((600,), seed="large", annotations={"notes": "n" * 600_000})
+    assert img.size > 600_000
+    Registry(dist.base_url, auth=None).push("lib/large", "1", img)
+    status, doc = import_(reg_node, {"source": source(dist, "lib/large:1"), "image": "large:1"})
+    assert status == 201 and doc["digest"] == img.digest, doc
+    assert_has(reg_node, "large", "1", img)
+
+
 @pytest.mark.parametrize("docker", [False, True], ids=["oci-index", "docker-list"])
 def test_a_multi_arch_index_with_every_platform(
     reg_node: NodeProcess, dist: Server, tmp_path: Path, docker: bool

@@ -47,6 +47,24 @@ with a nested repository name):
                                                         its revision
     /meridian/reg/<registry>/place/<digest>/<region>    bytes of <digest> held in
                                                         <region> (JSON {"size"})
+    /meridian/reg/<registry>/hooks/<name>               a webhook (JSON, with its
+                                                        signing secret:
+                                                        node.webhooks.records)
+    /meridian/reg/<registry>/events/<region>/<name>/<id>
+                                                        a webhook event waiting
+                                                        for <region>'s deliverer
+                                                        (JSON payload; written
+                                                        with the push)
+    /meridian/reg/<registry>/deliveries/<region>/<name>/<ns>-<id>
+                                                        a finished delivery (the
+                                                        last N per webhook)
+    /meridian/reg/<registry>/audit/<ms>-<node>-<n>      a batch of audit records
+                                                        (JSON list; node.audit)
+    /meridian/audit/<ms>-<node>-<n>                     the cluster's own audit
+                                                        records (service
+                                                        principals, registries)
+    /meridian/leaders/<region>/webhooks                 the region's webhook
+                                                        deliverer (leased)
     /meridian/claims/<region>/<registry>/<digest>       the node of <region> copying
                                                         <digest> into it now (JSON
                                                         {"node", "lease", "t"},
@@ -755,9 +773,12 @@ class Namespace:
         tags: Iterable[str],
         blobs: Iterable[str] = (),
         children: Iterable[str] = (),
+        extra: Iterable[Op] = (),
     ) -> None:
         """Record a manifest, its placement here and its tags in one
-        transaction. Racing pushes of one tag are all accepted: the store
+        transaction, with ``extra`` puts (the push's webhook events: an
+        acknowledged push always has them, a refused one never).
+        Racing pushes of one tag are all accepted: the store
         orders the transactions and the later one in that order wins, so
         every region converges on the same digest (as ACR and Distribution
         behave; a CI pipeline must not fail because another pushed too).
@@ -780,11 +801,12 @@ class Namespace:
         links = [blob_key(reg, repo, d) for d in dict.fromkeys(blobs)]
         links += [manifest_key(reg, repo, d) for d in dict.fromkeys(children)]
         checked = len(links) <= TXN_BATCH
+        extra = list(extra)
         for _ in range(PUSH_ATTEMPTS):
             # Locks are decided on this node's view and the transaction
             # holds only if the repository's lock guard has not moved since.
             await self._confirmed(reg, repo, lambda: self.check_write(reg, repo, rec.digest, tags))
-            ops = self._push_ops(reg, repo, rec, tags)
+            ops = [*self._push_ops(reg, repo, rec, tags), *extra]
             guard = self._locks_guard(reg, repo)
             # Past etcd's compare limit the links are checked by the fresh
             # read below only (an image of over 100 blobs).
@@ -807,7 +829,8 @@ class Namespace:
                 self.check_write(reg, repo, rec.digest, tags)
                 try:
                     await self._commit(
-                        [self._locks_guard(reg, repo)], self._push_ops(reg, repo, rec, tags)
+                        [self._locks_guard(reg, repo)],
+                        [*self._push_ops(reg, repo, rec, tags), *extra],
                     )
                     return
                 except Conflict:

@@ -361,10 +361,8 @@ class Registry:
             tags = [check_tag(ref)]
             digest = compute(body, "sha256")
         rec = await self.commit_manifest(
-            reg, name, body, request.headers.get("Content-Type"), digest, tags
+            reg, name, body, request.headers.get("Content-Type"), digest, tags, request
         )
-        if self.activity is not None:  # events durable before the answer
-            await self.activity.pushed(request, reg, name, rec, tags)
         headers = {
             "Location": f"/v2/{name}/manifests/{digest}",
             "Docker-Content-Digest": digest,
@@ -383,11 +381,14 @@ class Registry:
         content_type: str | None,
         digest: str,
         tags: list[str],
+        request: web.Request | None = None,
     ) -> ManifestRecord:
         """Check a manifest whose ``digest`` the caller verified (everything
         it references is linked in the repository, with the sizes its
         descriptors give), store its bytes and commit its record and
-        ``tags``: the manifest PUT's path, which ``node.importer`` takes too."""
+        ``tags``: the manifest PUT's path, which ``node.importer`` takes too.
+        The push's webhook events commit with the record (``request``: the
+        client's, for their payload and the audit record)."""
         parsed = mf.parse(body, content_type, digest)
         missing_blobs = [
             d for d in parsed.required_blobs if self.ns.blob_size(reg, name, d) is None
@@ -417,9 +418,18 @@ class Registry:
             )
         self.guard.check_storage(reg, digest, len(body))
         await self.store.put_bytes(digest, body)
+        events = None
+        if self.activity is not None:
+            events = self.activity.push_events(request, reg, name, parsed.record, tags)
         try:
             await self.ns.put_manifest(
-                reg, name, parsed.record, tags, parsed.required_blobs, parsed.required_manifests
+                reg,
+                name,
+                parsed.record,
+                tags,
+                parsed.required_blobs,
+                parsed.required_manifests,
+                events.in_txn if events is not None else (),
             )
         except Locked as e:
             raise RegistryError(Code.DENIED, str(e)) from None
@@ -428,6 +438,8 @@ class Registry:
                 Code.MANIFEST_BLOB_UNKNOWN, detail={"blobs": e.digests, "manifests": []}
             ) from None
         self.manifest_cache.put(digest, body)
+        if self.activity is not None and events is not None:
+            await self.activity.pushed(request, reg, name, parsed.record, tags, events)
         return parsed.record
 
     async def _observed_delete(

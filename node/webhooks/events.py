@@ -1,12 +1,12 @@
 """Webhook events: which webhooks an action fires, their payloads (ACR's
 webhook schema), and the namespace writes that queue them.
 
-Push and delete events are written in the same namespace transaction as
-the manifest or tag change that causes them (``Namespace.put_manifest``,
-``delete_manifest`` and ``delete_tag`` take the extra puts), so a change
-that was acknowledged always has its events and a change that failed has
-none. They go to every webhook of the registry that asks for them,
-whatever its region: the namespace is shared, so the change is the same
+Push events are written in the namespace transaction that records the
+push (``Namespace.put_manifest`` takes them as extra puts), so an
+acknowledged push always has its events and a refused one has none; delete
+events right after the delete commits, before the client is answered.
+They go to every webhook of the registry that asks for them, whatever its
+region: the namespace is shared, so the change is the same
 everywhere. ``replicated`` is regional: a region's webhooks get it when an
 image has fully arrived there -- at once in the region that took the push
 (same transaction), and when the replicator has copied all of it in every

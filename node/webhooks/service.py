@@ -4,10 +4,13 @@
 endpoint (``node.auth.Gate.on_login``), the management API
 (``node.manage.ManageAPI.audit``) and the replicator (its ``hooks``) call:
 
-- a manifest push or delete: its webhook events are written to the
-  namespace right after the change commits and before the client gets its
-  answer (a namespace that fails then answers 503: the client retries),
-  and an audit record is held for the next batch;
+- a manifest push: its webhook events commit in the push's own namespace
+  transaction (``Namespace.put_manifest``'s ``extra``; more than fit are
+  written right after it, before the answer), and an audit record is held
+  for the next batch;
+- a manifest or tag delete: its events are written right after the delete
+  commits and before the client gets its answer (a namespace that fails
+  then answers 503), and an audit record;
 - a manifest GET: one counter bump (pulls are audited per minute);
 - a login, a management change: an audit record.
 """
@@ -20,7 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
-from cluster.namespace import ManifestRecord, Namespace
+from cluster.kv import Put
+from cluster.namespace import TXN_BATCH, ManifestRecord, Namespace
 from node.audit import AuditLog, identity_of
 from node.webhooks.delivery import Deliverer
 from node.webhooks.events import Emitter, Hooks
@@ -28,6 +32,13 @@ from node.webhooks.events import Emitter, Hooks
 log = logging.getLogger("meridian.webhooks")
 
 ACCESS = "meridian.access"  # the request's node.auth.Access, set by the v2 API
+PUSH_OPS = 3  # a push's own puts besides its tags: record, push counter, placement
+
+
+@dataclass
+class PushEvents:
+    in_txn: list[Put] = field(default_factory=list)
+    later: list[Put] = field(default_factory=list)
 
 
 @dataclass
@@ -97,12 +108,37 @@ class Activity:
     def pulled(self, request: web.Request, reg: str, repo: str) -> None:
         self.audit.pull(reg, repo, self.identity(request), self.source(request))
 
-    async def pushed(
-        self, request: web.Request, reg: str, repo: str, rec: ManifestRecord, tags: list[str]
-    ) -> None:
+    def push_events(
+        self,
+        request: web.Request | None,
+        reg: str,
+        repo: str,
+        rec: ManifestRecord,
+        tags: list[str],
+    ) -> PushEvents:
+        """The push's webhook events: in its transaction when they fit (the
+        record, its push counter, placement and tags take ``3 + tags``
+        operations of ``TXN_BATCH``), else written right after it."""
         ops = self.emitter.push_ops(reg, repo, rec, tags, request)
-        if ops:
-            await self.emitter.write(ops)
+        if PUSH_OPS + len(tags) + len(ops) <= TXN_BATCH:
+            return PushEvents(in_txn=ops)
+        return PushEvents(later=ops)
+
+    async def pushed(
+        self,
+        request: web.Request | None,
+        reg: str,
+        repo: str,
+        rec: ManifestRecord,
+        tags: list[str],
+        events: PushEvents,
+    ) -> None:
+        """After the push committed, before its answer: the events that did
+        not fit its transaction, and the audit record."""
+        if events.later:
+            await self.emitter.write(events.later)
+        if request is None:  # an import: the management call is audited
+            return
         target = {"digest": rec.digest}
         if tags:
             target["tag"] = ",".join(tags)

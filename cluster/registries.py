@@ -40,6 +40,7 @@ comparison.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -49,6 +50,7 @@ from typing import Any
 
 from cluster import skus
 from cluster.auth.admin import AdminError, Busy, Exists, Invalid, NotFound, check_bool
+from cluster.auth.identities import SP_PREFIX
 from cluster.kv import Compare, Delete, Put
 from cluster.namespace import REG, TXN_BATCH, Conflict, Namespace, config_key
 from ocidist.errors import Code, RegistryError
@@ -483,6 +485,23 @@ class Registries:
             await self.ns.commit([Compare(key, entry.mod_revision)], [Delete(key)])
         # A write that raced the delete (a node that had not seen "deleting" yet).
         await self._remove(prefix, lambda k: True)
+        await self._drop_roles(reg)
+
+    async def _drop_roles(self, reg: str) -> None:
+        """Service principals lose their roles on the deleted registry, so a
+        registry created later under its name does not inherit them."""
+        for key in sorted(self.ns.records(SP_PREFIX)):
+            for _ in range(DELETE_PASSES):
+                raw = await self.ns.fresh_record(key)
+                rec = json.loads(raw) if raw else {}
+                if reg not in (rec.get("roles") or {}):
+                    break
+                rec["roles"] = {r: v for r, v in rec["roles"].items() if r != reg}
+                try:
+                    await self.ns.replace_record(key, json.dumps(rec).encode(), raw)
+                    break
+                except Conflict:
+                    await asyncio.sleep(0.05)  # let the watch deliver the other change
 
     async def _remove(self, prefix: str, keep_going: Callable[[str], bool]) -> None:
         for _ in range(DELETE_PASSES):

@@ -426,11 +426,17 @@ async def test_delete_removes_everything_and_keeps_what_another_registry_holds(
             {"name": "ci", "scope_map": "_repositories_pull"},
         )
         assert status == 201, tok
+        roles = {doomed: ["AcrPull"], kept: ["AcrPush"]}
+        status, sp = call(node, "POST", "/meridian/v1/serviceprincipals", {"roles": roles})
+        assert status == 201, sp
         assert len(await keys_under(etcd, f"{REG}{doomed}/")) > 5
 
         status, doc = call(node, "DELETE", f"{API}/{doomed}")
         assert status == 204, doc
         assert await keys_under(etcd, f"{REG}{doomed}/") == []
+        # Roles on it go too: a registry made later under its name starts bare.
+        status, doc = call(node, "GET", f"/meridian/v1/serviceprincipals/{sp['id']}")
+        assert status == 200 and doc["roles"] == {kept: ["AcrPush"]}, doc
         refs = referenced_digests(await _fresh(etcd))
         assert oci.digest(shared) in refs and oci.digest(own) not in refs
         async with Client.connect(node.url, host=host(doomed)) as c:

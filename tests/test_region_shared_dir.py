@@ -18,6 +18,7 @@ from urllib.parse import urlencode, urljoin
 
 import pytest
 
+from node.storage.base import BlobStore
 from node.storage.filesystem import STALE_TMP, FilesystemBlobStore
 from node.uploads import UploadManager
 from tests.etcd_server import EtcdServer, etcd_fixture
@@ -64,11 +65,10 @@ async def test_a_node_starting_keeps_the_other_nodes_temporary_files(tmp_path: P
     assert await a.read_all(digest_of(data)) == data
 
 
-async def test_an_upload_continues_on_the_other_node_and_back(tmp_path: Path) -> None:
-    a_store = FilesystemBlobStore(str(tmp_path), node_id="a")
-    b_store = FilesystemBlobStore(str(tmp_path), node_id="b")
-    a = UploadManager(str(tmp_path), a_store)
-    b = UploadManager(str(tmp_path), b_store)
+async def session_back_and_forth(a: UploadManager, b: UploadManager, store: BlobStore) -> None:
+    """One upload session passed between two nodes' managers (``store`` is
+    a's): begun on a, continued on b, on a again, finished on b; a sees it
+    committed, and b's cancel ends it for both."""
 
     async def body(data: bytes):
         yield data
@@ -85,14 +85,24 @@ async def test_an_upload_continues_on_the_other_node_and_back(tmp_path: Path) ->
     data = b"one-two-three"
     on_b = await b.get(up.id, "default", "team/app")
     assert on_b.size == len(data)
+    with pytest.raises(Exception, match="BLOB_UPLOAD_UNKNOWN|upload unknown"):
+        await b.get(up.id, "default", "other/repo")
     assert await b.finish(on_b, digest_of(data)) == len(data)
-    assert await a_store.read_all(digest_of(data)) == data
+    assert await store.read_all(digest_of(data)) == data
     # A retried final PUT on a finds it committed; a cancel on b ends it for both.
     again = await a.get(up.id, "default", "team/app")
     assert again.committed == (digest_of(data), len(data))
     await b.cancel(on_b)
     with pytest.raises(Exception, match="BLOB_UPLOAD_UNKNOWN|upload unknown"):
         await a.get(up.id, "default", "team/app")
+
+
+async def test_an_upload_continues_on_the_other_node_and_back(tmp_path: Path) -> None:
+    a_store = FilesystemBlobStore(str(tmp_path), node_id="a")
+    b_store = FilesystemBlobStore(str(tmp_path), node_id="b")
+    a = UploadManager(str(tmp_path), a_store)
+    b = UploadManager(str(tmp_path), b_store)
+    await session_back_and_forth(a, b, a_store)
 
 
 def shared_pair(base: Path, etcd: EtcdServer) -> tuple[RegionNode, RegionNode]:

@@ -21,7 +21,9 @@ the same ``--node-id`` takes over what its previous process left under a
 lease of its own (the old lease dies within the TTL anyway; no need to
 wait).
 
-A claim is an optimisation, not a lock that correctness depends on: if a
+Only the replicator claims: a read-through copy (a client is waiting for
+the bytes) goes ahead whoever holds the item. A claim is an optimisation,
+not a lock that correctness depends on: if a
 lease is lost while its holder still works (the store unreachable for
 longer than the TTL), two nodes may copy one item; both copies are verified
 and commit the same bytes.

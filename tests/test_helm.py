@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import functools
+import json
 import os
 import re
 import shutil
@@ -25,6 +26,8 @@ import sys
 import threading
 import time
 import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import kubernetes_validate
@@ -34,7 +37,11 @@ import yaml
 from cluster import settings
 from cluster.auth.identities import OWNER_PASSWORD_ENV
 from cluster.router.config import RouterConfig
+from cluster.runtime import free_port
+from localcluster import supervisor
+from localcluster.supervisor import python_env, spawn, stop_all
 from node.config import NodeConfig
+from tests.etcd_server import find_etcd
 from tests.helmtool import helm_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -669,3 +676,135 @@ def test_bad_values_fail_with_a_clear_message(case):
         assert out.returncode != 0, f"{case}: accepted"
         assert message in out.stderr + out.stdout, out.stderr + out.stdout
         assert "Traceback" not in out.stderr and "panic" not in out.stderr
+
+
+# -- the rendered configuration runs --------------------------------------------
+
+
+class Kubelet:
+    """Just enough of a kubelet to run a rendered container on this machine:
+    Secret volumes become directories holding the Secret's files, other
+    volumes empty directories; cluster DNS names and 0.0.0.0 with a port
+    become 127.0.0.1 with a free port (the same port for the same number, so
+    a Service and its pod agree); env vars resolve (values, $(VAR) references,
+    secretKeyRef, the pod's name)."""
+
+    def __init__(self, docs, tmp: Path) -> None:
+        self.docs, self.tmp = docs, tmp
+        self.ports: dict[int, int] = {}
+
+    def port(self, number: int) -> int:
+        if number not in self.ports:
+            self.ports[number] = free_port(set(self.ports.values()))
+        return self.ports[number]
+
+    def local(self, text: str, pod: str, mounts: dict[str, str]) -> str:
+        text = text.replace("$(POD_NAME)", pod)
+        text = re.sub(
+            r"(?:0\.0\.0\.0|[a-z0-9.-]+\.svc\.cluster\.local):(\d+)",
+            lambda m: f"127.0.0.1:{self.port(int(m[1]))}",
+            text,
+        )
+        for path, local in mounts.items():
+            text = text.replace(path, local)
+        return text
+
+    def run(self, workload: dict, name: str, argv0: list[str], base_env: dict[str, str]):
+        pod = f"{workload['metadata']['name']}-0"
+        spec = pod_spec(workload)
+        c = container(workload, name)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts: dict[str, str] = {}
+        for m in c["volumeMounts"]:
+            local = self.tmp / pod / m["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            secret = volumes.get(m["name"], {}).get("secret")
+            if secret is not None:
+                for key, pem in secret_data(self.docs, secret["secretName"]).items():
+                    (local / key).write_bytes(pem)
+            mounts[m["mountPath"]] = str(local)
+        env = dict(base_env)
+        for e in c.get("env", []):
+            if "value" in e:
+                value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), e["value"])
+            elif "fieldRef" in e["valueFrom"]:
+                assert e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+                value = pod
+            else:
+                ref = e["valueFrom"]["secretKeyRef"]
+                value = secret_data(self.docs, ref["name"])[ref["key"]].decode()
+            env[e["name"]] = self.local(value, pod, mounts)
+        args = [self.local(a, pod, mounts) for a in c.get("args", [])]
+        return spawn(pod, [*argv0, *args], self.tmp / f"{pod}.log", env=env, cwd=self.tmp)
+
+
+def test_the_rendered_etcd_and_node_run_together(tmp_path):
+    """The chart's own etcd configuration (TLS, client certificates) boots a
+    real etcd, and the chart's node arguments, certificates and owner
+    password start a real node on it: it serves HTTPS with the generated
+    certificate, registers its region through etcd, and lets the owner in
+    with the password from the chart's Secret; the chart's router, on the
+    same etcd, puts the region in rotation and proxies a login to it."""
+    # router.port: its own local port (this "kubelet" maps a port number to one port)
+    out = template("--set", "etcd.replicas=1", "--set", "router.port=5001").stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    kubelet = Kubelet(docs, tmp_path)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MERIDIAN_")}
+    etcd_set = one(docs, "StatefulSet", f"{FULL}-etcd")
+    etcd = kubelet.run(etcd_set, "etcd", [find_etcd()], {"PATH": os.environ["PATH"]})
+    node = router = None
+    try:
+        etcd.wait_ready(
+            url=f"http://127.0.0.1:{kubelet.port(2381)}/health",
+            ok=supervisor.etcd_healthy,
+            timeout=60,
+        )
+        node_set = one(docs, "StatefulSet", f"{FULL}-node-eastus")
+        node = kubelet.run(node_set, "node", supervisor.meridian_argv(), python_env(clean))
+        tls = ssl.create_default_context(cafile=str(tmp_path / f"{FULL}-node-eastus-0/tls/ca.crt"))
+        base = f"https://127.0.0.1:{kubelet.port(5000)}"
+
+        def get(path: str, auth: str | None = None, at: str = base) -> tuple[int, dict]:
+            req = urllib.request.Request(at + path)
+            if auth is not None:
+                req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+            try:
+                with urllib.request.urlopen(req, timeout=10, context=tls) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                return e.code, {}
+
+        def synced() -> bool:
+            status, body = get("/meridian/v1/status")
+            return status == 200 and body.get("namespace_synced") is True
+
+        def registered() -> bool:
+            """Its region and node are in etcd, under the names the chart gave."""
+            status, body = get("/meridian/v1/regions")
+            rows = [
+                (r["name"], r["alive"], r["http"], [(n["node"], n["grpc"]) for n in r["nodes"]])
+                for r in body.get("regions", [])
+            ]
+            grpc = f"127.0.0.1:{kubelet.port(6000)}"
+            return rows == [("eastus", True, base, [(f"{FULL}-node-eastus-0", grpc)])]
+
+        node.wait_ready(check=synced, timeout=120)
+        node.wait_ready(check=registered, timeout=60)  # its region, through etcd
+        password = secret_data(docs, f"{FULL}-owner")["password"].decode()
+        status, body = get("/oauth2/token", f"owner:{password}")
+        assert status == 200 and body.get("token"), status
+        assert get("/oauth2/token", "owner:not-the-password")[0] == 401
+        # the router: on the same etcd, verifying the node's HTTPS with the chart's CA
+        deploy = one(docs, "Deployment", f"{FULL}-router")
+        router = kubelet.run(deploy, "router", supervisor.meridian_argv(), python_env(clean))
+        at = f"https://127.0.0.1:{kubelet.port(5001)}"
+
+        def in_rotation() -> bool:
+            status, body = get("/healthz", at=at)
+            return status == 200 and body.get("regions_up") == 1
+
+        router.wait_ready(check=in_rotation, timeout=120)
+        status, body = get("/oauth2/token", f"owner:{password}", at=at)
+        assert status == 200 and body.get("token"), "a login through the router"
+    finally:
+        stop_all([c for c in (router, node, etcd) if c is not None])

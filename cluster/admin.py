@@ -164,13 +164,16 @@ async def _replication_rows(etcd: str, options: EtcdOptions | None = None) -> li
 
 
 def replication_main(argv: list[str]) -> int:
-    """``meridian replication list``: per region status, items and bytes
-    pending, lag -- read from the namespace (``--etcd``) or from a node's
-    management API (``--node``)."""
+    """``meridian replication status`` (or no verb): per region status,
+    items and bytes pending, lag -- read from the namespace (``--etcd``) or
+    from a node's management API (``--node``). A registry's replications
+    are ``cluster.replicas_cli``'s verbs."""
     import urllib.request
 
-    p = Parser(prog="meridian replication", description="replication status of a cluster")
-    p.add_argument("verb", choices=["list"], nargs="?", default="list")
+    p = Parser(
+        prog="meridian replication status",
+        description="replication status of a cluster: every region's backlog and lag",
+    )
     namespace_args(p)
     args = p.parse_args(argv)
     options = etcd_options.from_args(args)

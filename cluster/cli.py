@@ -28,9 +28,15 @@ def _regions(argv: list[str]) -> int:
 
 
 def _replication(argv: list[str]) -> int:
-    from cluster.admin import replication_main
+    from cluster.replicas_cli import replication_main
 
     return replication_main(argv)
+
+
+def _usage(argv: list[str]) -> int:
+    from cluster.replicas_cli import usage_main
+
+    return usage_main(argv)
 
 
 def _router(argv: list[str]) -> int:
@@ -81,7 +87,12 @@ def _loadtest(argv: list[str]) -> int:
 COMMANDS = {
     "node": (_node, "run one registry node (standalone, or one region of a cluster)"),
     "regions": (_regions, "list the cluster's regions, their endpoints and liveness"),
-    "replication": (_replication, "replication status per region: pending items, bytes, lag"),
+    "replication": (
+        _replication,
+        "a registry's replications: create, list, delete; status (no verb): every region's backlog",
+    ),
+    "region": (_group("region"), "decommission a region: remove (cluster owner)"),
+    "usage": (_usage, "a registry's usage: bytes stored, GiB-days, pushes, pulls, bytes served"),
     "router": (_router, "the latency-aware endpoint clients pull from"),
     "up": (_up, "a complete local multi-region cluster (etcd, regions, WAN emulator, router)"),
     "login": (_login, "log in to a server; credentials stored as docker stores them"),

@@ -729,6 +729,8 @@ GROUPS: dict[str, tuple[Callable[[Any, Parser, Parser], None], str]] = {
 # group -> module with a ``GROUPS`` dict shaped as the one above.
 GROUP_MODULES: dict[str, str] = {
     "registry": "cluster.registry_cli",
+    "replication": "cluster.replicas_cli",
+    "region": "cluster.replicas_cli",
     "repository": "cluster.content_cli",
     "manifest": "cluster.content_cli",
     "config": "cluster.content_cli",

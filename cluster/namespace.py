@@ -47,6 +47,13 @@ with a nested repository name):
                                                         its revision
     /meridian/reg/<registry>/place/<digest>/<region>    bytes of <digest> held in
                                                         <region> (JSON {"size"})
+    /meridian/reg/<registry>/usage/<region>             the registry's usage in
+                                                        <region> (JSON: pushes,
+                                                        pulls, bytes_served,
+                                                        gib_days, stored_bytes,
+                                                        integrated_at, updated;
+                                                        node.usage adds to it by
+                                                        compare-and-swap)
     /meridian/reg/<registry>/hooks/<name>               a webhook (JSON, with its
                                                         signing secret:
                                                         node.webhooks.records)
@@ -293,6 +300,10 @@ def alive_key(region: str) -> str:
     return ALIVE + region
 
 
+def usage_key(reg: str, region: str) -> str:
+    return f"{REG}{reg}/usage/{region}"
+
+
 @dataclass
 class RepoState:
     tags: dict[str, str] = field(default_factory=dict)
@@ -324,6 +335,7 @@ class RegistryState:
     # manifest digest -> repos holding its record (``Namespace.references``)
     manifest_repos: dict[str, set[str]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    usage: dict[str, dict] = field(default_factory=dict)  # region -> usage record
     # bytes of the distinct digests the registry references (blob links and
     # manifest records), kept as keys come and go: its storage use
     stored: int = 0
@@ -430,6 +442,13 @@ class Cache:
         st = self.registry(reg)
         if rest == "config":
             st.config = json.loads(value) if value is not None else {}
+            return
+        if rest.startswith("usage/"):
+            region = rest[len("usage/") :]
+            if value is None:
+                st.usage.pop(region, None)
+            else:
+                st.usage[region] = json.loads(value)
             return
         if rest.startswith("place/"):
             digest, _, region = rest[len("place/") :].partition("/")
@@ -1257,17 +1276,77 @@ class Namespace:
         now, compare-and-swap on its revision (retried when another writer
         got in between), so keys others set meanwhile are kept. Returns
         the config written."""
-        key = config_key(reg)
+        return await self._update_json(config_key(reg), change)
+
+    async def _update_json(self, key: str, change: Callable[[dict], dict]) -> dict:
+        """Compare-and-swap of a JSON object on its revision, as the store
+        holds it now (``{}`` when absent), retried when another writer got
+        in between; raises ``Conflict`` after ``PUSH_ATTEMPTS`` losses."""
         for _ in range(PUSH_ATTEMPTS):
             entry = await self.kv.get(key)
-            config = change(json.loads(entry.value) if entry is not None else {})
+            doc = change(json.loads(entry.value) if entry is not None else {})
             rev = entry.mod_revision if entry is not None else 0
             try:
-                await self._commit([Compare(key, rev)], [Put(key, json.dumps(config).encode())])
+                await self._commit([Compare(key, rev)], [Put(key, json.dumps(doc).encode())])
             except Conflict:
                 continue
-            return config
+            return doc
         raise Conflict()
+
+    # -- usage records (node.usage) ------------------------------------------
+
+    async def update_usage(self, reg: str, region: str, change: Callable[[dict], dict]) -> dict:
+        """Apply ``change`` to ``reg``'s usage record of ``region`` by
+        compare-and-swap (the nodes of a region add to one record)."""
+        return await self._update_json(usage_key(reg, region), change)
+
+    def usage_records(self, reg: str) -> dict[str, dict]:
+        """``reg``'s usage records by region (from the cache)."""
+        st = self.cache.registries.get(reg)
+        return {r: dict(u) for r, u in st.usage.items()} if st else {}
+
+    # -- region removal --------------------------------------------------------
+
+    async def remove_region(self, name: str) -> dict[str, int]:
+        """Decommission ``name``: every placement of it in every registry,
+        it from every registry's ``replicas``, its node keys, liveness key
+        and region record (last, so a retry finds the rest), read fresh from
+        the store. Returns counts of what went. The caller checks first
+        that no node of it runs and that it is no registry's home."""
+        record = region_key(name)
+        entries, _ = await self.kv.range(record + NODES)
+        region_keys = [e.key for e in entries]
+        for key in (alive_key(name), record):
+            if await self.kv.get(key) is not None:
+                region_keys.append(key)
+        regs, _ = await self.kv.range(REG)
+        places: list[str] = []
+        configs: list[str] = []
+        for e in regs:
+            reg, _, rest = e.key[len(REG) :].partition("/")
+            if rest.startswith("place/") and rest.endswith("/" + name):
+                places.append(e.key)
+            elif rest == "config":
+                try:
+                    replicas = json.loads(e.value).get("replicas")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(replicas, list) and name in replicas:
+                    configs.append(reg)
+
+        def drop(config: dict) -> dict:
+            return {**config, "replicas": [r for r in config.get("replicas") or [] if r != name]}
+
+        for reg in configs:
+            await self.update_registry_config(reg, drop)
+        gone = places + region_keys
+        for i in range(0, len(gone), TXN_BATCH):
+            await self._commit([], [Delete(k) for k in gone[i : i + TXN_BATCH]])
+        return {
+            "placements": len(places),
+            "registries": len(configs),
+            "nodes": sum(1 for k in region_keys if NODES in k),
+        }
 
     # -- replication settings (config key ``replicas``) ----------------------
 

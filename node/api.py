@@ -26,6 +26,7 @@ from node.auth import GRANT_HEADER, Access, Gate
 from node.sendfile import send_file_range
 from node.storage.base import BlobNotFound, BlobStore, BlobUnavailable, StorageFull
 from node.uploads import Upload, UploadManager
+from node.usage import Counters
 from node.webhooks.service import ACCESS, Activity
 from ocidist import mediatypes as mt
 from ocidist import paths
@@ -117,6 +118,7 @@ class Registry:
         self.manifest_cache = ManifestCache()
         self.guard = Guard(ns, default_registry)  # registries' existence and limits
         self.activity: Activity | None = None  # webhooks and audit (node.webhooks)
+        self.usage = Counters()  # pushes, pulls, bytes served per registry (node.usage)
 
     # -- routing -----------------------------------------------------------
 
@@ -154,7 +156,9 @@ class Registry:
             if method in ("GET", "HEAD"):
                 return await self.get_manifest(request, reg, name, route.arg)
             if method == "PUT":
-                return await self.put_manifest(request, reg, name, route.arg)
+                resp = await self.put_manifest(request, reg, name, route.arg)
+                self.usage.push(reg)
+                return resp
             if method == "DELETE":
                 if self.activity is not None:
                     return await self._observed_delete(request, reg, name, route.arg)
@@ -315,6 +319,7 @@ class Registry:
         body = await self._manifest_body(rec)
         if self.activity is not None:
             self.activity.pulled(request, reg, name)
+        self.usage.pull(reg, len(body))
         return web.Response(body=body, headers=headers)
 
     async def _read_limited(self, request: web.Request, limit: int) -> bytes:
@@ -516,6 +521,7 @@ class Registry:
                 raise self._bytes_elsewhere(digest)
             headers["Content-Length"] = str(length)
             return web.Response(status=status, headers=headers)
+        self.usage.served(reg, length)
         url = await self.store.redirect_url(digest)
         if url is not None:
             # A signed storage URL expires within minutes: never cache the redirect.

@@ -125,8 +125,9 @@ class NodeConfig(ListenAddress, ServerLimits, EtcdOptions):
     audit_flush_interval: float = setting(
         60.0, "seconds between writes of this node's audit records (one batch per registry)"
     )
-    audit_retention: float = setting(
-        7 * 86400.0, "seconds audit records are kept (default 7 days)"
+    audit_retention: float = setting(7 * 86400.0, "seconds audit records are kept (default 7 days)")
+    usage_interval: float = setting(
+        60.0, "seconds between writes of this node's usage counts (meridian usage) to the namespace"
     )
 
     @property

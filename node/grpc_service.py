@@ -538,6 +538,17 @@ class Peers:
             PEER_RTT.labels(region).set(p.srtt)
         return rtt
 
+    def forget(self, region: str) -> None:
+        """Drop a region that left the namespace: its channel, RTT and gauges."""
+        p = self.peers.pop(region, None)
+        if p is not None:
+            asyncio.get_running_loop().create_task(p.channel.close())
+        for gauge in (PEER_UP, PEER_RTT):
+            try:
+                gauge.remove(region)
+            except KeyError:
+                pass
+
     def rtts(self) -> dict[str, float]:
         """Smoothed RTT (seconds) to every region reached now (its last ping
         answered): the ``peers_rtt_s`` of the node's status."""
@@ -546,6 +557,8 @@ class Peers:
     async def _ping_loop(self) -> None:
         while True:
             targets = [r for r, i in self.ns.regions().items() if i.grpc and r != self.region]
+            for gone in set(self.peers) - set(targets):  # a region removed
+                self.forget(gone)
             if targets:
                 await asyncio.gather(*(self.ping(r) for r in targets), return_exceptions=True)
             self._first_round.set()

@@ -136,6 +136,7 @@ def api_handler(fn: Handler) -> Handler:
 # this class's ``caller``/``owner``/``manager``/``body``/``ok``/``done``.
 EXTENSIONS: tuple[str, ...] = (
     "node.manage_registry",
+    "node.manage_replicas",
     "node.manage_webhooks",
     "node.manage_import",
     "node.manage_content",

@@ -136,10 +136,10 @@ def test_up_etcd_binary_pointing_nowhere(tmp_path: Path) -> None:
     assert not data.exists()  # nothing started, nothing written
 
 
-# -- meridian regions / replication list: finding the cluster -------------------------
+# -- meridian regions / replication status: finding the cluster -------------------------
 
 
-@pytest.mark.parametrize("verb", [["regions"], ["replication", "list"]])
+@pytest.mark.parametrize("verb", [["regions"], ["replication"], ["replication", "status"]])
 def test_no_cluster_found(tmp_path: Path, verb: list[str]) -> None:
     r = meridian(*verb, cwd=tmp_path)
     assert r.returncode == 4
@@ -147,7 +147,7 @@ def test_no_cluster_found(tmp_path: Path, verb: list[str]) -> None:
     assert "no cluster found" in line and "--etcd" in line and "meridian up" in line
 
 
-@pytest.mark.parametrize("verb", [["regions"], ["replication", "list"]])
+@pytest.mark.parametrize("verb", [["regions"], ["replication", "status"]])
 def test_stale_up_json_is_not_a_cluster(tmp_path: Path, verb: list[str]) -> None:
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -161,7 +161,7 @@ def test_stale_up_json_is_not_a_cluster(tmp_path: Path, verb: list[str]) -> None
     assert "not running" in line and f"PID {gone.pid}" in line and "meridian up" in line
 
 
-@pytest.mark.parametrize("verb", [["regions"], ["replication", "list"]])
+@pytest.mark.parametrize("verb", [["regions"], ["replication", "status"]])
 def test_etcd_unreachable(tmp_path: Path, verb: list[str]) -> None:
     etcd = f"http://127.0.0.1:{free_port()}"
     r = meridian(*verb, "--etcd", etcd, cwd=tmp_path)

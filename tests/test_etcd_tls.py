@@ -135,12 +135,12 @@ def test_node_and_cli_on_an_etcd_that_wants_tls_and_client_certificates(
         res = run_cli("regions", *tls_etcd.flags(), "--json")
         assert res.returncode == 0, res.stderr
         assert '"region": "eastus"' in res.stdout and '"alive": true' in res.stdout, res.stdout
-        res = run_cli("replication", "list", *tls_etcd.flags())
+        res = run_cli("replication", "status", *tls_etcd.flags())
         assert res.returncode == 0 and "eastus" in res.stdout, res.stderr
 
         # No CA: etcd's certificate is not trusted.
         for prog in ("regions", "replication"):
-            argv = [prog, *(["list"] if prog == "replication" else []), *tls_etcd.flags(ca=False)]
+            argv = [prog, *(["status"] if prog == "replication" else []), *tls_etcd.flags(ca=False)]
             one_line_failure(run_cli(*argv), prog, "TLS handshake", "--etcd-ca")
         # The CA, but no client certificate, or one another CA signed.
         one_line_failure(

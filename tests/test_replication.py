@@ -411,7 +411,7 @@ def test_pull_succeeds_while_replication_is_in_progress(
 
 def replication_list(etcd: EtcdServer) -> dict[str, dict]:
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "replication", "list", "--json"],
+        [sys.executable, "-m", "cluster.cli", "replication", "status", "--json"],
         env={**os.environ, "MERIDIAN_ETCD": etcd.client_url},
         cwd=ROOT,
         capture_output=True,
@@ -459,7 +459,7 @@ def test_registry_replicas_setting_stops_and_backfills(etcd: EtcdServer, cluster
             wait_until(lambda n=n: n.has_all(content_digests(image)), f"{n.region} backfills")
         wait_until(
             lambda: all(r["pending_items"] == 0 for r in replication_list(etcd).values()),
-            "replication list shows every region in sync",
+            "replication status shows every region in sync",
             30,
         )
         rows = replication_list(etcd)

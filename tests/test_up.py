@@ -437,7 +437,7 @@ def test_up_runs_a_cluster_and_stops_it_cleanly(tmp_path: Path) -> None:
             ("beta", True),
             ("gamma", True),
         }
-        r = meridian("replication", "list", "--json", cwd=tmp_path)
+        r = meridian("replication", "status", "--json", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         assert {x["region"] for x in json.loads(r.stdout)} == {"alpha", "beta", "gamma"}
 

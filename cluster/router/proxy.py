@@ -291,18 +291,20 @@ class Proxy:
         if kind == "upload":
             return await self._upload(request, name, route.arg, pin, host_named)
         holders: list[str] | None = None
+        replicas = self.ns.registry_replicas(reg)  # None: held in every region
         if kind == "blob":
             holders = await self._holders(reg, route.arg)
             if method == "GET" and self.cfg.redirect_blobs and not host_named:
-                cands = self._pinned(pin, self.table.holders_first(holders))
-                return await self._redirect_blob(request, cands, holders)
+                cands = self.table.within(self.table.holders_first(holders), replicas, only=False)
+                return await self._redirect_blob(request, self._pinned(pin, cands), holders)
         elif kind == "manifest" and method in ("GET", "HEAD"):
             ref = route.arg
             found = ref if ":" in ref else await self._tag(reg, name, ref)
             if found:
                 holders = await self._holders(reg, found)
-        cands = self._pinned(pin, self.table.ranked(holders))
-        return await self._read_or_write(request, cands, holders)
+        write = method not in ("GET", "HEAD")
+        cands = self.table.within(self.table.ranked(holders), replicas, only=write)
+        return await self._read_or_write(request, self._pinned(pin, cands), holders)
 
     async def _fresh(self, coro: Awaitable[object]) -> object:
         """A read straight from the store, for what the watch-fed cache does
@@ -826,7 +828,9 @@ class Proxy:
     ) -> web.StreamResponse:
         mount = request.query.get("mount")
         holders = await self._holders(reg, mount) if mount else None
-        cands = self._pinned(pin, self.table.ranked(holders))
+        replicas = self.ns.registry_replicas(reg)  # a push goes to a replica region
+        cands = self.table.within(self.table.ranked(holders), replicas, only=True)
+        cands = self._pinned(pin, cands)
         return await self._write(request, cands, self._location_rewriter(host_named))
 
     async def _upload(

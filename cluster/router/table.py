@@ -437,6 +437,21 @@ class RegionTable:
             return self._spread(order)
         return self._spread(live + [r for r in order if r not in live])
 
+    @staticmethod
+    def within(
+        cands: list[Region], replicas: Collection[str] | None, *, only: bool
+    ) -> list[Region]:
+        """``cands`` for a registry held in ``replicas`` only (its config's
+        ``replicas``; None: every region): those regions first, in their
+        order; with ``only`` (writes: pushes go to a replica region), those
+        alone -- unless the table knows none of them, then ``cands``."""
+        if not replicas:
+            return cands
+        inside = [r for r in cands if r.name in replicas]
+        if only or not inside:
+            return inside or cands
+        return inside + [r for r in cands if r.name not in replicas]
+
     def status(self) -> list[dict]:
         """One row per region (its main entry's), up while any node is; with
         ``nodes`` (each node's row) when the region's nodes are known."""

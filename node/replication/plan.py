@@ -41,8 +41,9 @@ def replicates(ns: Namespace, reg: str, region: str) -> bool:
     return replicas is None or region in replicas
 
 
-def backlog(ns: Namespace, region: str) -> list[Item]:
-    """What ``region`` lacks, in copy order (from the namespace alone)."""
+def backlog(ns: Namespace, region: str, registry: str | None = None) -> list[Item]:
+    """What ``region`` lacks, in copy order (from the namespace alone); with
+    ``registry``, of that registry only."""
     items: dict[tuple[str, str], Item] = {}
 
     def add(it: Item) -> None:
@@ -60,7 +61,10 @@ def backlog(ns: Namespace, region: str) -> list[Item]:
                 old.deps or it.deps,
             )
 
-    for reg, st in ns.cache.registries.items():
+    states = ns.cache.registries
+    if registry is not None:
+        states = {registry: states[registry]} if registry in states else {}
+    for reg, st in states.items():
         if not replicates(ns, reg, region):
             continue
         pl = st.placements

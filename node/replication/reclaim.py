@@ -3,7 +3,11 @@
 Each pass first runs the namespace's online garbage collection of blob links
 (``Namespace.collect_links``: links no manifest of their repository
 references, past the grace period), so the layers of a deleted image stop
-counting as referenced; then it removes the local bytes nothing references.
+counting as referenced; then it removes the local bytes nothing references,
+and those only registries this region no longer replicates reference (a
+replication deleted) once another of their replica regions holds them
+(``kept_digests``: never the last copy; the region's placements of those go
+first, so routers stop sending their pulls here).
 It runs on every node with ``--reclaim-interval``, standalone or in a
 cluster (there every region reclaims its own copy; the link collection is
 safe to run in several regions at once: each removal is guarded). Within a
@@ -19,9 +23,10 @@ with the store's conditional delete.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import Counter
 
@@ -38,15 +43,35 @@ RECLAIMED = Counter(
 )
 
 
-def referenced_digests(entries: list[Entry]) -> set[str]:
-    """Every digest some registry still references, from a fresh read of
-    ``/meridian/reg/``: linked blobs, manifests, and what manifests reference."""
-    refs: set[str] = set()
+@dataclass
+class _Scan:
+    """A fresh read of ``/meridian/reg/``, per registry: what it references,
+    its ``replicas`` (None: every region) and who holds each digest."""
+
+    refs: dict[str, set[str]] = field(default_factory=dict)
+    replicas: dict[str, set[str] | None] = field(default_factory=dict)
+    holders: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+
+
+def _scan(entries: list[Entry]) -> _Scan:
+    scan = _Scan()
     for e in entries:
-        rest = e.key[len(REG) :]
-        _, _, rest = rest.partition("/")
+        reg, _, rest = e.key[len(REG) :].partition("/")
+        if rest == "config":
+            try:
+                replicas = json.loads(e.value).get("replicas")
+            except (ValueError, AttributeError):
+                replicas = None
+            if isinstance(replicas, list) and replicas:
+                scan.replicas[reg] = {str(r) for r in replicas}
+            continue
+        if rest.startswith("place/"):
+            digest, _, region = rest[len("place/") :].partition("/")
+            scan.holders.setdefault((reg, digest), set()).add(region)
+            continue
         if not rest.startswith("repo/"):
             continue
+        refs = scan.refs.setdefault(reg, set())
         head, _, leaf = rest.rpartition("/")
         kind = head.rpartition("/")[2]
         if kind == "_b":
@@ -61,7 +86,38 @@ def referenced_digests(entries: list[Entry]) -> set[str]:
             refs.update(rec.manifests)
             if rec.subject:
                 refs.add(rec.subject)
-    return refs
+    return scan
+
+
+def referenced_digests(entries: list[Entry]) -> set[str]:
+    """Every digest some registry still references, from a fresh read of
+    ``/meridian/reg/``: linked blobs, manifests, and what manifests reference."""
+    return set().union(*_scan(entries).refs.values())
+
+
+def kept_digests(entries: list[Entry], region: str) -> tuple[set[str], list[tuple[str, str]]]:
+    """What ``region`` keeps, from a fresh read of ``/meridian/reg/``: every
+    digest a registry it replicates references; of a registry it no longer
+    replicates (a replication deleted), only what no other replica region of
+    that registry holds yet -- never the last copy. Also the placements of
+    ``region`` to drop: (registry, digest) another replica region holds, so
+    routers stop sending that registry's pulls here before the bytes go."""
+    scan = _scan(entries)
+    keep: set[str] = set()
+    drop: list[tuple[str, str]] = []
+    for reg, refs in scan.refs.items():
+        replicas = scan.replicas.get(reg)
+        if replicas is None or region in replicas:
+            keep |= refs
+            continue
+        for d in refs:
+            holders = scan.holders.get((reg, d), set())
+            if holders & replicas:
+                if region in holders:
+                    drop.append((reg, d))
+            else:
+                keep.add(d)
+    return keep, drop
 
 
 @dataclass
@@ -125,7 +181,9 @@ class Reclaimer:
         links = await self.ns.collect_links(self.grace)
         if links:
             log.info("removed %d blob links no manifest references", links)
-        refs = referenced_digests(await self.ns.refresh(REG))
+        refs, leave = kept_digests(await self.ns.refresh(REG), self.ns.region)
+        for reg, d in leave:  # a registry this region no longer replicates
+            await self.ns.remove_placement(reg, d)
         cutoff = time.time() - self.grace
         candidates = []
         async for info in self.store.list_blobs():
@@ -136,7 +194,7 @@ class Reclaimer:
         await self._drop_stale_parts(refs, cutoff)
         if not candidates:
             return 0
-        refs = referenced_digests(await self.ns.refresh(REG))  # anything new?
+        refs, _ = kept_digests(await self.ns.refresh(REG), self.ns.region)  # anything new?
         deleted = 0
         for d in candidates:
             if d in refs or self._in_flight(d):

@@ -631,6 +631,15 @@ BAD: dict[str, tuple[list[str], str]] = {
         ["--set-json", 'regions=[{"name":"East_US"}]'],
         "/regions/0/name",
     ),
+    "region name too long for Kubernetes": (
+        [
+            "--set-json",
+            'regions=[{"name":"a-region-name-of-thirty-chars"}]',
+            "--set",
+            "fullnameOverride=a-release-named-at-length",
+        ],
+        "at most 52",
+    ),
     "region listed twice": (
         ["--set-json", 'regions=[{"name":"eastus"},{"name":"eastus"}]'],
         '"eastus" is listed twice',

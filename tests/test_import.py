@@ -23,9 +23,10 @@ import pytest
 from cluster.auth.admin import Invalid
 from cluster.auth.identities import OWNER
 from loadtest.reference import Server, start_distribution
-from node.importer import parse_source
+from node.importer import MAX_MANIFESTS, parse_source
+from ocidist.mediatypes import OCI_INDEX
 from tests.etcd_server import EtcdServer, etcd_fixture
-from tests.images import ACCEPT, Image, Index, Registry, build_image, build_index
+from tests.images import ACCEPT, Image, Index, Registry, build_image, build_index, canonical
 from tests.oci import Client, client_fixture, create_registry, module_node_fixture, unknown_digest
 from tests.procs import OWNER_PASSWORD, NodeProcess, free_port, redact, skopeo
 from tests.test_manage_identities import OWNER_BASIC, Cli, api, basic, http
@@ -447,6 +448,24 @@ def test_a_blob_over_the_node_s_limit(reg_node: NodeProcess, dist: Server) -> No
     status, doc = import_(reg_node, {"source": source(dist, "lib/big:1"), "image": "big/x:1"})
     assert status == 413 and error(doc)[0] == "SIZE_INVALID", doc
     assert_nothing(reg_node, "big/x", img.digest, *(b.digest for b in img.blobs()))
+
+
+def test_an_index_of_too_many_manifests(reg_node: NodeProcess, dist: Server) -> None:
+    """More manifests than one import copies: refused, nothing written (the
+    children differ only by an annotation and share their blobs)."""
+    images = [
+        build_image((500,), seed="wide", annotations={"n": str(i)}) for i in range(MAX_MANIFESTS)
+    ]
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [i.descriptor() for i in images],
+    }
+    wide = Index(canonical(doc), OCI_INDEX, images)
+    Registry(dist.base_url, auth=None).push("lib/wide", "1", wide)
+    status, doc = import_(reg_node, {"source": source(dist, "lib/wide:1"), "image": "wide:1"})
+    assert status == 400 and f"more than {MAX_MANIFESTS} manifests" in error(doc)[1], doc
+    assert_nothing(reg_node, "wide", wide.digest, images[0].digest, images[0].layers[0].digest)
 
 
 def test_an_existing_tag_needs_force(reg_node: NodeProcess, dist: Server) -> None:

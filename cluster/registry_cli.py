@@ -70,7 +70,7 @@ def hosts_line(server_url: str, login_server: str) -> str:
     """The ``/etc/hosts`` line that makes ``login_server`` reach the server."""
     host = urllib.parse.urlsplit(server_url).hostname or ""
     try:
-        addr = str(ipaddress.ip_address(host))
+        addr = "127.0.0.1" if host == "localhost" else str(ipaddress.ip_address(host))
     except ValueError:
         addr = "<the server's address>"
     name = urllib.parse.urlsplit("//" + login_server).hostname or login_server

@@ -32,6 +32,7 @@ from tests.images import build_image, write_layout
 from tests.oci import Client, assert_error
 from tests.procs import OWNER_CREDS, NodeProcess, creds_args, redact, require_tool
 from tests.test_manage_identities import OWNER_BASIC, Cli, basic, http
+from tests.test_router import RouterProcess
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,7 +45,8 @@ etcd = etcd_fixture(scope="module")
 @pytest.fixture(scope="module")
 def reg_node(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer) -> Iterator[NodeProcess]:
     data = tmp_path_factory.mktemp("registries") / "data"
-    n = NodeProcess(data, region=REGION, etcd=etcd.client_url, extra=["--domain", DOMAIN]).start()
+    extra = ["--domain", DOMAIN, "--trusted-proxies", "127.0.0.1/32"]  # a router may front it
+    n = NodeProcess(data, region=REGION, etcd=etcd.client_url, extra=extra).start()
     try:
         yield n
     finally:
@@ -502,8 +504,11 @@ async def test_an_interrupted_delete_is_finished_by_deleting_again(
 
 
 def test_skopeo_pushes_and_pulls_by_the_registry_s_host_name(
-    cli: Cli, reg_node: NodeProcess, tmp_path: Path
+    cli: Cli, reg_node: NodeProcess, etcd: EtcdServer, tmp_path: Path
 ) -> None:
+    """skopeo pushes through the router to ``<name>.<domain>:<router port>``
+    and reads back from the node's ``<name>.<domain>:<port>``, both names
+    resolved only inside a private mount namespace."""
     skopeo = require_tool("skopeo")
     reg = name("hosted")
     r = cli("registry", "create", reg, "--sku", "Standard", "-o", "json")
@@ -514,47 +519,70 @@ def test_skopeo_pushes_and_pulls_by_the_registry_s_host_name(
     assert (addr, hostname) == ("127.0.0.1", host(reg)), hosts_line
     names = {hostname: addr}
     layout = write_layout(tmp_path / "layout", {"v1": build_image([4096, 1500], seed=reg)})
+    router = RouterProcess(etcd.client_url, tmp_path, ("--domain", DOMAIN)).start()
+    try:
 
-    def run(*args: str) -> Any:
-        res = with_hosts(names, [skopeo, *args])
-        assert res.returncode == 0, redact(f"{args}: {res.stderr}")
-        return res
+        def run(*args: str) -> Any:
+            res = with_hosts(names, [skopeo, *args])
+            assert res.returncode == 0, redact(f"{args}: {res.stderr}")
+            return res
 
-    run("copy", *creds_args("copy"), "--dest-tls-verify=false",
-        f"oci:{layout}:v1", f"docker://{login_server}/team/app:v1")  # fmt: skip
-    info = json.loads(
+        via_router = f"{hostname}:{router.port}"
         run(
-            "inspect",
-            *creds_args("inspect"),
-            "--tls-verify=false",
-            f"docker://{login_server}/team/app:v1",
-        ).stdout  # fmt: skip
-    )
-    assert info["Name"] == f"{login_server}/team/app", info
-    tags = json.loads(
-        run(
-            "list-tags",
-            "--creds",
-            OWNER_CREDS,
-            "--tls-verify=false",
-            f"docker://{login_server}/team/app",
-        ).stdout  # fmt: skip
-    )
-    assert tags["Tags"] == ["v1"], tags
-    # It landed in that registry, not the default one.
-    res = with_hosts(
-        names,
-        [
-            skopeo,
-            "inspect",
-            *creds_args("inspect"),
-            "--tls-verify=false",
-            f"docker://{reg_node.hostport}/team/app:v1",
-        ],  # fmt: skip
-    )
-    assert res.returncode != 0 and "unknown" in res.stderr.lower(), redact(res.stderr)
+            "copy",
+            *creds_args("copy"),
+            "--dest-tls-verify=false",
+            f"oci:{layout}:v1",
+            f"docker://{via_router}/team/app:v1",
+        )
+        for server in (via_router, login_server):
+            info = json.loads(
+                run(
+                    "inspect",
+                    *creds_args("inspect"),
+                    "--tls-verify=false",
+                    f"docker://{server}/team/app:v1",
+                ).stdout
+            )
+            assert info["Name"] == f"{server}/team/app", info
+        tags = json.loads(
+            run(
+                "list-tags",
+                "--creds",
+                OWNER_CREDS,
+                "--tls-verify=false",
+                f"docker://{login_server}/team/app",
+            ).stdout
+        )
+        assert tags["Tags"] == ["v1"], tags
+        # It landed in that registry, not the default one.
+        res = with_hosts(
+            names,
+            [
+                skopeo,
+                "inspect",
+                *creds_args("inspect"),
+                "--tls-verify=false",
+                f"docker://{reg_node.hostport}/team/app:v1",
+            ],
+        )
+        assert res.returncode != 0 and "unknown" in res.stderr.lower(), redact(res.stderr)
+        # A registry nobody created: the router's answer is the node's 404.
+        res = with_hosts(
+            {f"nosuch1.{DOMAIN}": "127.0.0.1"},
+            [
+                skopeo,
+                "inspect",
+                *creds_args("inspect"),
+                "--tls-verify=false",
+                f"docker://nosuch1.{DOMAIN}:{router.port}/team/app:v1",
+            ],
+        )
+        assert res.returncode != 0 and "nosuch1" in res.stderr, redact(res.stderr)
+    finally:
+        router.stop()
     # Outside the private namespace the name does not resolve.
-    res = subprocess.run(["getent", "hosts", hostname], capture_output=True, text=True, check=False)
+    res = subprocess.run(["getent", "hosts", hostname], capture_output=True, text=True)
     assert res.returncode != 0, res.stdout
 
 

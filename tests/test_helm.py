@@ -30,7 +30,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import kubernetes_validate
 import pytest
 import yaml
 
@@ -42,7 +41,12 @@ from localcluster import supervisor
 from localcluster.supervisor import python_env, spawn, stop_all
 from node.config import NodeConfig
 from tests.etcd_server import find_etcd
-from tests.helmtool import helm_binary
+from tests.helmtool import INSTALL, helm_binary
+
+try:
+    import kubernetes_validate
+except ImportError:  # a failure naming the fix, never a skip
+    raise ImportError(f"kubernetes-validate is not installed: run `{INSTALL}`") from None
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "meridian"

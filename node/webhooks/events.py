@@ -1,10 +1,10 @@
 """Webhook events: which webhooks an action fires, their payloads (ACR's
 webhook schema), and the namespace writes that queue them.
 
-Push events are written in the namespace transaction that records the
-push (``Namespace.put_manifest`` takes them as extra puts), so an
-acknowledged push always has its events and a refused one has none; delete
-events right after the delete commits, before the client is answered.
+Push and delete events are written in the namespace transaction that
+records the push or the delete (``Namespace.put_manifest``,
+``delete_manifest`` and ``delete_tag`` take them as extra puts), so an
+acknowledged change always has its events and a refused one has none.
 They go to every webhook of the registry that asks for them, whatever its
 region: the namespace is shared, so the change is the same
 everywhere. ``replicated`` is regional: a region's webhooks get it when an

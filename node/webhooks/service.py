@@ -8,9 +8,8 @@ endpoint (``node.auth.Gate.on_login``), the management API
   transaction (``Namespace.put_manifest``'s ``extra``; more than fit are
   written right after it, before the answer), and an audit record is held
   for the next batch;
-- a manifest or tag delete: its events are written right after the delete
-  commits and before the client gets its answer (a namespace that fails
-  then answers 503), and an audit record;
+- a manifest or tag delete: the same, in ``delete_manifest``'s or
+  ``delete_tag``'s transaction, and an audit record;
 - a manifest GET: one counter bump (pulls are audited per minute);
 - a login, a management change: an audit record.
 """
@@ -49,6 +48,8 @@ class DeleteInfo:
     digest: str = ""
     tags: list[str] = field(default_factory=list)
     media_type: str = ""
+    later: list[Put] = field(default_factory=list)  # events too many for its transaction
+    evented: bool = False  # delete_events gave the delete's transaction its events
 
 
 class Activity:
@@ -169,8 +170,8 @@ class Activity:
                 info.media_type = rec.media_type if rec is not None else ""
         return info
 
-    async def deleted(self, request: web.Request, info: DeleteInfo) -> None:
-        ops = self.emitter.delete_ops(
+    def _delete_ops(self, request: web.Request | None, info: DeleteInfo) -> list[Put]:
+        return self.emitter.delete_ops(
             info.registry,
             info.repository,
             digest=info.digest,
@@ -178,8 +179,28 @@ class Activity:
             media_type=info.media_type,
             request=request,
         )
-        if ops:
-            await self.emitter.write(ops)
+
+    def delete_events(self, request: web.Request, info: DeleteInfo, tags: list[str]) -> list[Put]:
+        """The delete's events, given the tags it removes (the namespace
+        calls this inside ``delete_manifest``): committed with the delete
+        when they fit its transaction, else written right after it."""
+        info.tags = sorted(tags)
+        info.evented = True
+        ops = self._delete_ops(request, info)
+        if len(ops) + len(tags) + 1 < TXN_BATCH - 1:
+            return ops
+        info.later = ops
+        return []
+
+    async def deleted(self, request: web.Request, info: DeleteInfo) -> None:
+        """After the delete committed, before its answer: the events not in
+        its transaction (all of them when the caller did not ask
+        ``delete_events``: written now), and the audit record."""
+        later = info.later
+        if not info.evented:
+            later = self._delete_ops(request, info)
+        if later:
+            await self.emitter.write(later)
         self._delete_record(request, info, "success", "")
 
     def delete_failed(self, request: web.Request, info: DeleteInfo, why: str) -> None:

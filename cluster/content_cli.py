@@ -28,9 +28,14 @@ REPO_COLUMNS: list[Column] = [
     ("Manifests", lambda d: d["manifest_count"]),
     ("LastUpdate", lambda d: d.get("last_update")),
 ]
+ATTRS = {  # ACR's changeable attributes, and what false refuses
+    "write": "false: no push onto it and no delete",
+    "delete": "false: no delete",
+    "read": "false: no manifest GET through it",
+    "list": "false: left out of tag lists and the catalog",
+}
 ATTR_COLUMNS: list[Column] = [
-    ("WriteEnabled", lambda d: d["write_enabled"]),
-    ("DeleteEnabled", lambda d: d["delete_enabled"]),
+    (f"{k.capitalize()}Enabled", lambda d, k=k: d[f"{k}_enabled"]) for k in ATTRS
 ]
 REPO_SHOW_COLUMNS: list[Column] = [
     *REPO_COLUMNS,
@@ -91,14 +96,11 @@ def _confirm(ctx: Ctx, what: str) -> None:
 
 
 def _attrs(ctx: Ctx) -> dict[str, bool]:
-    a = ctx.args
-    body = {
-        k: v
-        for k, v in (("write_enabled", a.write_enabled), ("delete_enabled", a.delete_enabled))
-        if v is not None
-    }
+    body = {f"{k}_enabled": getattr(ctx.args, f"{k}_enabled") for k in ATTRS}
+    body = {k: v for k, v in body.items() if v is not None}
     if not body:
-        raise CliError("nothing to change: give --write-enabled and/or --delete-enabled", USAGE)
+        flags = ", ".join(f"--{k}-enabled" for k in ATTRS)
+        raise CliError(f"nothing to change: give one or more of {flags}", USAGE)
     return body
 
 
@@ -233,11 +235,8 @@ def _whole(lo: int, hi: int | None) -> Callable[[str], int]:
 
 
 def _attr_flags(p: argparse.ArgumentParser) -> None:
-    for flag, what in (
-        ("--write-enabled", "false: no push onto it and no delete"),
-        ("--delete-enabled", "false: no delete"),
-    ):
-        p.add_argument(flag, type=parse_bool, metavar="true|false", help=what)
+    for attr, what in ATTRS.items():
+        p.add_argument(f"--{attr}-enabled", type=parse_bool, metavar="true|false", help=what)
 
 
 def _yes(p: argparse.ArgumentParser) -> None:

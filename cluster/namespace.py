@@ -47,24 +47,6 @@ with a nested repository name):
                                                         its revision
     /meridian/reg/<registry>/place/<digest>/<region>    bytes of <digest> held in
                                                         <region> (JSON {"size"})
-    /meridian/reg/<registry>/hooks/<name>               a webhook (JSON, with its
-                                                        signing secret:
-                                                        node.webhooks.records)
-    /meridian/reg/<registry>/events/<region>/<name>/<id>
-                                                        a webhook event waiting
-                                                        for <region>'s deliverer
-                                                        (JSON payload; written
-                                                        with the push)
-    /meridian/reg/<registry>/deliveries/<region>/<name>/<ns>-<id>
-                                                        a finished delivery (the
-                                                        last N per webhook)
-    /meridian/reg/<registry>/audit/<ms>-<node>-<n>      a batch of audit records
-                                                        (JSON list; node.audit)
-    /meridian/audit/<ms>-<node>-<n>                     the cluster's own audit
-                                                        records (service
-                                                        principals, registries)
-    /meridian/leaders/<region>/webhooks                 the region's webhook
-                                                        deliverer (leased)
     /meridian/reg/<registry>/usage/<region>             the registry's usage in
                                                         <region> (JSON: pushes,
                                                         pulls, bytes_served,
@@ -112,7 +94,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, astuple, dataclass, field, replace
 
 from cluster.kv import (
     Compare,
@@ -269,32 +251,34 @@ class Lock:
 
     write: bool = True  # False: no push onto it, no delete (ACR write-enabled)
     delete: bool = True  # False: no delete (ACR delete-enabled)
+    read: bool = True  # False: its manifest GET is refused (ACR read-enabled)
+    list: bool = True  # False: left out of tag lists and the catalog (ACR list-enabled)
 
     @property
     def deletable(self) -> bool:
         return self.write and self.delete
 
     def to_dict(self) -> dict[str, bool]:
-        return {"write_enabled": self.write, "delete_enabled": self.delete}
+        return {f"{k}_enabled": getattr(self, k) for k in LOCK_ATTRS}
 
     @classmethod
     def from_json(cls, raw: bytes) -> Lock:
         d = json.loads(raw)
-        return cls(bool(d.get("write", True)), bool(d.get("delete", True)))
+        return cls(**{k: bool(d.get(k, True)) for k in LOCK_ATTRS})
 
     def to_json(self) -> bytes:
-        return json.dumps({"write": self.write, "delete": self.delete}).encode()
+        return json.dumps({k: getattr(self, k) for k in LOCK_ATTRS}).encode()
 
 
 UNLOCKED = Lock()
+LOCK_ATTRS = ("write", "delete", "read", "list")
 
 
 class Locked(Exception):
-    """A write or delete refused by a lock (nothing was changed)."""
+    """A read, write or delete refused by a lock (nothing was changed)."""
 
-    def __init__(self, what: str, lock: Lock, unlock: str) -> None:
-        attr = "write-enabled false" if not lock.write else "delete-enabled false"
-        super().__init__(f"{what} is locked ({attr}): unlock with `{unlock}`")
+    def __init__(self, what: str, attr: str, unlock: str) -> None:
+        super().__init__(f"{what} is locked ({attr}-enabled false): unlock with `{unlock}`")
         self.what = what
 
 
@@ -905,12 +889,10 @@ class Namespace:
         first = (old.first_pushed or old.created) if old is not None else now
         return replace(rec, first_pushed=first, tagged=tagged)
 
-    async def delete_tag(self, reg: str, repo: str, tag: str, extra: Iterable[Op] = ()) -> bool:
+    async def delete_tag(self, reg: str, repo: str, tag: str) -> bool:
         """Remove one tag (the manifest stays); refused (``Locked``) when the
-        tag or the repository is locked. False when there is no such tag.
-        ``extra`` puts (its webhook events) commit with the removal."""
+        tag or the repository is locked. False when there is no such tag."""
         key = tag_key(reg, repo, tag)
-        extra = list(extra)
         for attempt in range(PUSH_ATTEMPTS):
             if attempt:
                 await self.fresh_locks(reg, repo)
@@ -920,30 +902,20 @@ class Namespace:
             rev = self._rev(key)
             await self._confirmed(reg, repo, lambda: self.check_delete(reg, repo, tags=(tag,)))
             try:
-                await self._commit(
-                    [self._locks_guard(reg, repo), Compare(key, rev)], [Delete(key), *extra]
-                )
+                await self._commit([self._locks_guard(reg, repo), Compare(key, rev)], [Delete(key)])
             except Conflict:
                 await self._reread(key)
                 continue
             return True
         raise Conflict()
 
-    async def delete_manifest(
-        self,
-        reg: str,
-        repo: str,
-        digest: str,
-        extra: Callable[[list[str]], Iterable[Op]] | None = None,
-    ) -> bool:
+    async def delete_manifest(self, reg: str, repo: str, digest: str) -> bool:
         """Delete a manifest and every tag of this repository that points at
         it. Reads the store fresh (this node's cache may not know a tag
         another region just moved here); every tag move onto a manifest
         rewrites its record, so the compare on the record's revision catches
         a move that races this delete. Tags go first and the record last, so
-        no tag is ever left pointing at a missing record. ``extra(tags)``
-        (the names of the tags it removes) gives puts that commit with the
-        record's removal: the delete's webhook events."""
+        no tag is ever left pointing at a missing record."""
         mkey = manifest_key(reg, repo, digest)
         await self.fresh_locks(reg, repo)
         record = await self.kv.get(mkey)
@@ -955,11 +927,10 @@ class Namespace:
         self.check_delete(reg, repo, digests=(digest,), tags=[e.key[prefix:] for e in pointing])
         locks = self._locks_guard(reg, repo)
         guard = Compare(mkey, record.mod_revision)
-        more = list(extra([e.key[prefix:] for e in pointing])) if extra is not None else []
-        if len(pointing) + len(more) < TXN_BATCH - 1:
+        if len(pointing) < TXN_BATCH - 1:
             await self._commit(
                 [locks, guard, *(Compare(e.key, e.mod_revision) for e in pointing)],
-                [Delete(mkey), *(Delete(e.key) for e in pointing), *more],
+                [Delete(mkey), *(Delete(e.key) for e in pointing)],
             )
             return True
         for i in range(0, len(pointing), TXN_BATCH - 1):
@@ -968,9 +939,7 @@ class Namespace:
                 [locks, *(Compare(e.key, e.mod_revision) for e in batch)],
                 [Delete(e.key) for e in batch],
             )
-        await self._commit([locks, guard], [Delete(mkey), *more[: TXN_BATCH - 1]])
-        for i in range(TXN_BATCH - 1, len(more), TXN_BATCH):
-            await self._commit([], more[i : i + TXN_BATCH])
+        await self._commit([locks, guard], [Delete(mkey)])
         return True
 
     async def collect_links(self, grace: float) -> int:
@@ -1015,7 +984,11 @@ class Namespace:
             elif kind == "_t":
                 scan.tagged.add(e.value.decode(errors="replace"))
             elif kind == "_l":
-                scan.locked.add(leaf)
+                try:
+                    if not Lock.from_json(e.value).deletable:
+                        scan.locked.add(leaf)
+                except (ValueError, TypeError, AttributeError):
+                    scan.locked.add(leaf)
             elif kind == "_g" and leaf == "locks":
                 scan.locks_rev = e.mod_revision
                 try:
@@ -1144,7 +1117,7 @@ class Namespace:
     @staticmethod
     def _unlock(reg: str, repo: str, ref: str | None, attr: str) -> str:
         target = f"--repository {repo}" if ref is None else f"--image {repo}{_sep(ref)}{ref}"
-        return f"meridian repository update --registry {reg} {target} --{attr} true"
+        return f"meridian repository update --registry {reg} {target} --{attr}-enabled true"
 
     def check_write(self, reg: str, repo: str, digest: str, tags: Iterable[str]) -> None:
         """Raise ``Locked`` if a push of ``digest`` under ``tags`` is refused:
@@ -1154,11 +1127,11 @@ class Namespace:
             return
         lock = rs.repo_lock or UNLOCKED
         if not lock.write:
-            raise Locked(f"repository {repo}", lock, self._unlock(reg, repo, None, "write-enabled"))
+            raise Locked(f"repository {repo}", "write", self._unlock(reg, repo, None, "write"))
         for t in tags:
             lock = rs.locks.get(t, UNLOCKED)
             if not lock.write and rs.tags.get(t) != digest:
-                raise Locked(f"tag {t}", lock, self._unlock(reg, repo, t, "write-enabled"))
+                raise Locked(f"tag {t}", "write", self._unlock(reg, repo, t, "write"))
 
     def check_delete(
         self, reg: str, repo: str, *, digests: Iterable[str] = (), tags: Iterable[str] = ()
@@ -1174,8 +1147,35 @@ class Namespace:
         for what, ref in refs:
             lock = self.lock(reg, repo, ref)
             if not lock.deletable:
-                attr = "write-enabled" if not lock.write else "delete-enabled"
-                raise Locked(what, lock, self._unlock(reg, repo, ref, attr))
+                attr = "write" if not lock.write else "delete"
+                raise Locked(what, attr, self._unlock(reg, repo, ref, attr))
+
+    def check_read(self, reg: str, repo: str, refs: Iterable[str]) -> None:
+        """Raise ``Locked`` if a manifest GET through these references (the
+        tag asked for and the digest it names) is refused: the repository or
+        one of them is read-locked. From the cache: a read is no transaction."""
+        rs = self.repo(reg, repo)
+        if rs is None or not (rs.repo_lock or rs.locks):
+            return
+        refs_: list[tuple[str, str | None]] = [(f"repository {repo}", None)]
+        refs_ += [(f"{'manifest' if ':' in r else 'tag'} {r}", r) for r in refs]
+        for what, ref in refs_:
+            if not self.lock(reg, repo, ref).read:
+                raise Locked(what, "read", self._unlock(reg, repo, ref, "read"))
+
+    def listed(self, reg: str, repo: str, tag: str | None = None) -> bool:
+        """Whether a repository (``tag`` None) or a tag is shown in lists."""
+        return self.lock(reg, repo, tag).list
+
+    def listed_tags(self, reg: str, repo: str) -> list[str]:
+        """The repository's tags but those list-disabled, sorted."""
+        rs = self.repo(reg, repo)
+        if rs is None:
+            return []
+        tags = rs.sorted_tags()
+        if rs.locks:
+            tags = [t for t in tags if rs.locks.get(t, UNLOCKED).list]
+        return tags
 
     async def set_lock(
         self,
@@ -1185,6 +1185,8 @@ class Namespace:
         *,
         write: bool | None = None,
         delete: bool | None = None,
+        read: bool | None = None,
+        list_: bool | None = None,
     ) -> Lock | None:
         """Change the attributes of a repository (``ref`` None), a tag or a
         manifest digest; unchanged where None. Returns the new attributes,
@@ -1205,9 +1207,8 @@ class Namespace:
             if rs is None or not rs.manifests:
                 return None
             old = self.lock(reg, repo, ref)
-            new = Lock(
-                old.write if write is None else write, old.delete if delete is None else delete
-            )
+            given = (write, delete, read, list_)
+            new = Lock(*(o if g is None else g for o, g in zip(astuple(old), given, strict=True)))
             repo_lock = new if ref is None else (rs.repo_lock or UNLOCKED)
             others = {k for k in rs.locks if k != ref}
             ops: list[Op] = []

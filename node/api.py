@@ -17,7 +17,7 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
-from cluster.kv import KVUnavailable, Put
+from cluster.kv import KVUnavailable
 from cluster.namespace import MAX_TAGS_PER_PUSH, BlobsGone, Locked, ManifestRecord, Namespace
 from cluster.registries import Guard
 from node import manifests as mf
@@ -213,7 +213,7 @@ class Registry:
         """Only the repositories the caller may read are listed."""
         n, last = _page_args(request)
         may_read = await self._reader(access)
-        visible = [r for r in self.ns.repos(reg) if may_read(r)]
+        visible = [r for r in self.ns.repos(reg) if may_read(r) and self.ns.listed(reg, r)]
         repos, more = _paginate(visible, n, last)
         headers = {}
         if more and repos:
@@ -225,7 +225,7 @@ class Registry:
         if not self.ns.repo_exists(reg, name):
             raise name_unknown(name)
         n, last = _page_args(request)
-        tags, more = _paginate(self.ns.tags(reg, name), n, last)
+        tags, more = _paginate(self.ns.listed_tags(reg, name), n, last)
         headers = {}
         if more and tags:
             q = urlencode({"n": n, "last": tags[-1]})
@@ -296,6 +296,10 @@ class Registry:
         self, request: web.Request, reg: str, name: str, ref: str
     ) -> web.Response:
         rec = await self._resolve(reg, name, ref)
+        try:
+            self.ns.check_read(reg, name, (ref, rec.digest) if ref != rec.digest else (ref,))
+        except Locked as e:
+            raise RegistryError(Code.DENIED, str(e)) from None
         accept = [
             a.split(";")[0].strip()
             for h in request.headers.getall("Accept", [])
@@ -453,47 +457,31 @@ class Registry:
         """A manifest or tag DELETE with its webhook events (written before
         the answer) and its audit record."""
         assert self.activity is not None
-        activity = self.activity
-        info = activity.before_delete(reg, name, ref)
+        info = self.activity.before_delete(reg, name, ref)
         try:
-            resp = await self.delete_manifest(
-                reg, name, ref, lambda tags: activity.delete_events(request, info, tags)
-            )
+            resp = await self.delete_manifest(reg, name, ref)
         except RegistryError as e:
-            activity.delete_failed(request, info, str(e.code))
+            self.activity.delete_failed(request, info, str(e.code))
             raise
-        await activity.deleted(request, info)
+        await self.activity.deleted(request, info)
         return resp
 
-    async def delete_manifest(
-        self,
-        reg: str,
-        name: str,
-        ref: str,
-        events: Callable[[list[str]], list[Put]] | None = None,
-    ) -> web.Response:
-        """``events(tags removed)``: puts committed with the delete."""
+    async def delete_manifest(self, reg: str, name: str, ref: str) -> web.Response:
         try:
-            return await self._delete_manifest(reg, name, ref, events)
+            return await self._delete_manifest(reg, name, ref)
         except Locked as e:
             raise RegistryError(Code.DENIED, str(e)) from None
 
-    async def _delete_manifest(
-        self,
-        reg: str,
-        name: str,
-        ref: str,
-        events: Callable[[list[str]], list[Put]] | None = None,
-    ) -> web.Response:
+    async def _delete_manifest(self, reg: str, name: str, ref: str) -> web.Response:
         if ":" in ref:
             parse_digest(ref)
-            if not await self.ns.delete_manifest(reg, name, ref, events):
+            if not await self.ns.delete_manifest(reg, name, ref):
                 if not self.ns.repo_exists(reg, name):
                     raise name_unknown(name)
                 raise manifest_unknown(ref)
         else:
             check_tag(ref)
-            if not await self.ns.delete_tag(reg, name, ref, events([ref]) if events else ()):
+            if not await self.ns.delete_tag(reg, name, ref):
                 if not self.ns.repo_exists(reg, name):
                     raise name_unknown(name)
                 raise manifest_unknown(ref)

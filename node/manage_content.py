@@ -9,7 +9,7 @@ A repository name is nested (``team/app/web``), so it travels as the
   counts and last update;
 - ``GET|PATCH|DELETE .../repository?repository=R``: show one (with its
   lock attributes), change its attributes (``write_enabled``,
-  ``delete_enabled``), delete it whole;
+  ``delete_enabled``, ``read_enabled``, ``list_enabled``), delete it whole;
 - ``GET .../tags?repository=R[&orderby=time_desc|time_asc|name][&top=N]``:
   tags with digest, size, media type, created, last update, attributes;
 - ``GET|DELETE .../tag?repository=R&tag=T``: one tag; untag (the manifest
@@ -25,7 +25,9 @@ A repository name is nested (``team/app/web``), so it travels as the
 
 Locks follow ACR: ``write_enabled: false`` refuses pushes onto the tag (or
 into the repository) and deletes; ``delete_enabled: false`` refuses
-deletes. They are enforced in the namespace's transactions
+deletes; ``read_enabled: false`` refuses manifest GETs through it;
+``list_enabled: false`` leaves it out of tag lists and the catalog (here
+too). Writes and deletes are enforced in the namespace's transactions
 (``Namespace.check_write``/``check_delete`` plus a compare on the
 repository's lock guard), for the v2 API and this one alike; a refusal here
 is ``409 LOCKED`` with the command that unlocks, on the v2 API ``403
@@ -44,7 +46,7 @@ from aiohttp import web
 
 from cluster import registries, skus
 from cluster.auth.admin import AdminError, Invalid, NotFound, check_bool, check_registry, iso
-from cluster.namespace import Conflict, Lock, Locked, ManifestRecord, RepoState
+from cluster.namespace import LOCK_ATTRS, Conflict, Lock, Locked, ManifestRecord, RepoState
 from node.manage import ManageAPI, api_handler
 from ocidist.digests import check_name, check_tag, parse_digest
 from ocidist.errors import Code, RegistryError
@@ -213,13 +215,13 @@ async def _set_attrs(
 ) -> Lock:
     """Change the attributes the request's body names; NotFound if the
     repository, tag or manifest went meanwhile."""
-    doc = await api.body(request, ("write_enabled", "delete_enabled"))
+    fields = tuple(f"{a}_enabled" for a in LOCK_ATTRS)
+    doc = await api.body(request, fields)
     attrs = {k: check_bool(k, v) for k, v in doc.items()}
     if not attrs:
-        raise Invalid("nothing to change: give write_enabled and/or delete_enabled")
-    change = api.ns.set_lock(
-        reg, repo, ref, write=attrs.get("write_enabled"), delete=attrs.get("delete_enabled")
-    )
+        raise Invalid(f"nothing to change: give one or more of {', '.join(fields)}")
+    write, delete, read, list_ = (attrs.get(f) for f in fields)
+    change = api.ns.set_lock(reg, repo, ref, write=write, delete=delete, read=read, list_=list_)
     lock = await _locked(change)
     if lock is None:
         raise NotFound(f"{ref or 'repository ' + repo} is gone from registry {reg!r}")
@@ -262,7 +264,7 @@ async def list_repositories(api: ManageAPI, request: web.Request) -> web.Respons
     rows = []
     for name in api.ns.repos(reg):
         rs = api.ns.repo(reg, name)
-        if rs is not None and may(name):
+        if rs is not None and may(name) and api.ns.listed(reg, name):
             row = _repo_row(reg, name, rs)
             del row["registry"]
             rows.append(row)
@@ -310,7 +312,7 @@ async def list_tags(api: ManageAPI, request: web.Request) -> web.Response:
             raise Invalid(f"top must be a whole number of at least 1, not {top[:40]!r}")
         limit = int(top)
     name, rs = await _repo(api, reg, request, may)
-    rows = [_tag_row(api, reg, name, rs, t) for t in rs.sorted_tags()]
+    rows = [_tag_row(api, reg, name, rs, t) for t in api.ns.listed_tags(reg, name)]
     if order != "name":
         rows.sort(key=lambda r: (r["_t"], r["name"]), reverse=order == "time_desc")
     for r in rows:

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.timeout(300)
 
 etcd = etcd_fixture(scope="module")
 REG = "default"
+UNLOCKED = {f"{a}_enabled": True for a in ("write", "delete", "read", "list")}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ async def test_repositories_tags_and_manifests_are_listed(
     one = ok(reg_node, "GET", q("manifest", repository=repo, reference="v2"))
     assert one["digest"] == second.digest and one["tags"] == ["v2"]
     assert one["manifest"] == json.loads(second.body)  # the manifest as stored
-    assert one["tag"] == {"name": "v2", "write_enabled": True, "delete_enabled": True}
+    assert one["tag"] == {"name": "v2", **UNLOCKED}
     by_digest = ok(reg_node, "GET", q("manifest", repository=repo, reference=first.digest))
     assert by_digest["tags"] == [] and by_digest["manifest"] == json.loads(first.body)
 
@@ -212,8 +213,8 @@ async def test_a_write_locked_tag_refuses_to_move_and_to_go(
         "registry": REG,
         "repository": repo,
         "tag": "v1",
+        **UNLOCKED,
         "write_enabled": False,
-        "delete_enabled": True,
     }
     for b in other.blobs:
         await client.push_blob(repo, b)
@@ -317,6 +318,35 @@ async def test_a_lock_holds_against_a_node_whose_cache_is_behind(namespaces) -> 
     assert (await a.kv.range(f"/meridian/reg/{REG}/repo/team/app/"))[0] == []
 
 
+async def test_read_and_list_locks(reg_node: NodeProcess, client: Client) -> None:
+    repo = repo_name("rlock")
+    img, other = image(), image()
+    await client.push(repo, img, "v1")
+    await client.push(repo, other, "v2")
+    ok(reg_node, "PATCH", q("manifest", repository=repo, reference="v1"), {"read_enabled": False})
+    r = await client.get(manifest_path(repo, "v1"))
+    assert r.status == 403 and "tag v1 is locked (read-enabled false)" in r.json()["errors"][0][
+        "message"]  # fmt: skip
+    assert (await client.get(manifest_path(repo, "v2"))).status == 200
+    ok(reg_node, "PATCH", q("manifest", repository=repo, reference="v1"), {"read_enabled": True})
+    assert (await client.get(manifest_path(repo, "v1"))).status == 200
+
+    ok(reg_node, "PATCH", q("manifest", repository=repo, reference="v2"), {"list_enabled": False})
+    assert await tags_of(client, repo) == ["v1"]
+    listed = ok(reg_node, "GET", q("tags", repository=repo))["tags"]
+    assert [t["name"] for t in listed] == ["v1"]
+    assert (await client.get(manifest_path(repo, "v2"))).status == 200  # still pulls
+    ok(reg_node, "PATCH", q("repository", repository=repo), {"list_enabled": False})
+    catalog = (await client.get("/v2/_catalog")).json()["repositories"]
+    assert repo not in catalog
+    assert repo not in [r["name"] for r in ok(reg_node, "GET", q("repositories"))["repositories"]]
+    shown = ok(reg_node, "GET", q("repository", repository=repo))
+    assert (shown["list_enabled"], shown["write_enabled"]) == (False, True)
+    # Neither read nor list locks keep anything from being deleted.
+    ok(reg_node, "DELETE", q("repository", repository=repo))
+    assert (await client.get(f"/v2/{repo}/tags/list")).status == 404
+
+
 # -- bad input --------------------------------------------------------------------------
 
 
@@ -352,7 +382,7 @@ async def test_bad_input_is_refused_and_changes_nothing(
         ("GET", q("tags", repository=repo, top="x"), None, 400, "INVALID"),
         ("PATCH", q("repository", repository=repo), {}, 400, "INVALID"),
         ("PATCH", q("repository", repository=repo), {"write_enabled": "no"}, 400, "INVALID"),
-        ("PATCH", q("repository", repository=repo), {"read_enabled": False}, 400, "INVALID"),
+        ("PATCH", q("repository", repository=repo), {"hidden": False}, 400, "INVALID"),
         ("PATCH", q("manifest", repository=repo, reference="no"), {"write_enabled": False}, 404,
          "NOT_FOUND"),
         ("PATCH", q("retention"), {"days": -1}, 400, "INVALID"),

@@ -291,7 +291,7 @@ class Proxy:
         if kind == "upload":
             return await self._upload(request, name, route.arg, pin, host_named)
         holders: list[str] | None = None
-        replicas = self.ns.registry_replicas(reg)  # None: held in every region
+        replicas = await self._replicas(reg)
         if kind == "blob":
             holders = await self._holders(reg, route.arg)
             if method == "GET" and self.cfg.redirect_blobs and not host_named:
@@ -320,6 +320,14 @@ class Proxy:
             raise
         except Exception:
             return None
+
+    async def _replicas(self, reg: str) -> set[str] | None:
+        """The regions that hold ``reg`` (None: every region). A registry
+        whose config this router has not seen yet (created an instant ago)
+        is read from the store once."""
+        if reg != self.cfg.registry and not self.ns.registry_config(reg):
+            await self._fresh(self.ns.fresh_registry_config(reg))
+        return self.ns.registry_replicas(reg)
 
     async def _holders(self, reg: str, digest: str) -> list[str] | None:
         places = self.ns.placements(reg, digest)
@@ -828,7 +836,7 @@ class Proxy:
     ) -> web.StreamResponse:
         mount = request.query.get("mount")
         holders = await self._holders(reg, mount) if mount else None
-        replicas = self.ns.registry_replicas(reg)  # a push goes to a replica region
+        replicas = await self._replicas(reg)  # a push goes to a replica region
         cands = self.table.within(self.table.ranked(holders), replicas, only=True)
         cands = self._pinned(pin, cands)
         return await self._write(request, cands, self._location_rewriter(host_named))

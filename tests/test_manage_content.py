@@ -21,8 +21,9 @@ import pytest
 from cluster.etcd import EtcdKV
 from cluster.namespace import Lock, Locked, Namespace, config_key, tag_key
 from tests.etcd_server import EtcdServer, etcd_fixture
+from tests.images import build_image, write_layout
 from tests.oci import Client, artifact, digest, image, index, manifest_path, repo_name
-from tests.procs import NodeProcess
+from tests.procs import NodeProcess, skopeo
 from tests.test_manage_identities import api, basic, error_code, owner_cli
 from tests.test_namespace import D1, D2, L1, make_kv, namespaces  # noqa: F401 (fixtures)
 from tests.test_namespace import rec as ns_rec
@@ -345,6 +346,29 @@ async def test_read_and_list_locks(reg_node: NodeProcess, client: Client) -> Non
     # Neither read nor list locks keep anything from being deleted.
     ok(reg_node, "DELETE", q("repository", repository=repo))
     assert (await client.get(f"/v2/{repo}/tags/list")).status == 404
+
+
+def test_skopeo_cannot_overwrite_or_delete_a_locked_tag(
+    reg_node: NodeProcess, tmp_path: Path
+) -> None:
+    first, second = build_image([4096], seed="lock-1"), build_image([4096], seed="lock-2")
+    layout = write_layout(tmp_path / "src", {"a": first, "b": second})
+    repo = repo_name("skopeo")
+    ref = f"docker://{reg_node.hostport}/{repo}:v1"
+    skopeo("copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:a", ref)
+    ok(reg_node, "PATCH", q("manifest", repository=repo, reference="v1"), {"write_enabled": False})
+
+    r = skopeo("copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:b", ref, check=False)
+    assert r.returncode != 0 and "tag v1 is locked (write-enabled false)" in r.stderr, r.stderr
+    r = skopeo("delete", "--tls-verify=false", ref, check=False)
+    assert r.returncode != 0 and "locked" in r.stderr, r.stderr
+    raw = skopeo("inspect", "--tls-verify=false", "--raw", ref).stdout
+    assert json.loads(raw) == json.loads(first.manifest)  # unchanged
+
+    ok(reg_node, "PATCH", q("manifest", repository=repo, reference="v1"), {"write_enabled": True})
+    skopeo("copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:b", ref)
+    raw = skopeo("inspect", "--tls-verify=false", "--raw", ref).stdout
+    assert json.loads(raw) == json.loads(second.manifest)
 
 
 # -- bad input --------------------------------------------------------------------------

@@ -1090,7 +1090,8 @@ def up_main(argv: list[str]) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if cluster.children:
-            _out(sys.stdout, "\nstopping: router, regions, WAN emulator, etcd ...\n")
+            storage = ", Azurite" if options.storage == "azurite" else ""
+            _out(sys.stdout, f"\nstopping: router, regions, WAN emulator, etcd{storage} ...\n")
             cluster.stop()
             _out(sys.stdout, "stopped\n")
     return code

@@ -3,7 +3,9 @@
 - Claims (``node.replication.claims``) on a real KV store: one node holds an
   item, the others are refused until it releases it or its lease goes; a
   node restarted with the same id takes its own claims back; the reclaim
-  leader moves to another node when its holder goes.
+  leader moves to another node when its holder goes; on etcd, a node that
+  dies (keep-alives stop) keeps both until its lease lapses, then another
+  node takes them.
 - Upload sessions kept in the Azure store: a session begun through one
   node's upload manager is continued, finished and cancelled through
   another's (different data dirs, one container on Azurite).
@@ -46,6 +48,7 @@ from node.uploads import UploadManager
 from tests import images as im
 from tests.azurite import Azurite, azurite  # noqa: F401 - the fixture
 from tests.containerd import Containerd
+from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.procs import OWNER_CREDS, free_port, skopeo
 from tests.test_region_shared_dir import session_back_and_forth
 from tests.test_replication import content_digests, scrape, wait_until
@@ -54,6 +57,7 @@ from tests.test_up import Up, meridian, token
 pytestmark = pytest.mark.timeout(900)
 
 REPO = "scale/app"
+etcd = etcd_fixture()
 TOPOLOGY = """
 [[region]]
 name = "eastus"
@@ -111,6 +115,32 @@ async def test_claims_one_holder_taken_over_when_it_goes(tmp_path: Path) -> None
         await a.close()
     finally:
         await kv.close()
+
+
+async def test_a_dead_nodes_claims_and_leadership_lapse_on_etcd(etcd: EtcdServer) -> None:
+    """A node that dies (its client gone without revoking: keep-alives
+    stop) holds its claim and the reclaim lead until its lease lapses; then
+    another node takes both."""
+    kv_a, kv_b = EtcdKV(etcd.endpoints, timeout=5.0), EtcdKV(etcd.endpoints, timeout=5.0)
+    await kv_a.start()
+    await kv_b.start()
+    try:
+        a, b = Claims(kv_a, "a", ttl=2), Claims(kv_b, "b", ttl=2)
+        key = claim_key("eastus", "default", "sha256:" + "cd" * 32)
+        la, lb = Leader(a, "eastus", "reclaim"), Leader(b, "eastus", "reclaim")
+        assert await a.claim(key) and await la.acquire()
+        await kv_a.close()  # a dies
+        assert await b.claim(key) is False and await lb.acquire() is False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not await b.claim(key):
+            assert loop.time() < deadline, "a dead node's claim never lapsed"
+            await asyncio.sleep(0.2)
+        assert await lb.acquire() is True
+        await b.close()
+    finally:
+        await kv_a.close()
+        await kv_b.close()
 
 
 # -- upload sessions on Azure ---------------------------------------------------

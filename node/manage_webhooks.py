@@ -39,7 +39,7 @@ from aiohttp import web
 
 from cluster import skus
 from cluster.auth.admin import AdminError, Busy, Exists, Invalid, NotFound
-from cluster.kv import Compare, Delete, Put
+from cluster.kv import Compare, Delete, Entry, Put
 from cluster.namespace import Conflict, Namespace
 from node import audit
 from node.manage import PREFIX, ManageAPI, api_handler
@@ -64,10 +64,12 @@ def _activity(api: ManageAPI) -> Activity:
     return activity
 
 
-def _hook_from_store(raw: bytes | None, name: str) -> rec.Webhook:
-    if raw is None:
+async def _stored_hook(api: ManageAPI, reg: str, name: str) -> tuple[Entry, rec.Webhook]:
+    """A webhook as the store holds it now (and its entry, to compare on)."""
+    entry = await api.ns.kv.get(rec.hook_key(reg, name))
+    if entry is None:
         raise NotFound(f"no webhook {name!r}: list them with `meridian webhook list`")
-    return rec.Webhook.from_json(raw)
+    return entry, rec.Webhook.from_json(entry.value)
 
 
 def _location(api: ManageAPI, reg: str, given: object) -> str:
@@ -153,8 +155,7 @@ def _name(request: web.Request) -> str:
 async def show_hook(api: ManageAPI, request: web.Request) -> web.Response:
     reg, _ = await api.manager(request)
     name = _name(request)
-    entry = await api.ns.kv.get(rec.hook_key(reg, name))
-    hook = _hook_from_store(entry.value if entry else None, name)
+    _, hook = await _stored_hook(api, reg, name)
     secret = request.query.get("secret", "").lower() in ("1", "true", "yes")
     return api.ok(hook.public(secret=secret))
 
@@ -168,9 +169,7 @@ async def update_hook(api: ManageAPI, request: web.Request) -> web.Response:
         raise Invalid(f"nothing to change: give any of {', '.join(UPDATE_FIELDS)}")
     key = rec.hook_key(reg, name)
     for _ in range(8):
-        entry = await api.ns.kv.get(key)
-        hook = _hook_from_store(entry.value if entry else None, name)
-        assert entry is not None
+        entry, hook = await _stored_hook(api, reg, name)
         changes: dict[str, Any] = {}
         if "uri" in doc:
             changes["uri"] = rec.check_uri(doc["uri"])
@@ -210,9 +209,7 @@ async def delete_hook(api: ManageAPI, request: web.Request) -> web.Response:
     reg, c = await api.manager(request)
     name = _name(request)
     key = rec.hook_key(reg, name)
-    entry = await api.ns.kv.get(key)
-    hook = _hook_from_store(entry.value if entry else None, name)
-    assert entry is not None
+    entry, hook = await _stored_hook(api, reg, name)
     try:
         await api.ns.commit([Compare(key, entry.mod_revision)], [Delete(key)])
     except Conflict:
@@ -227,8 +224,7 @@ async def delete_hook(api: ManageAPI, request: web.Request) -> web.Response:
 async def ping_hook(api: ManageAPI, request: web.Request) -> web.Response:
     reg, c = await api.manager(request)
     name = _name(request)
-    entry = await api.ns.kv.get(rec.hook_key(reg, name))
-    hook = _hook_from_store(entry.value if entry else None, name)
+    _, hook = await _stored_hook(api, reg, name)
     activity = _activity(api)
     doc = payload("ping", registry=reg, region=api.ns.region)
     async with aiohttp.ClientSession(auto_decompress=False) as session:
@@ -272,8 +268,7 @@ def _top(request: web.Request, default: int) -> int:
 async def hook_events(api: ManageAPI, request: web.Request) -> web.Response:
     reg, _ = await api.manager(request)
     name = _name(request)
-    entry = await api.ns.kv.get(rec.hook_key(reg, name))
-    hook = _hook_from_store(entry.value if entry else None, name)
+    _, hook = await _stored_hook(api, reg, name)
     top = _top(request, 50)
     out: list[dict[str, Any]] = []
     pending = await api.ns.refresh(rec.events_prefix(reg, hook.location, name))

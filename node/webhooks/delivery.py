@@ -40,7 +40,7 @@ from cluster.kv import Compare, Delete, Entry, Op, Put
 from cluster.namespace import Namespace
 from cluster.runtime import cancel_and_wait
 from node.replication.claims import Claims, Leader
-from node.webhooks.events import Hooks
+from node.webhooks.events import Hooks, until_done
 from node.webhooks.records import (
     Webhook,
     deliveries_prefix,
@@ -316,17 +316,11 @@ class Deliverer:
         if record is not None:
             event_id = entry.key.rpartition("/")[2]
             ops.append(Put(history_key(reg, self.region, name, event_id), record))
-        backoff = Backoff(base=0.5, cap=10.0, jitter=0.2)
-        while True:
-            try:
-                await self.ns.kv.txn([Compare(entry.key, entry.mod_revision)], ops)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                delay = backoff.failed()
-                log.warning("recording a webhook delivery failed, retrying in %.1fs: %s", delay, e)
-                await asyncio.sleep(delay)
+        await until_done(
+            lambda: self.ns.kv.txn([Compare(entry.key, entry.mod_revision)], ops),
+            "recording a webhook delivery",
+            cap=10.0,
+        )
         if record is not None:
             await self._trim(reg, name)
 

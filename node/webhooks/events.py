@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +38,22 @@ log = logging.getLogger("meridian.webhooks")
 
 _seq = itertools.count(1)
 MAX_PENDING_WRITES = 10_000  # replicated events waiting for the namespace
+
+
+async def until_done(step: Callable[[], Awaitable[object]], what: str, cap: float = 30.0) -> None:
+    """``step()`` again and again (back-off with jitter, up to ``cap`` s)
+    until it does not raise: what must reach the namespace eventually."""
+    backoff = Backoff(base=0.5, cap=cap, jitter=0.2)
+    while True:
+        try:
+            await step()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            delay = backoff.failed()
+            log.warning("%s failed, retrying in %.1fs: %s", what, delay, e)
+            await asyncio.sleep(delay)
 
 
 def iso(ts: float) -> str:
@@ -290,19 +306,9 @@ class Emitter:
         task.add_done_callback(self._tasks.discard)
 
     async def _write(self, ops: list[Put]) -> None:
-        backoff = Backoff(base=0.5, cap=30.0, jitter=0.2)
         for i in range(0, len(ops), TXN_BATCH):
-            batch = ops[i : i + TXN_BATCH]
-            while True:
-                try:
-                    await self.ns.commit([], list(batch))
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:
-                    delay = backoff.failed()
-                    log.warning("writing replicated events failed, retrying in %.1fs: %s", delay, e)
-                    await asyncio.sleep(delay)
+            batch = list(ops[i : i + TXN_BATCH])
+            await until_done(lambda b=batch: self.ns.commit([], b), "writing replicated events")
 
     async def write(self, ops: list[Put]) -> None:
         """Events that did not fit in their change's transaction."""

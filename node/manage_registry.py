@@ -27,8 +27,10 @@ from typing import Any
 from aiohttp import web
 
 from cluster.auth.admin import Invalid
-from cluster.registries import Registries, check_name
+from cluster.registries import DoesNotFit, Registries, check_name, check_sku
+from cluster.skus import Sku
 from node.manage import Caller, ManageAPI, api_handler
+from node.webhooks.records import hooks_prefix, parse_hook_key
 from ocidist.errors import Code, RegistryError
 
 PATH = "/meridian/v1/registries"
@@ -115,9 +117,25 @@ async def update_registry(api: ManageAPI, request: web.Request) -> web.Response:
         raise RegistryError(
             Code.DENIED, "only the cluster owner changes a registry's tier: log in as owner"
         )
+    if "sku" in doc:
+        await _webhooks_fit(api, reg, check_sku(doc["sku"]))
     out = await _ops(api).update(reg, doc, _host(api, request))
     api.audit(c, f"updated registry {reg}: {', '.join(sorted(doc))}")
     return api.ok(out)
+
+
+async def _webhooks_fit(api: ManageAPI, reg: str, tier: Sku) -> None:
+    """A tier with fewer webhooks than the registry has is refused (the
+    webhooks' records: ``node.webhooks.records``)."""
+    if tier.webhooks is None:
+        return
+    hooks = [e for e in await api.ns.refresh(hooks_prefix(reg)) if parse_hook_key(e.key)]
+    if len(hooks) > tier.webhooks:
+        raise DoesNotFit(
+            f"the {tier.name} tier allows {tier.webhooks} webhooks and {reg} has {len(hooks)}: "
+            f"delete {len(hooks) - tier.webhooks} first (`meridian webhook delete`)",
+            {"webhooks": len(hooks), "limit": tier.webhooks},
+        )
 
 
 @api_handler

@@ -396,6 +396,24 @@ async def test_a_downgrade_with_replicas_elsewhere_is_refused(
     assert "westus" in error(doc)[1], doc
 
 
+async def test_a_downgrade_below_the_webhooks_held_is_refused(reg_node: NodeProcess) -> None:
+    reg = name("hooks")
+    oci.create_registry(reg_node.url, reg, "Standard")
+    allowed = skus.BASIC.webhooks
+    assert allowed is not None
+    for i in range(allowed + 1):
+        body = {"name": f"hook{i}abc", "uri": "http://127.0.0.1:9/hook", "actions": ["push"]}
+        status, doc = call(reg_node, "POST", f"{API}/{reg}/webhooks", body)
+        assert status == 201, doc
+    status, doc = call(reg_node, "PATCH", f"{API}/{reg}", {"sku": "Basic"})
+    assert status == 409 and f"allows {allowed} webhooks" in error(doc)[1], doc
+    assert call(reg_node, "GET", f"{API}/{reg}")[1]["sku"] == "Standard"
+    status, _ = call(reg_node, "DELETE", f"{API}/{reg}/webhooks/hook0abc")
+    assert status == 204
+    status, doc = call(reg_node, "PATCH", f"{API}/{reg}", {"sku": "Basic"})
+    assert status == 200 and doc["sku"] == "Basic", doc
+
+
 # -- delete ----------------------------------------------------------------------------
 
 

@@ -378,6 +378,17 @@ def test_a_region_of_three_nodes_on_azurite(tmp_path: Path) -> None:
         assert sc.placed("eastus", router_digests) == set(router_digests)  # they landed there
         assert sc.held("eastus", router_digests) == set(router_digests)
         pull_all(router, acked)  # no error, with eastus-2 dead
+        # The router balances across the region's live nodes.
+        served: set[str] = set()
+        for _ in range(40):
+            status, hdrs, body = router.request(
+                "GET", f"/v2/{REPO}/manifests/p0", headers={"Accept": im.OCI_MANIFEST}
+            )
+            assert status == 200 and body == acked["p0"].manifest, status
+            served.add(hdrs["X-Meridian-Node"])
+            if served >= {"eastus-1", "eastus-3"}:
+                break
+        assert served >= {"eastus-1", "eastus-3"}, served
 
         # Pushed in westeurope: eastus copies them; the eastus node copying
         # first is SIGKILLed mid-transfer, the last one takes its items over.

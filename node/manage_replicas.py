@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from cluster import skus
+from cluster import registries, skus
 from cluster.auth.admin import Busy, Exists, InUse, Invalid, NotFound
-from cluster.namespace import NODES, alive_key, config_key, region_key
+from cluster.namespace import NODES, REG, alive_key, region_key
 from node.manage import PREFIX, api_handler
 from node.replication.plan import backlog
 from node.usage import FIELDS, add_recorder, close_region, figures, stored_in
@@ -44,25 +44,17 @@ if TYPE_CHECKING:
     from node.manage import ManageAPI
 
 REGISTRY = PREFIX + "/registries/{registry}"
-DELETING = "deleting"  # a config's state while the registry is being deleted
 
 
 async def _config(api: ManageAPI, reg: str) -> dict:
-    """The registry's config; 404 unless it exists (the default registry
-    always does)."""
-    st = api.ns.cache.registries.get(reg)
-    config = dict(st.config) if st is not None else {}
-    if not config:
-        entry = await api.ns.kv.get(config_key(reg))
-        config = _json(entry.value) if entry is not None else {}
+    """The config of ``reg``, which ``api.manager`` found to exist (the
+    default registry always does, with or without a config)."""
     if reg == api.default_registry:
-        return config
-    if not config.get("sku") or config.get("state") == DELETING:
-        raise NotFound(
-            f"registry {reg!r} does not exist: create it with "
-            f"`meridian registry create {reg} --sku Premium`"
-        )
-    return config
+        return dict(api.ns.registry_config(reg))
+    config = await registries.known(api.ns, reg)
+    if config is None:  # deleted since
+        raise NotFound(registries.unknown(reg), {"registry": reg})
+    return dict(config)
 
 
 def _json(raw: bytes) -> dict:
@@ -147,7 +139,7 @@ async def create_replication(api: ManageAPI, request: web.Request) -> web.Respon
             )
         if region in replicas:
             raise Exists(f"{region} is already a replica of {reg!r}", {"region": region})
-        if current.get("state") == DELETING:
+        if current.get("state") == registries.DELETING:
             raise NotFound(f"registry {reg!r} is being deleted")
         return {**current, "replicas": sorted({*replicas, region})}
 
@@ -240,9 +232,9 @@ async def remove_region(api: ManageAPI, request: web.Request) -> web.Response:
     if record is None and not nodes and alive is None:
         raise NotFound(f"unknown region {region!r} (see `meridian regions`)", {"region": region})
     homes = []
-    entries, _ = await ns.kv.range("/meridian/reg/")
+    entries, _ = await ns.kv.range(REG)
     for e in entries:
-        reg, _, rest = e.key[len("/meridian/reg/") :].partition("/")
+        reg, _, rest = e.key[len(REG) :].partition("/")
         if rest == "config" and _json(e.value).get("location") == region:
             homes.append(reg)
     if homes:

@@ -552,7 +552,11 @@ def test_region_remove(env: Env, tmp_path: Path) -> None:
     assert "southeastasia" in {r["region"] for r in env.router.status()["regions"]}
 
 
-def test_region_remove_needs_the_owner(env: Env) -> None:
+def test_region_remove_needs_the_owner_and_passes_the_router(env: Env) -> None:
     status, doc = api(env["eastus"], "DELETE", "/regions/eastus", auth={})
     assert status == 401, doc
+    # the router forwards it to a region, as the rest of the management API
+    status, doc = api(env.router, "DELETE", "/regions/nowhere")
+    assert status == 404 and doc["errors"][0]["code"] == "NOT_FOUND", doc
+    assert "unknown region" in message(doc)
     assert "eastus" in {r["region"] for r in env.router.status()["regions"]}

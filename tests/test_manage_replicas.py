@@ -515,6 +515,7 @@ def test_region_remove(env: Env, tmp_path: Path) -> None:
         "centralus down in the replication status",
         30,
     )
+    assert replications(west, "regremove1")["centralus"]["status"] == "down"
     assert "centralus" in cli("regions", "--etcd", env.etcd.client_url).stdout
     doc = cli.ok("region", "remove", "centralus", "--yes")
     assert doc["region"] == "centralus"

@@ -29,13 +29,14 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from cluster import registries, skus
 from cluster.auth.admin import Busy, Exists, InUse, Invalid, NotFound
-from cluster.namespace import NODES, REG, alive_key, region_key
+from cluster.namespace import NODES, REG, Conflict, alive_key, region_key
 from node.manage import PREFIX, api_handler
 from node.replication.plan import backlog
 from node.usage import FIELDS, add_recorder, close_region, figures, stored_in
@@ -63,6 +64,14 @@ def _json(raw: bytes) -> dict:
     except ValueError:
         return {}
     return doc if isinstance(doc, dict) else {}
+
+
+async def _swapped(call: Awaitable[Any]) -> Any:
+    """A compare-and-swap that kept losing to other writers: 409, retry."""
+    try:
+        return await call
+    except Conflict:
+        raise Busy("the registry's settings changed while this ran: try again") from None
 
 
 def _regions(api: ManageAPI) -> set[str]:
@@ -143,7 +152,7 @@ async def create_replication(api: ManageAPI, request: web.Request) -> web.Respon
             raise NotFound(f"registry {reg!r} is being deleted")
         return {**current, "replicas": sorted({*replicas, region})}
 
-    new = await api.ns.update_registry_config(reg, add)
+    new = await _swapped(api.ns.update_registry_config(reg, add))
     api.audit(caller, f"added replication of {reg} to {region}")
     return api.ok(_row(api, reg, region, new, api.ns.alive_regions()), 201)
 
@@ -170,7 +179,7 @@ async def delete_replication(api: ManageAPI, request: web.Request) -> web.Respon
             raise Invalid(f"{region} holds the last copy of {reg!r}: keep it")
         return {**current, "replicas": left}
 
-    await api.ns.update_registry_config(reg, remove)
+    await _swapped(api.ns.update_registry_config(reg, remove))
     api.audit(caller, f"removed replication of {reg} from {region}")
     return api.done()
 
@@ -250,8 +259,8 @@ async def remove_region(api: ManageAPI, request: web.Request) -> web.Response:
             "stop its nodes first (or pass --force: nodes still running register again)",
             {"nodes": ids},
         )
-    removed = await ns.remove_region(region)
-    await close_region(ns, region)
+    removed = await _swapped(ns.remove_region(region))
+    await _swapped(close_region(ns, region))
     api.audit(caller, f"removed region {region}{' (forced)' if force else ''}")
     return api.ok({"region": region, "removed": removed})
 

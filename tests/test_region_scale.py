@@ -331,6 +331,7 @@ def test_a_region_of_three_nodes_on_azurite(tmp_path: Path) -> None:
             lambda: nodes_up(up.router_status()) == {"eastus": 3, "westeurope": 3},
             "every node in the router's rotation",
         )
+        up.wait(lambda: "(3/3 nodes)" in up.output, "the status line counts each region's nodes")
         router = im.Registry(up.router)
 
         # An upload begun on eastus-1, continued on eastus-2, finished on
@@ -389,6 +390,7 @@ def test_a_region_of_three_nodes_on_azurite(tmp_path: Path) -> None:
             if served >= {"eastus-1", "eastus-3"}:
                 break
         assert served >= {"eastus-1", "eastus-3"}, served
+        up.wait(lambda: "(2/3 nodes)" in up.output, "the status line shows eastus-2 out")
 
         # Pushed in westeurope: eastus copies them; the eastus node copying
         # first is SIGKILLed mid-transfer, the last one takes its items over.

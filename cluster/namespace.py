@@ -96,6 +96,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, astuple, dataclass, field, replace
 
+from cluster import skus
 from cluster.kv import (
     Compare,
     Delete,
@@ -1476,16 +1477,18 @@ class _RepoScan:
 
 
 def _retention_policies(entries: list[Entry]) -> dict[str, float]:
-    """Registries whose config enables retention of untagged manifests:
-    name -> seconds an untagged manifest is kept."""
+    """Registries whose config enables retention of untagged manifests (and
+    whose tier allows it: a Premium registry moved down keeps its policy
+    but it no longer runs): name -> seconds an untagged manifest is kept."""
     out: dict[str, float] = {}
     for e in entries:
         reg, _, rest = e.key[len(REG) :].partition("/")
         if rest != "config":
             continue
         try:
-            policy = json.loads(e.value).get("retention") or {}
-            if policy.get("enabled") is True:
+            config = json.loads(e.value)
+            policy = config.get("retention") or {}
+            if policy.get("enabled") is True and skus.of_config(config).retention:
                 out[reg] = float(policy.get("days", 7)) * 86400
         except (ValueError, TypeError, AttributeError):
             continue

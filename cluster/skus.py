@@ -11,6 +11,7 @@ enforced here and nowhere else decides it:
 | webhooks | 2 | 10 | 500 |
 | geo-replication (replicas in other regions) | no | no | yes |
 | network rules (allowed client networks) | no | no | yes |
+| retention of untagged manifests (`config retention`) | no | no | yes |
 
 Operation limits are counted per node, over a sliding minute: a region of
 several nodes serves up to that many times the figure, as ACR's own limits
@@ -35,6 +36,7 @@ class Sku:
     webhooks: int | None
     geo_replication: bool
     network_rules: bool
+    retention: bool = False  # of untagged manifests (node.manage_content)
 
     def to_dict(self) -> dict:
         return {
@@ -45,14 +47,15 @@ class Sku:
             "webhooks": self.webhooks,
             "geo_replication": self.geo_replication,
             "network_rules": self.network_rules,
+            "retention": self.retention,
         }
 
 
 BASIC = Sku("Basic", 10 * GIB, 1_000, 100, 2, False, False)
 STANDARD = Sku("Standard", 100 * GIB, 3_000, 500, 10, False, False)
-PREMIUM = Sku("Premium", 500 * GIB, 10_000, 2_000, 500, True, True)
+PREMIUM = Sku("Premium", 500 * GIB, 10_000, 2_000, 500, True, True, retention=True)
 # The default registry's: no tier, no limits, every feature.
-UNLIMITED = Sku("Unlimited", None, None, None, None, True, True)
+UNLIMITED = Sku("Unlimited", None, None, None, None, True, True, retention=True)
 
 SKUS: dict[str, Sku] = {s.name: s for s in (BASIC, STANDARD, PREMIUM)}
 

@@ -53,7 +53,6 @@ from ocidist.errors import Code, RegistryError
 
 ORDERS = ("time_desc", "time_asc", "name")
 MAX_RETENTION_DAYS = 365
-RETENTION_SKUS = (skus.PREMIUM.name, skus.UNLIMITED.name)  # ACR: Premium only
 
 
 class LockedError(AdminError):
@@ -436,7 +435,7 @@ async def update_retention(api: ManageAPI, request: web.Request) -> web.Response
         raise Invalid(f"days must be a whole number from 0 to {MAX_RETENTION_DAYS}")
     config = await _registry_config(api, reg)
     sku = skus.of_config(config)
-    if doc.get("enabled") and sku.name not in RETENTION_SKUS:
+    if doc.get("enabled") and not sku.retention:
         raise Invalid(
             f"retention needs the Premium tier; registry {reg!r} is {sku.name}: "
             f"`meridian registry update {reg} --sku Premium` first"

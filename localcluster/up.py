@@ -392,10 +392,15 @@ class Cluster:
         return child
 
     def start(self) -> None:
-        """Start everything, in order. Before anything is written: etcd must
-        exist (MissingProgram), the data dir must not be another ``meridian
-        up``'s (DataDirInUse) and the router's port must be free (CliError)."""
+        """Start everything, in order. Before anything is written: etcd (and
+        with ``--storage azurite`` Azurite) must exist (MissingProgram), the
+        data dir must not be another ``meridian up``'s (DataDirInUse) and the
+        router's port must be free (CliError)."""
         etcd_binary = find_etcd()
+        if self.options.storage == "azurite":
+            from localcluster.azurite import find_azurite
+
+            find_azurite()  # MissingProgram (with the install step) before anything starts
         created = self._lock()
         try:
             preflight.check_port(f"127.0.0.1:{self.options.port}", "--port")

@@ -29,6 +29,7 @@ from aiohttp import web
 
 from cluster.etcd import EtcdKV
 from cluster.kv import Put
+from cluster.membership import default_node_id
 from node.webhooks import signing
 from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.images import Image, Registry, build_image
@@ -570,3 +571,44 @@ def test_the_webhook_cli(
     assert "nosuchhook" in line
     cli.ok("webhook", "delete", "--registry", "default", "--name", "clihook1")
     cli.fails(6, "webhook", "delete", "--registry", "default", "--name", "clihook1")
+
+
+def test_another_node_of_the_region_takes_over_the_deliveries(
+    etcd: EtcdServer, tmp_path: Path, receivers: list[Receiver]
+) -> None:
+    """Two nodes of one region: the one delivering is SIGKILLed (and stays
+    dead) with events queued; the other takes the region's deliverer key
+    over once the dead one's lease lapses, and sends them, in order."""
+    nodes = [
+        NodeProcess(tmp_path / name, region="solo", etcd=etcd.client_url, extra=FAST).start()
+        for name in ("a", "b")
+    ]
+    try:
+        r = receiver(receivers, up=False)
+        create_hook(nodes[0], name="takeover1", uri=r.url, actions=["push"], location="solo")
+        for i in range(3):
+            push(nodes[i % 2], "takeover/app", f"k{i}", f"takeover-{i}")
+
+        async def leader() -> str:
+            kv = EtcdKV(etcd.endpoints, timeout=5.0)
+            await kv.start()
+            try:
+                entry = await kv.get("/meridian/leaders/solo/webhooks")
+                return json.loads(entry.value)["node"] if entry is not None else ""
+            finally:
+                await kv.close()
+
+        wait_until(lambda: asyncio.run(leader()) != "", "a deliverer in the region")
+        holder = asyncio.run(leader())
+        dead = next(n for n in nodes if holder == default_node_id(n.port))
+        alive = next(n for n in nodes if n is not dead)
+        dead.kill()
+        r.up()
+        r.wait(3, "the queued events, from the surviving node")
+        assert asyncio.run(leader()) == default_node_id(alive.port)
+        ok = [d for d in r.deliveries() if d.answered == 200]
+        firsts = list(dict.fromkeys(d.id for d in ok))
+        assert tags_of([next(d for d in ok if d.id == i) for i in firsts]) == ["k0", "k1", "k2"]
+    finally:
+        for n in nodes:
+            n.stop()

@@ -163,6 +163,7 @@ MANAGE_PATHS = (
     "/meridian/v1/serviceprincipals",
     "/meridian/v1/serviceprincipals/{tail:.*}",
     "/meridian/v1/registries/{tail:.*}",
+    "/meridian/v1/regions/{tail:.*}",  # meridian region remove
     "/meridian/v1/audit",
 )
 

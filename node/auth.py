@@ -59,32 +59,23 @@ from aiohttp import web
 from cluster import registries
 from cluster.auth import scopes as sc
 from cluster.auth import tokens
-from cluster.auth.identities import Identities, Principal
+from cluster.auth.access import (  # noqa: F401 - the node's names for them
+    MAX_AUTH_HEADER,
+    TOKEN_PATH,
+    Access,
+    Authorizer,
+    required_scope,
+)
+from cluster.auth.identities import Principal
 from cluster.namespace import Namespace
 from ocidist.errors import Code, RegistryError
 from ocidist.paths import Route, registry_for_host
 
-TOKEN_PATH = "/oauth2/token"
 GRANT_HEADER = "X-Meridian-Grant"
 GRANT_PARAM = "meridian_grant"
 GRANT_TTL = 60
-MAX_AUTH_HEADER = tokens.MAX_TOKEN_BYTES + 16
 FAILURES_ALLOWED = 10  # failed logins per user name, and per source, in the window
 FAILURE_WINDOW = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class Access:
-    """What a request may do: its principal's subject and granted scopes."""
-
-    kind: str
-    name: str
-    registry: str
-    granted: dict[tuple[str, str], frozenset[str]]
-
-    def allows(self, typ: str, name: str, action: str) -> bool:
-        acts = self.granted.get((typ, name), frozenset())
-        return action in acts or "*" in acts
 
 
 @dataclass
@@ -123,23 +114,10 @@ class FailureLimiter:
                 del self._seen[k]
 
 
-def required_scope(route: Route, method: str) -> tuple[str, str, str] | None:
-    """(type, name, action) an endpoint needs; None for ``/v2/`` itself,
-    which needs any valid token (that is how clients check a login)."""
-    if route.kind == "base":
-        return None
-    if route.kind == "catalog":
-        return ("registry", "catalog", "*")
-    if route.kind in ("uploads", "upload"):
-        return ("repository", route.name, sc.PUSH)
-    if method in ("GET", "HEAD"):
-        return ("repository", route.name, sc.PULL)
-    if method == "DELETE":
-        return ("repository", route.name, sc.DELETE)
-    return ("repository", route.name, sc.PUSH)
+class Gate(Authorizer):
+    """The node's authorization (``cluster.auth.access.Authorizer``, shared with
+    the router), plus blob grants, the token endpoint and logins."""
 
-
-class Gate:
     def __init__(
         self,
         ns: Namespace,
@@ -148,134 +126,27 @@ class Gate:
         default_registry: str,
         trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
     ) -> None:
-        self.ns = ns
-        self.domain = domain
-        self.default_registry = default_registry
-        self.trusted_proxies = trusted_proxies or []
-        self.identities = Identities(ns)
-        self.keys = tokens.KeyRing(ns)
-        self.verifier = tokens.Verifier(self.keys)
+        super().__init__(
+            ns,
+            domain=domain,
+            default_registry=default_registry,
+            trusted_proxies=trusted_proxies,
+        )
         self.limiter = FailureLimiter()
-        self._accesses: dict[tuple[str, str], tuple[Access, float]] = {}
         # Told of every login by password (request, registry, user name,
         # principal or None): the audit log (node.webhooks.service).
         self.on_login: Callable[[web.Request, str, str, Principal | None], None] | None = None
 
-    # -- naming -------------------------------------------------------------
-
-    def service_for(self, reg: str) -> str:
-        return f"{reg}.{self.domain}" if self.domain else reg
-
-    def source(self, request: web.Request) -> str:
-        """The client's address: the peer, or the last hop a trusted proxy
-        (the router) appended to ``X-Forwarded-For``."""
-        peer = request.remote or ""
-        fwd = request.headers.get("X-Forwarded-For")
-        if fwd and self._trusted(peer):
-            return fwd.split(",")[-1].strip()
-        return peer
-
-    def _trusted(self, addr: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.trusted_proxies)
-
-    def forwarded(self, request: web.Request, header: str) -> str | None:
-        """An ``X-Forwarded-*`` header, believed only from a trusted proxy."""
-        value = request.headers.get(header)
-        return value if value and self._trusted(request.remote or "") else None
-
-    def realm(self, request: web.Request) -> str:
-        host = self.forwarded(request, "X-Forwarded-Host") or request.host
-        scheme = self.forwarded(request, "X-Forwarded-Proto") or request.scheme
-        return f"{scheme}://{host}{TOKEN_PATH}"
-
-    def challenge(
-        self,
-        request: web.Request,
-        reg: str,
-        need: tuple[str, str, str] | None,
-        message: str = "authentication required",
-        error: str | None = None,
-    ) -> RegistryError:
-        parts = [f'realm="{self.realm(request)}"', f'service="{self.service_for(reg)}"']
-        detail = None
-        if need is not None:
-            typ, name, action = need
-            actions = "pull,push" if action == sc.PUSH else action
-            parts.append(f'scope="{typ}:{name}:{actions}"')
-            detail = [{"Type": typ, "Name": name, "Action": action}]
-        if error:
-            parts.append(f'error="{error}"')
-        return RegistryError(
-            Code.UNAUTHORIZED,
-            message,
-            detail,
-            headers={"WWW-Authenticate": "Bearer " + ",".join(parts)},
-        )
-
     # -- the request path ---------------------------------------------------------
 
-    def check_network(self, request: web.Request, reg: str) -> None:
-        rules = self.identities.registry_settings(reg).get("network") or {}
-        if rules.get("public_access", True) is not False:
-            return
-        try:
-            ip = ipaddress.ip_address(self.source(request))
-        except ValueError:
-            ip = None
-        for cidr in rules.get("allowed_cidrs", []):
-            try:
-                if ip is not None and ip in ipaddress.ip_network(cidr, strict=False):
-                    return
-            except ValueError:
-                continue
-        raise RegistryError(
-            Code.DENIED,
-            "this registry accepts clients from its allowed networks only",
-            {"source": self.source(request)},
-        )
-
     async def authorize(self, request: web.Request, reg: str, route: Route) -> Access:
-        self.check_network(request, reg)
-        need = required_scope(route, request.method)
+        """``Authorizer.authorize``, or a blob GET's grant (``meridian_grant``)."""
         grant = request.query.get(GRANT_PARAM)
         if grant is not None and route.kind == "blob" and request.method in ("GET", "HEAD"):
+            self.check_network(request, reg)
+            need = required_scope(route, request.method)
             return await self._blob_grant(request, reg, route, need, grant)
-        header = request.headers.get("Authorization", "")
-        if len(header) > MAX_AUTH_HEADER:
-            raise self.challenge(request, reg, need, "authorization header too long")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise self.challenge(request, reg, need)
-        access = await self._access(token.strip(), reg)
-        if access is None or not await self.identities.still_valid(access.kind, access.name, reg):
-            raise self.challenge(request, reg, need, "invalid or expired token", "invalid_token")
-        if need is not None and not access.allows(*need):
-            raise self.challenge(request, reg, need, "insufficient scope", "insufficient_scope")
-        return access
-
-    async def _access(self, token: str, reg: str) -> Access | None:
-        """What a verified token grants in ``reg``, remembered until the
-        token expires (the hot path: one dict lookup per request)."""
-        now = time.time()
-        hit = self._accesses.get((token, reg))
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        try:
-            claims = await self.verifier.verify(token, self.service_for(reg))
-        except tokens.InvalidToken:
-            return None
-        if claims.get("reg") != reg:
-            return None
-        kind, _, name = str(claims["sub"]).partition(":")
-        access = _access_of(claims, kind, name, reg)
-        self._accesses[(token, reg)] = (access, float(claims["exp"]))
-        if len(self._accesses) > tokens.CACHE_ENTRIES:
-            self._accesses.pop(next(iter(self._accesses)))
-        return access
+        return await super().authorize(request, reg, route)
 
     async def _blob_grant(
         self, request: web.Request, reg: str, route: Route, need: Any, grant: str
@@ -446,12 +317,3 @@ def basic_credentials(header: str) -> tuple[str, str] | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     return (user, password) if sep else None
-
-
-def _access_of(claims: dict[str, Any], kind: str, name: str, reg: str) -> Access:
-    granted: dict[tuple[str, str], frozenset[str]] = {}
-    for a in claims.get("access", []):
-        if isinstance(a, dict) and isinstance(a.get("actions"), list):
-            key = (str(a.get("type")), str(a.get("name")))
-            granted[key] = granted.get(key, frozenset()) | frozenset(map(str, a["actions"]))
-    return Access(kind, name, reg, granted)

@@ -26,7 +26,7 @@ from cluster.etcd import EtcdKV
 from cluster.namespace import REG, Cache, ManifestRecord, Namespace
 from node.replication.reclaim import referenced_digests
 from tests import oci
-from tests.etcd_server import EtcdServer, etcd_fixture
+from tests.etcd_server import EtcdServer, etcd_fixture, running_etcd
 from tests.hostnames import with_hosts
 from tests.images import build_image, write_layout
 from tests.oci import Client, assert_error
@@ -417,12 +417,21 @@ async def test_a_downgrade_below_the_webhooks_held_is_refused(reg_node: NodeProc
 # -- delete ----------------------------------------------------------------------------
 
 
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """An etcd of the test's own: its node's quick reclaimer (link
+    collection is cluster-wide) never touches the module's registries."""
+    with running_etcd(str(tmp_path / "etcd")) as server:
+        yield server
+
+
 async def test_delete_removes_everything_and_keeps_what_another_registry_holds(
-    tmp_path: Path, etcd: EtcdServer
+    tmp_path: Path, own_etcd: EtcdServer
 ) -> None:
     """Two registries hold one layer; deleting one removes every key under
     it, its content stops being served, its own bytes are reclaimed and the
     shared layer stays and is served by the other."""
+    etcd = own_etcd
     node = NodeProcess(
         tmp_path / "data",
         region=REGION,

@@ -3,6 +3,7 @@ imported only when that subcommand runs."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -130,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<13} {help_}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     fn, _ = COMMANDS[argv[0]]
+    # Failures are one line of Meridian's own (cluster.preflight; servers log theirs):
+    # gRPC's C core would add lines of its own from its threads, even after that line.
+    # GRPC_VERBOSITY set by the user still wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     return fn(argv[1:])
 
 

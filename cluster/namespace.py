@@ -47,6 +47,28 @@ with a nested repository name):
                                                         its revision
     /meridian/reg/<registry>/place/<digest>/<region>    bytes of <digest> held in
                                                         <region> (JSON {"size"})
+    /meridian/reg/<registry>/hooks/<name>               a webhook (JSON, with its
+                                                        signing secret:
+                                                        node.webhooks.records)
+    /meridian/reg/<registry>/events/<region>/<name>/<id>
+                                                        a webhook event waiting
+                                                        for <region>'s deliverer
+                                                        (JSON payload; written
+                                                        with the push)
+    /meridian/reg/<registry>/deliveries/<region>/<name>/<ns>-<id>
+                                                        a finished delivery (the
+                                                        last N per webhook)
+    /meridian-audit/<hour>/reg/<registry>/<ms>-<node>-<n>
+                                                        a batch of audit records
+                                                        (JSON list; node.audit;
+                                                        <hour> since the epoch):
+                                                        beside /meridian/, so in
+                                                        no node's cache
+    /meridian-audit/<hour>/cluster/<ms>-<node>-<n>      the cluster's own audit
+                                                        records (service
+                                                        principals, registries)
+    /meridian/leaders/<region>/webhooks                 the region's webhook
+                                                        deliverer (leased)
     /meridian/reg/<registry>/usage/<region>             the registry's usage in
                                                         <region> (JSON: pushes,
                                                         pulls, bytes_served,
@@ -890,10 +912,12 @@ class Namespace:
         first = (old.first_pushed or old.created) if old is not None else now
         return replace(rec, first_pushed=first, tagged=tagged)
 
-    async def delete_tag(self, reg: str, repo: str, tag: str) -> bool:
+    async def delete_tag(self, reg: str, repo: str, tag: str, extra: Iterable[Op] = ()) -> bool:
         """Remove one tag (the manifest stays); refused (``Locked``) when the
-        tag or the repository is locked. False when there is no such tag."""
+        tag or the repository is locked. False when there is no such tag.
+        ``extra`` puts (its webhook events) commit with the removal."""
         key = tag_key(reg, repo, tag)
+        extra = list(extra)
         for attempt in range(PUSH_ATTEMPTS):
             if attempt:
                 await self.fresh_locks(reg, repo)
@@ -903,20 +927,30 @@ class Namespace:
             rev = self._rev(key)
             await self._confirmed(reg, repo, lambda: self.check_delete(reg, repo, tags=(tag,)))
             try:
-                await self._commit([self._locks_guard(reg, repo), Compare(key, rev)], [Delete(key)])
+                await self._commit(
+                    [self._locks_guard(reg, repo), Compare(key, rev)], [Delete(key), *extra]
+                )
             except Conflict:
                 await self._reread(key)
                 continue
             return True
         raise Conflict()
 
-    async def delete_manifest(self, reg: str, repo: str, digest: str) -> bool:
+    async def delete_manifest(
+        self,
+        reg: str,
+        repo: str,
+        digest: str,
+        extra: Callable[[list[str]], Iterable[Op]] | None = None,
+    ) -> bool:
         """Delete a manifest and every tag of this repository that points at
         it. Reads the store fresh (this node's cache may not know a tag
         another region just moved here); every tag move onto a manifest
         rewrites its record, so the compare on the record's revision catches
         a move that races this delete. Tags go first and the record last, so
-        no tag is ever left pointing at a missing record."""
+        no tag is ever left pointing at a missing record. ``extra(tags)``
+        (the names of the tags it removes) gives puts that commit with the
+        record's removal: the delete's webhook events."""
         mkey = manifest_key(reg, repo, digest)
         await self.fresh_locks(reg, repo)
         record = await self.kv.get(mkey)
@@ -928,10 +962,11 @@ class Namespace:
         self.check_delete(reg, repo, digests=(digest,), tags=[e.key[prefix:] for e in pointing])
         locks = self._locks_guard(reg, repo)
         guard = Compare(mkey, record.mod_revision)
-        if len(pointing) < TXN_BATCH - 1:
+        more = list(extra([e.key[prefix:] for e in pointing])) if extra is not None else []
+        if len(pointing) + len(more) < TXN_BATCH - 1:
             await self._commit(
                 [locks, guard, *(Compare(e.key, e.mod_revision) for e in pointing)],
-                [Delete(mkey), *(Delete(e.key) for e in pointing)],
+                [Delete(mkey), *(Delete(e.key) for e in pointing), *more],
             )
             return True
         for i in range(0, len(pointing), TXN_BATCH - 1):
@@ -940,7 +975,9 @@ class Namespace:
                 [locks, *(Compare(e.key, e.mod_revision) for e in batch)],
                 [Delete(e.key) for e in batch],
             )
-        await self._commit([locks, guard], [Delete(mkey)])
+        await self._commit([locks, guard], [Delete(mkey), *more[: TXN_BATCH - 1]])
+        for i in range(TXN_BATCH - 1, len(more), TXN_BATCH):
+            await self._commit([], more[i : i + TXN_BATCH])
         return True
 
     async def collect_links(self, grace: float) -> int:

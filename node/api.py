@@ -17,7 +17,7 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
-from cluster.kv import KVUnavailable
+from cluster.kv import KVUnavailable, Put
 from cluster.namespace import MAX_TAGS_PER_PUSH, BlobsGone, Locked, ManifestRecord, Namespace
 from cluster.registries import Guard
 from node import manifests as mf
@@ -457,31 +457,47 @@ class Registry:
         """A manifest or tag DELETE with its webhook events (written before
         the answer) and its audit record."""
         assert self.activity is not None
-        info = self.activity.before_delete(reg, name, ref)
+        activity = self.activity
+        info = activity.before_delete(reg, name, ref)
         try:
-            resp = await self.delete_manifest(reg, name, ref)
+            resp = await self.delete_manifest(
+                reg, name, ref, lambda tags: activity.delete_events(request, info, tags)
+            )
         except RegistryError as e:
-            self.activity.delete_failed(request, info, str(e.code))
+            activity.delete_failed(request, info, str(e.code))
             raise
-        await self.activity.deleted(request, info)
+        await activity.deleted(request, info)
         return resp
 
-    async def delete_manifest(self, reg: str, name: str, ref: str) -> web.Response:
+    async def delete_manifest(
+        self,
+        reg: str,
+        name: str,
+        ref: str,
+        events: Callable[[list[str]], list[Put]] | None = None,
+    ) -> web.Response:
+        """``events(tags removed)``: puts committed with the delete."""
         try:
-            return await self._delete_manifest(reg, name, ref)
+            return await self._delete_manifest(reg, name, ref, events)
         except Locked as e:
             raise RegistryError(Code.DENIED, str(e)) from None
 
-    async def _delete_manifest(self, reg: str, name: str, ref: str) -> web.Response:
+    async def _delete_manifest(
+        self,
+        reg: str,
+        name: str,
+        ref: str,
+        events: Callable[[list[str]], list[Put]] | None = None,
+    ) -> web.Response:
         if ":" in ref:
             parse_digest(ref)
-            if not await self.ns.delete_manifest(reg, name, ref):
+            if not await self.ns.delete_manifest(reg, name, ref, events):
                 if not self.ns.repo_exists(reg, name):
                     raise name_unknown(name)
                 raise manifest_unknown(ref)
         else:
             check_tag(ref)
-            if not await self.ns.delete_tag(reg, name, ref):
+            if not await self.ns.delete_tag(reg, name, ref, events([ref]) if events else ()):
                 if not self.ns.repo_exists(reg, name):
                     raise name_unknown(name)
                 raise manifest_unknown(ref)

@@ -5,17 +5,21 @@ record; pulls are counted per minute per registry, repository, identity and
 source address (one record with a ``count``), so the manifest GET path only
 bumps a dictionary entry. Records wait in memory and are written in batches:
 every ``flush_interval`` seconds each node writes one key per registry that
-had activity, ``/meridian/reg/<registry>/audit/<ms>-<node>-<n>`` (a JSON
-list; cluster-level changes such as service principals go to
-``/meridian/audit/...``), and the minute's pull counts under
-``.../audit/<minute's ms>-<node>-pulls`` (rewritten while the minute lasts),
-so etcd sees a handful of writes a minute rather than one per request. A
-node stopped cleanly writes what it holds; one killed loses at most the
-last interval's records (webhook events, which must not be lost, are
-written before the request is answered instead).
+had activity, ``/meridian-audit/<hour>/reg/<registry>/<ms>-<node>-<n>`` (a
+JSON list; ``<hour>``: hours since the epoch; cluster-level changes such as
+service principals under ``.../<hour>/cluster/``), and the minute's pull
+counts under ``.../<minute's ms>-<node>-pulls`` (rewritten while the minute
+lasts), so etcd sees a handful of writes a minute rather than one per
+request. A node stopped cleanly writes what it holds; one killed loses at
+most the last interval's records (webhook events, which must not be lost,
+are written with the change instead).
 
-Each node removes records older than ``retention`` seconds (keys are named
-by time, so one range read per registry finds them), every few minutes.
+The records live outside ``/meridian/``, the prefix every node's namespace
+cache loads and watches: no node holds them in memory or reads them on a
+reload. Being bucketed by hour, reading ``since`` a time is one range read
+per hour since then, and each node removes what is past ``retention``
+(every few minutes) by reading only the expired hours: whole buckets, and
+the one the cutoff falls in. A deleted registry's records stay until then.
 
 A record: ``time`` (ISO 8601), ``ts``, ``registry``, ``region``, ``node``,
 ``action`` (push, pull, delete, login, manage), ``identity`` (``owner``,
@@ -38,19 +42,29 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cluster.kv import Delete, Put
-from cluster.namespace import REG, ROOT, Namespace
+from cluster.namespace import Namespace
 
 log = logging.getLogger("meridian.audit")
 
-CLUSTER_AUDIT = ROOT + "audit/"
+AUDIT_ROOT = "/meridian-audit/"  # beside the namespace's watched /meridian/, not in it
+HOUR_MS = 3_600_000
+PRUNE_LOOKBACK_HOURS = 31 * 24  # a node's first pass looks this far past the cutoff
 BATCH_RECORDS = 1000  # per key (etcd takes values up to 1.5 MiB)
 MAX_HELD = 100_000  # records held while the namespace is away; older ones dropped
 ACTIONS = ("push", "pull", "delete", "login", "manage")
 DEFAULT_LIMIT = 1000  # records one listing returns (the newest)
 
 
-def audit_prefix(registry: str | None) -> str:
-    return f"{REG}{registry}/audit/" if registry else CLUSTER_AUDIT
+def hour_prefix(hour: int) -> str:
+    return f"{AUDIT_ROOT}{hour:07d}/"
+
+
+def scope_prefix(hour: int, registry: str | None) -> str:
+    return hour_prefix(hour) + (f"reg/{registry}/" if registry else "cluster/")
+
+
+def audit_key(registry: str | None, ms: int, suffix: str) -> str:
+    return f"{scope_prefix(ms // HOUR_MS, registry)}{ms:013d}-{suffix}"
 
 
 def iso(ts: float) -> str:
@@ -89,6 +103,7 @@ class AuditLog:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._dropped = 0
+        self._pruned_below: int | None = None  # hours before this one are pruned
 
     # -- recording (no I/O) ------------------------------------------------------------
 
@@ -206,7 +221,7 @@ class AuditLog:
             batches = self._pull_batches()
             try:
                 for reg, minute, recs in batches:
-                    key = f"{audit_prefix(reg)}{minute * 60_000:013d}-{self.node}-pulls"
+                    key = audit_key(reg, minute * 60_000, f"{self.node}-pulls")
                     await self.ns.kv.txn([], [Put(key, json.dumps(recs).encode())])
             except Exception:
                 self._dirty.update((reg, minute) for reg, minute, _ in batches)
@@ -221,19 +236,27 @@ class AuditLog:
                 recs = self._held.get(registry) or []
                 while recs:
                     batch = recs[:BATCH_RECORDS]
-                    key = f"{audit_prefix(registry)}{int(time.time() * 1000):013d}-{self.node}-"
-                    key += str(next(self._seq))
+                    suffix = f"{self.node}-{next(self._seq)}"
+                    key = audit_key(registry, int(time.time() * 1000), suffix)
                     await self.ns.kv.txn([], [Put(key, json.dumps(batch).encode())])
                     del recs[: len(batch)]
                 self._held.pop(registry, None)
 
     async def prune(self) -> None:
+        """Remove what is past the retention: every bucket of an hour wholly
+        before the cutoff (from where the last pass stopped), and the older
+        keys of the hour the cutoff falls in."""
         cutoff = int((time.time() - self.retention) * 1000)
-        for registry in [None, *self.ns.registries()]:
-            entries = await self.ns.refresh(audit_prefix(registry))
-            old = [e.key for e in entries if _key_ms(e.key) < cutoff]
+        cutoff_hour = cutoff // HOUR_MS
+        start = self._pruned_below
+        if start is None:
+            start = cutoff_hour - PRUNE_LOOKBACK_HOURS
+        for hour in range(start, cutoff_hour + 1):
+            entries = await self.ns.refresh(hour_prefix(hour))
+            old = [e.key for e in entries if hour < cutoff_hour or _key_ms(e.key) < cutoff]
             for i in range(0, len(old), 100):
                 await self.ns.kv.txn([], [Delete(k) for k in old[i : i + 100]])
+        self._pruned_below = cutoff_hour
 
 
 def _key_ms(key: str) -> int:
@@ -248,23 +271,28 @@ async def read(
     registry: str | None,
     *,
     since: float = 0.0,
+    retention: float = 7 * 86400.0,
     identity: str = "",
     action: str = "",
     limit: int = 10_000,
 ) -> list[dict[str, Any]]:
     """Records of ``registry`` (None: the cluster's own), oldest first,
-    filtered; a batch key older than ``since`` minus a flush is skipped."""
-    entries = await ns.refresh(audit_prefix(registry))
+    filtered: one range read per hour from ``since`` (else from the
+    retention's start) to now. A batch's key is never older than its
+    records, so the hour of ``since`` is where they can start."""
+    now = time.time()
+    first = int(max(since, now - retention - 3600) * 1000) // HOUR_MS
+    last = int((now + 300) * 1000) // HOUR_MS  # a node's clock a little ahead
     out: list[dict[str, Any]] = []
-    floor = int(since * 1000) - 3_600_000  # a batch holds records older than its key
-    for e in entries:
-        if since and _key_ms(e.key) < floor:
-            continue
-        try:
-            batch = json.loads(e.value)
-        except ValueError:
-            continue
-        out.extend(r for r in batch if isinstance(r, dict) and _matches(r, since, identity, action))
+    for hour in range(first, last + 1):
+        for e in await ns.refresh(scope_prefix(hour, registry)):
+            try:
+                batch = json.loads(e.value)
+            except ValueError:
+                continue
+            out.extend(
+                r for r in batch if isinstance(r, dict) and _matches(r, since, identity, action)
+            )
     out.sort(key=lambda r: r.get("ts", 0))
     return out[-limit:] if limit else out
 

@@ -76,24 +76,6 @@ with a nested repository name):
                                                         integrated_at, updated;
                                                         node.usage adds to it by
                                                         compare-and-swap)
-    /meridian/reg/<registry>/hooks/<name>               a webhook (JSON, with its
-                                                        signing secret:
-                                                        node.webhooks.records)
-    /meridian/reg/<registry>/events/<region>/<name>/<id>
-                                                        a webhook event waiting
-                                                        for <region>'s deliverer
-                                                        (JSON payload; written
-                                                        with the push)
-    /meridian/reg/<registry>/deliveries/<region>/<name>/<ns>-<id>
-                                                        a finished delivery (the
-                                                        last N per webhook)
-    /meridian/reg/<registry>/audit/<ms>-<node>-<n>      a batch of audit records
-                                                        (JSON list; node.audit)
-    /meridian/audit/<ms>-<node>-<n>                     the cluster's own audit
-                                                        records (service
-                                                        principals, registries)
-    /meridian/leaders/<region>/webhooks                 the region's webhook
-                                                        deliverer (leased)
     /meridian/claims/<region>/<registry>/<digest>       the node of <region> copying
                                                         <digest> into it now (JSON
                                                         {"node", "lease", "t"},

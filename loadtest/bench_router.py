@@ -339,7 +339,11 @@ async def overhead(
     )
 
 
-def throughput(direct: str, router: str, repo: str, auth: TokenAuth, report: Report) -> None:
+def throughput(
+    direct: str, router: str, repo: str, auth: TokenAuth, report: Report, rounds: int = 1
+) -> None:
+    """wrk against the node, then the router, ``rounds`` times alternately
+    (the machine is shared: interleaved, medians reported)."""
     try:
         from loadtest.loadgen import run_wrk
     except ImportError:
@@ -348,23 +352,41 @@ def throughput(direct: str, router: str, repo: str, auth: TokenAuth, report: Rep
         report.line("  (wrk not installed: no throughput comparison)")
         return
     url = f"/v2/{repo}/manifests/v1"
-    res = {}
-    for key, base in (("direct", direct), ("router", router)):
-        # A token fetched for this run (it lives five minutes; 20000
-        # requests take seconds, and the run is cut at two minutes).
-        token = bearer_header(base + url, auth)
-        if not token:
-            raise RuntimeError(f"{key}: no token for {base + url}: the owner's login was refused")
-        r = run_wrk(
-            base + url, 20000, 16, headers={**token, "Accept": OCI_MANIFEST}, max_seconds=120
-        )
-        res[key] = {"rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors}
+    runs: dict[str, list[dict[str, float]]] = {"direct": [], "router": []}
+    for _ in range(max(1, rounds)):
+        for key, base in (("direct", direct), ("router", router)):
+            # A token fetched for this run (it lives five minutes; 20000
+            # requests take seconds, and the run is cut at two minutes).
+            token = bearer_header(base + url, auth)
+            if not token:
+                raise RuntimeError(
+                    f"{key}: no token for {base + url}: the owner's login was refused"
+                )
+            r = run_wrk(
+                base + url, 20000, 16, headers={**token, "Accept": OCI_MANIFEST}, max_seconds=120
+            )
+            runs[key].append(
+                {"rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors}
+            )
+    res: dict[str, Any] = {}
+    for key, rs in runs.items():
+        res[key] = {
+            "rps": statistics.median(x["rps"] for x in rs),
+            "p50_ms": statistics.median(x["p50_ms"] for x in rs),
+            "p99_ms": statistics.median(x["p99_ms"] for x in rs),
+            "errors": sum(x["errors"] for x in rs),
+            "runs": len(rs),
+        }
+    res["ratio"] = res["router"]["rps"] / res["direct"]["rps"] if res["direct"]["rps"] else 0.0
+    res["p50_added_ms"] = res["router"]["p50_ms"] - res["direct"]["p50_ms"]
     report.figures["throughput_plain"] = res
     report.line(
-        f"  under load (wrk, 16 connections, 20000 requests): direct {res['direct']['rps']:.0f} "
+        f"  under load (wrk, 16 connections, 20000 requests, median of {len(runs['direct'])} "
+        f"interleaved): direct {res['direct']['rps']:.0f} "
         f"req/s p50 {res['direct']['p50_ms']:.2f} ms p99 {res['direct']['p99_ms']:.2f} ms; "
         f"via router {res['router']['rps']:.0f} req/s p50 {res['router']['p50_ms']:.2f} ms "
-        f"p99 {res['router']['p99_ms']:.2f} ms (errors {res['router']['errors']})"
+        f"p99 {res['router']['p99_ms']:.2f} ms (errors {res['router']['errors']}); "
+        f"router/direct {res['ratio']:.2f}x, p50 added {res['p50_added_ms']:+.2f} ms"
     )
 
 
@@ -474,11 +496,19 @@ async def run(args: argparse.Namespace, workdir: Path, report: Report) -> None:
             report,
         )
         await asyncio.to_thread(
-            throughput, plain.node, plain.router, "bench/overhead", plain.auth(), report
+            throughput,
+            plain.node,
+            plain.router,
+            "bench/overhead",
+            plain.auth(),
+            report,
+            args.wrk_rounds,
         )
     finally:
         await asyncio.to_thread(plain.stop)
         tokens(report, "plain", plain.issued)
+    if args.plain_only:
+        return
 
     report.line("\n[meridian up] starting the emulated cluster ...")
     up = await asyncio.to_thread(UpCluster, workdir, args.config)
@@ -514,6 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pulls", type=int, default=200, help="pulls in each failover loop")
     p.add_argument("--rounds", type=int, default=40, help="accuracy rounds (3 images each)")
     p.add_argument("--samples", type=int, default=2000, help="manifest GETs per path (overhead)")
+    p.add_argument(
+        "--wrk-rounds", type=int, default=1, help="wrk runs per path, alternating (medians)"
+    )
+    p.add_argument(
+        "--plain-only", action="store_true", help="only the plain loopback setup (overhead, wrk)"
+    )
     p.add_argument("--config", help="topology for meridian up (default: 5/40/120 ms)")
     p.add_argument("--json", help="write the figures here as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory")

@@ -15,6 +15,7 @@ from cluster.namespace import MAX_RECORD_ANNOTATIONS, ManifestRecord
 from ocidist import mediatypes as mt
 from ocidist.digests import parse_digest
 from ocidist.errors import Code, RegistryError, manifest_invalid
+from ocidist.mediatypes import acceptable  # noqa: F401 - shared with the router
 
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_RECORD_SIZE = 1 << 20  # under etcd's 1.5 MiB request limit
@@ -190,15 +191,3 @@ def referrer_descriptor(rec: ManifestRecord, body: bytes | None = None) -> dict[
     if annotations:
         d["annotations"] = annotations
     return d
-
-
-def acceptable(media_type: str, accept: list[str]) -> bool:
-    """Whether a client sending ``accept`` can take ``media_type``. No Accept
-    header means anything (OCI clients); Docker's legacy clients that list
-    only schema2 types do not get an OCI index they cannot parse."""
-    if not accept:
-        return True
-    for a in accept:
-        if a in ("*/*", media_type, "application/*", "application/json"):
-            return True
-    return False

@@ -34,3 +34,21 @@ NON_DISTRIBUTABLE = frozenset(
     }
 )
 BLOB = "application/octet-stream"
+
+
+def accepted(headers: list[str]) -> list[str]:
+    """The media types of a request's ``Accept`` header values, parameters
+    dropped."""
+    return [a.split(";")[0].strip() for h in headers for a in h.split(",") if a.strip()]
+
+
+def acceptable(media_type: str, accept: list[str]) -> bool:
+    """Whether a client sending ``accept`` can take ``media_type``. No Accept
+    header means anything (OCI clients); Docker's legacy clients that list
+    only schema2 types do not get an OCI index they cannot parse."""
+    if not accept:
+        return True
+    for a in accept:
+        if a in ("*/*", media_type, "application/*", "application/json"):
+            return True
+    return False

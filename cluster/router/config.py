@@ -18,6 +18,7 @@ from cluster.httpserver import ServerLimits
 from cluster.router.table import TableSettings
 from cluster.runtime import ListenAddress
 from cluster.settings import setting
+from cluster.units import parse_size
 
 
 @dataclass
@@ -43,6 +44,16 @@ class RouterConfig(ListenAddress, ServerLimits, EtcdOptions):
         "", "PEM CA file to verify HTTPS regions with", show="the system's trusted roots"
     )
     loop: str = setting("uvloop", "event loop", choices=("asyncio", "uvloop"))
+    manifest_cache: int = setting(
+        64 << 20,
+        "bytes of manifests the router keeps to answer manifest GET/HEAD itself "
+        "(e.g. 64M; 0: proxy every one)",
+        parse=parse_size,
+        show="64M",
+    )
+    usage_interval: float = setting(
+        60.0, "seconds between writes of the pulls the router answered to the usage records"
+    )
     access_log: bool = setting(False, "log every request")
     log_level: str = setting(
         "info", "log level", parse=str.lower, choices=("debug", "info", "warning", "error")

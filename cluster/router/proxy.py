@@ -84,6 +84,7 @@ from prometheus_client import Counter
 from yarl import URL
 
 from cluster.namespace import Namespace, place_key, tag_key
+from cluster.router.cache import ManifestAnswers
 from cluster.router.config import RouterConfig
 from cluster.router.table import Region, RegionTable
 from ocidist import paths
@@ -241,6 +242,15 @@ class Proxy:
         self.hedges = 0
         self.errors = 0
         self._routed: dict[tuple[str, str], Counter] = {}
+        # Manifest GET/HEAD answered from the router's cache (cluster.router.cache).
+        self.manifests = ManifestAnswers(
+            ns,
+            table,
+            domain=self.domain,
+            default_registry=cfg.registry,
+            max_bytes=cfg.manifest_cache,
+            usage_interval=cfg.usage_interval,
+        )
 
     # -- registry selection (as the node's) -----------------------------------
 
@@ -290,6 +300,11 @@ class Proxy:
             return await self._read_or_write(request, self.table.nearest())
         if kind == "upload":
             return await self._upload(request, name, route.arg, pin, host_named)
+        cached = kind == "manifest" and method in ("GET", "HEAD") and self.manifests.enabled
+        if cached and not pin:
+            hit = await self.manifests.answer(request, reg, name, route.arg, route)
+            if hit is not None:
+                return hit
         holders: list[str] | None = None
         replicas = await self._replicas(reg)
         if kind == "blob":
@@ -304,7 +319,10 @@ class Proxy:
                 holders = await self._holders(reg, found)
         write = method not in ("GET", "HEAD")
         cands = self.table.within(self.table.ranked(holders), replicas, only=write)
-        return await self._read_or_write(request, self._pinned(pin, cands), holders)
+        resp = await self._read_or_write(request, self._pinned(pin, cands), holders)
+        if cached and method == "GET":
+            self.manifests.learn(reg, name, resp)
+        return resp
 
     async def _fresh(self, coro: Awaitable[object]) -> object:
         """A read straight from the store, for what the watch-fed cache does

@@ -1,0 +1,280 @@
+"""Manifests answered by the router itself, from a bounded cache.
+
+A manifest is immutable by its digest and the router holds the namespace
+(watch-fed), so a manifest ``GET``/``HEAD`` -- by digest, or by tag through
+the namespace's tag table -- needs no hop to a region once the router has
+the bytes. The router answers one itself only when a node would answer
+``200`` with the same bytes and headers; any other case is proxied as
+before, so every refusal and error still comes from a node, unchanged:
+
+- the reference resolves in the router's namespace to a manifest record of
+  that repository (a tag moved, a manifest deleted: as soon as the watch
+  sees it, the new digest is looked up, or the request is proxied);
+- the registry exists and is not being deleted (``cluster.registries``);
+- authorization is the node's own decision (``cluster.auth.access``:
+  network rules, bearer token, subject still valid, ``pull`` scope; no
+  valid token: proxied, the node answers the challenge);
+- no read lock on the repository, the tag or the digest
+  (``Namespace.check_read``);
+- the client's ``Accept`` takes the manifest's media type;
+- the registry's tier allows another read this minute (the router keeps its
+  own window, as each node does; over it the router answers the ``429``).
+
+The bytes: a manifest ``GET`` the router proxied and a region answered
+``200`` is kept when its body hashes to its digest, matches the record's
+size and is at most ``ITEM_MAX`` bytes; least recently used manifests go
+first past ``--manifest-cache`` bytes (0 turns the cache off). ``HEAD``
+needs no bytes (the record's size), and is answered for any manifest record
+the router sees.
+
+Answers carry the node's headers (``Content-Type`` the record's media type,
+``Docker-Content-Digest``, ``ETag``, ``Content-Length``, the API version),
+plus ``X-Meridian-Region`` (the region the proxy would have chosen, which
+the pull is accounted to) and ``X-Meridian-Cache: hit``.
+
+Accounting: a ``GET`` answered here counts a pull and its bytes for the
+usage records (``cluster.usage``) of that region, flushed every
+``--usage-interval`` seconds like a node's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import Counter, Gauge
+
+from cluster.auth.access import Authorizer
+from cluster.namespace import Locked, ManifestRecord, Namespace
+from cluster.registries import Guard
+from cluster.usage import Counters, UsageRecorder
+from ocidist.digests import TAG_RE, compute, is_digest
+from ocidist.errors import RegistryError
+from ocidist.mediatypes import acceptable, accepted
+from ocidist.paths import API_HEADERS
+
+if TYPE_CHECKING:
+    from cluster.router.table import RegionTable
+
+log = logging.getLogger("meridian.router")
+
+ITEM_MAX = 256 << 10  # manifests larger than this are never cached
+
+CACHE = Counter(
+    "meridian_router_manifest_cache_total",
+    "Manifest GET/HEAD the router answered from its cache (hit) or proxied (miss)",
+    ["result"],
+)
+CACHE_BYTES = Gauge("meridian_router_manifest_cache_bytes", "Bytes of manifests cached")
+_HIT = CACHE.labels("hit")
+_MISS = CACHE.labels("miss")
+
+
+class Entry:
+    """A cached manifest: its bytes and its answer's headers."""
+
+    __slots__ = ("body", "get_headers", "head_headers")
+
+    def __init__(self, rec: ManifestRecord, body: bytes) -> None:
+        self.body = body
+        base = {
+            "Content-Type": rec.media_type,
+            "Docker-Content-Digest": rec.digest,
+            "ETag": f'"{rec.digest}"',
+            **API_HEADERS,
+            "X-Meridian-Cache": "hit",
+        }
+        self.get_headers = base
+        self.head_headers = {**base, "Content-Length": str(rec.size)}
+
+
+class ManifestBytes:
+    """Manifest bytes by digest, least recently used first out past
+    ``max_bytes``; only bytes that hash to their digest get in."""
+
+    def __init__(self, max_bytes: int, item_max: int = ITEM_MAX) -> None:
+        self.max_bytes = max_bytes
+        self.item_max = item_max
+        self.used = 0
+        self.items: OrderedDict[str, Entry] = OrderedDict()
+
+    def get(self, digest: str) -> Entry | None:
+        e = self.items.get(digest)
+        if e is not None:
+            self.items.move_to_end(digest)
+        return e
+
+    def put(self, rec: ManifestRecord, body: bytes) -> bool:
+        """Keep ``body`` as ``rec``'s bytes if it is them (hash and size)."""
+        n = len(body)
+        if n > self.item_max or n > self.max_bytes or n != rec.size or rec.digest in self.items:
+            return False
+        alg = rec.digest.partition(":")[0]
+        try:
+            if compute(body, alg) != rec.digest:
+                log.warning("a region's manifest bytes do not match %s: not cached", rec.digest)
+                return False
+        except ValueError:  # an algorithm hashlib lacks
+            return False
+        self.items[rec.digest] = Entry(rec, body)
+        self.used += n
+        while self.used > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.used -= len(old.body)
+        CACHE_BYTES.set(self.used)
+        return True
+
+
+class ManifestAnswers:
+    """Answers manifest GET/HEAD from the cache when a node would answer
+    200 (see the module docstring); ``None`` means: proxy it."""
+
+    def __init__(
+        self,
+        ns: Namespace,
+        table: RegionTable,
+        *,
+        domain: str,
+        default_registry: str,
+        max_bytes: int,
+        usage_interval: float = 60.0,
+    ) -> None:
+        self.ns = ns
+        self.table = table
+        self.default_registry = default_registry
+        self.auth = Authorizer(ns, domain=domain, default_registry=default_registry)
+        self.guard = Guard(ns, default_registry)
+        self.bytes = ManifestBytes(max_bytes)
+        self.usage_interval = usage_interval
+        self.usage: dict[str, Counters] = {}  # region -> counts of pulls answered here
+        self.hits = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.bytes.max_bytes > 0
+
+    # -- the request path --------------------------------------------------------
+
+    def resolve(self, reg: str, name: str, ref: str) -> ManifestRecord | None:
+        """The manifest record ``ref`` names in the router's namespace."""
+        if ":" in ref:
+            if not is_digest(ref):
+                return None
+            digest: str | None = ref
+        else:
+            if not TAG_RE.match(ref):
+                return None
+            digest = self.ns.tag(reg, name, ref)
+        return self.ns.manifest(reg, name, digest) if digest else None
+
+    async def answer(
+        self, request: web.Request, reg: str, name: str, ref: str, route: object
+    ) -> web.Response | None:
+        rec = self.resolve(reg, name, ref)
+        if rec is None:
+            return None
+        get = request.method == "GET"
+        entry = self.bytes.get(rec.digest)
+        if entry is None:
+            if get:
+                _MISS.inc()
+                return None
+            entry = Entry(rec, b"")  # HEAD: the record's size is enough
+        lim = None
+        if reg != self.default_registry:
+            try:
+                lim = await self.guard.admit(reg)  # exists, not being deleted
+            except RegistryError:
+                return None
+        try:
+            await self.auth.authorize(request, reg, route)  # type: ignore[arg-type]
+            self.ns.check_read(reg, name, (ref, rec.digest) if ref != rec.digest else (ref,))
+        except (RegistryError, Locked):
+            return None  # the node answers the refusal
+        accept = request.headers.getall("Accept", ())
+        if accept and not acceptable(rec.media_type, accepted(accept)):
+            return None
+        if lim is not None:
+            self.guard.count(reg, lim, False)  # 429 past the tier's reads per minute
+        region = self._region(reg, rec.digest)
+        self.hits += 1
+        _HIT.inc()
+        if not get:
+            return web.Response(headers={**entry.head_headers, "X-Meridian-Region": region})
+        self._counters(region).pull(reg, len(entry.body))
+        return web.Response(
+            body=entry.body, headers={**entry.get_headers, "X-Meridian-Region": region}
+        )
+
+    def learn(self, reg: str, name: str, resp: web.StreamResponse) -> None:
+        """Keep the bytes of a region's ``200`` to a proxied manifest GET."""
+        if not self.enabled or resp.status != 200 or not isinstance(resp, web.Response):
+            return
+        body = resp.body
+        digest = resp.headers.get("Docker-Content-Digest")
+        if not isinstance(body, bytes) or not digest:
+            return
+        rec = self.ns.manifest(reg, name, digest)
+        if rec is not None:
+            self.bytes.put(rec, body)
+
+    def _region(self, reg: str, digest: str) -> str:
+        """The region a proxied GET would go to first (the pull's region)."""
+        places = self.ns.placements(reg, digest)
+        cands = self.table.within(
+            self.table.ranked(list(places) if places else None),
+            self.ns.registry_replicas(reg),
+            only=False,
+        )
+        return cands[0].name if cands else ""
+
+    # -- accounting ------------------------------------------------------------------
+
+    def _counters(self, region: str) -> Counters:
+        c = self.usage.get(region)
+        if c is None:
+            c = self.usage[region] = Counters()
+        return c
+
+    async def flush(self) -> None:
+        """Add the counts so far to each region's usage records."""
+        for region, counters in list(self.usage.items()):
+            if not region or not counters.counts:
+                continue
+            rec = UsageRecorder(
+                self.ns,
+                counters,
+                self.usage_interval,
+                self.default_registry,
+                region=region,
+                counted_only=True,
+            )
+            await rec.flush_once()
+
+    async def run(self) -> None:
+        """Flush every ``usage_interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self.usage_interval)
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - accounting never stops the router
+                log.warning("usage flush failed: %s", e)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="router-usage")
+
+    async def close(self) -> None:
+        """Stop, and flush what was counted."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.flush(), 5.0)

@@ -12,7 +12,8 @@ assertions):
    node) and from a node of the same region, on the same container, that
    streams the bytes itself (``--no-storage-redirect``).
 2. **Manifest GET requests/s through the router, 1 vs 2 nodes**: ``wrk`` on
-   one manifest through the router while the region has one node, then
+   one manifest through the router (its own manifest cache off, so every
+   GET reaches a node) while the region has one node, then
    again once a second node is in the router's rotation (the router
    balances across a region's nodes). Client, router and nodes share this
    machine's CPUs: the ratio says what a second node buys *here*.
@@ -94,11 +95,13 @@ class RegionSetup:
                 }
             )
             self.add_node("node-1", redirect=True)
+            # The router's own manifest cache off (where it has one): the
+            # manifest GETs measure the region's nodes behind it.
             router = spawn(
                 "router",
                 meridian_argv("router", "--etcd", self.etcd, "--listen", f"127.0.0.1:{rport}"),
                 workdir / "router.log",
-                env=self._env,
+                env={**self._env, "MERIDIAN_MANIFEST_CACHE": "0"},
             )
             self.procs.append(router)
             self.router_child = router

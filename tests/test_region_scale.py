@@ -379,13 +379,11 @@ def test_a_region_of_three_nodes_on_azurite(tmp_path: Path) -> None:
         assert sc.placed("eastus", router_digests) == set(router_digests)  # they landed there
         assert sc.held("eastus", router_digests) == set(router_digests)
         pull_all(router, acked)  # no error, with eastus-2 dead
-        # The router balances across the region's live nodes.
+        # The router balances (proxied requests) across the region's live nodes.
         served: set[str] = set()
         for _ in range(40):
-            status, hdrs, body = router.request(
-                "GET", f"/v2/{REPO}/manifests/p0", headers={"Accept": im.OCI_MANIFEST}
-            )
-            assert status == 200 and body == acked["p0"].manifest, status
+            status, hdrs, body = router.request("GET", f"/v2/{REPO}/tags/list")
+            assert status == 200 and b'"p0"' in body, status
             served.add(hdrs["X-Meridian-Node"])
             if served >= {"eastus-1", "eastus-3"}:
                 break

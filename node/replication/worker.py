@@ -24,7 +24,7 @@ an item a worker claims it (``node.replication.claims``; the claim comes
 before the fresh look at the store, so a copy committed by the node that
 held it before is seen). An item another node holds is skipped until its
 claim goes (released once copied, or with a dead holder's lease); an image
-whose layers another node copies waits for them as for its own.
+whose layers another node copies waits for them in the plan.
 
 When a manifest and everything it references (recursively) is here, the
 replicator emits a ``replicated`` event: a log line, the
@@ -213,9 +213,10 @@ class Replicator:
             known = self._presence[digest] = await self._local(digest)
         return known
 
-    async def _deps_state(self, it: Item) -> str:
+    async def _deps_state(self, it: Item, *, siblings: bool = False) -> str:
         """ "ready" when everything ``it`` references is here, "inflight"
-        when the rest is being copied now, else "blocked"."""
+        when the rest is being copied now (by this node; with ``siblings``,
+        or by another node of the region), else "blocked"."""
         places = self.ns.cache.registries.get(it.reg)
         state = "ready"
         for d in it.deps:
@@ -223,15 +224,17 @@ class Replicator:
                 continue
             if places is not None and not places.placements.get(d):
                 continue  # held nowhere (e.g. a non-distributable layer)
-            if d in self.inflight or (it.reg, d) in self._elsewhere:
-                state = "inflight"  # here, or by another node of the region
+            if d in self.inflight or (siblings and (it.reg, d) in self._elsewhere):
+                state = "inflight"
                 continue
             return "blocked"
         return state
 
     async def _ready(self, it: Item) -> bool:
         # A manifest's bytes may be fetched while its children are still in
-        # flight (saving a round trip); its placement waits for them.
+        # flight here (saving a round trip); its placement waits for them.
+        # Children another node copies keep it waiting in the plan instead
+        # (not in a worker, which could copy something else meanwhile).
         if it.rank == BLOB or await self._present(it.digest):
             return True
         return await self._deps_state(it) != "blocked"
@@ -340,11 +343,11 @@ class Replicator:
             # A placed manifest means the whole image is here: wait for the
             # children copied alongside it (here, or by another node).
             async with self._landed:
-                while await self._deps_state(it) == "inflight":
+                while await self._deps_state(it, siblings=True) == "inflight":
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._landed.wait(), DEPS_POLL)
                     self._presence = {}  # another node's copies land unannounced
-            if await self._deps_state(it) == "blocked":
+            if await self._deps_state(it, siblings=True) == "blocked":
                 raise RuntimeError("a referenced blob or manifest is not here yet")
         if self.region not in self.ns.placements(it.reg, it.digest):
             # Bytes are here and verified; the placement write failed or is new.

@@ -251,6 +251,8 @@ def test_push_and_delete_events_carry_acr_s_payload(
     assert [e["outcome"] for e in events] == ["delivered", "delivered"]
     assert events[0]["request"]["headers"]["X-Team"] == "***"
     assert events[0]["response"]["status"] == 200 and events[0]["latency_ms"] >= 0
+    assert hook["secret"] not in json.dumps(events), "a delivery record shows no secret"
+    assert hook["secret"] not in standalone.logs() and "platform" not in standalone.logs()
 
 
 def test_a_receiver_down_for_a_while_gets_everything_in_order(

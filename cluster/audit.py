@@ -1,5 +1,9 @@
 """Audit records: who did what, where, when, and how it went.
 
+Kept by the nodes and by the router (the pulls it answers from its manifest
+cache, ``cluster.router.cache``), hence in cluster core; ``node.audit`` is
+the same module.
+
 Every push, delete, login (success and failure) and management change is a
 record; pulls are counted per minute per registry, repository, identity and
 source address (one record with a ``count``), so the manifest GET path only
@@ -91,9 +95,15 @@ class AuditLog:
         *,
         flush_interval: float = 60.0,
         retention: float = 7 * 86400.0,
+        region: str | None = None,
+        prunes: bool = True,
     ) -> None:
         self.ns = ns
         self.node = node
+        # The region records name: the node's; for the router, the region a
+        # pull it answered is accounted to.
+        self.region = ns.region if region is None else region
+        self.prunes = prunes  # the router leaves removing old records to the nodes
         self.flush_interval = max(flush_interval, 0.05)
         self.retention = retention
         self._held: dict[str | None, list[dict[str, Any]]] = {}
@@ -124,7 +134,7 @@ class AuditLog:
             "time": iso(now),
             "ts": round(now, 3),
             "registry": registry or "",
-            "region": self.ns.region,
+            "region": self.region,
             "node": self.node,
             "action": action,
             "identity": identity,
@@ -167,7 +177,7 @@ class AuditLog:
                     "time": iso(ts),
                     "ts": ts,
                     "registry": reg,
-                    "region": self.ns.region,
+                    "region": self.region,
                     "node": self.node,
                     "action": "pull",
                     "identity": identity,
@@ -207,7 +217,7 @@ class AuditLog:
                 raise
             except Exception as e:
                 log.warning("writing audit records failed (kept, retried): %s", e)
-            if time.monotonic() >= next_prune:
+            if self.prunes and time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + prune_every
                 try:
                     await self.prune()

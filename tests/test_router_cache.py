@@ -49,9 +49,19 @@ def setup(etcd: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         base / "solo",
         region="solo",
         etcd=etcd.client_url,
-        extra=("--auth", "--trusted-proxies", "127.0.0.1/32", "--usage-interval", "0.3"),
+        extra=(
+            "--auth",
+            "--trusted-proxies",
+            "127.0.0.1/32",
+            "--usage-interval",
+            "0.3",
+            "--audit-flush-interval",
+            "0.3",
+        ),
     ).start()
-    router = RouterProcess(etcd.client_url, base, ("--usage-interval", "0.3"))
+    router = RouterProcess(
+        etcd.client_url, base, ("--usage-interval", "0.3", "--audit-flush-interval", "0.3")
+    )
     try:
         router.start()
         router.wait_for(lambda st: any(r["up"] for r in st["regions"]), "the node in rotation")
@@ -227,8 +237,16 @@ def test_moved_tag_and_deleted_manifest_are_seen(setup: Setup) -> None:
 
 
 def test_pulls_answered_by_the_router_are_counted(setup: Setup) -> None:
+    """In the usage records of the region answered for, and as pull audit
+    records (identity, source, repository, count)."""
     repo, m, auth = pushed(setup)
     path = f"/v2/{repo}/manifests/v1"
+
+    def audited() -> tuple[int, list[dict]]:
+        status, doc = api(setup.node, "GET", "/registries/default/audit?action=pull")
+        assert status == 200, doc
+        recs = [r for r in doc["records"] if r.get("repository") == repo]
+        return sum(r["count"] for r in recs), recs
 
     def pulls() -> int:
         status, doc = api(setup.node, "GET", "/registries/default/usage")
@@ -255,6 +273,17 @@ def test_pulls_answered_by_the_router_are_counted(setup: Setup) -> None:
             return pulls() == before + 7
 
         await until(counted, "7 cached pulls in the usage records")
+
+        async def in_audit() -> bool:
+            n, recs = audited()
+            return n >= 7 and any(r["node"].startswith("router-") for r in recs)
+
+        await until(in_audit, "the cached pulls in the audit records")
+        n, recs = audited()
+        mine = [r for r in recs if r["node"].startswith("router-")]
+        assert sum(r["count"] for r in mine) >= 7, recs
+        for r in mine:
+            assert (r["identity"], r["source"], r["region"]) == ("owner", "127.0.0.1", "solo")
 
     asyncio.run(go())
 

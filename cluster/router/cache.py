@@ -34,7 +34,10 @@ the pull is accounted to) and ``X-Meridian-Cache: hit``.
 
 Accounting: a ``GET`` answered here counts a pull and its bytes for the
 usage records (``cluster.usage``) of that region, flushed every
-``--usage-interval`` seconds like a node's.
+``--usage-interval`` seconds like a node's, and a pull audit record
+(``cluster.audit``: counted per minute, registry, repository, identity and
+source address, written every ``--audit-flush-interval`` seconds under the
+name ``router-<host>-<port>-<region>`` with that region).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
+from cluster.audit import AuditLog, identity_of
 from cluster.auth.access import Authorizer
 from cluster.namespace import Locked, ManifestRecord, Namespace
 from cluster.registries import Guard
@@ -142,6 +146,8 @@ class ManifestAnswers:
         default_registry: str,
         max_bytes: int,
         usage_interval: float = 60.0,
+        audit_flush: float = 60.0,
+        name: str = "router",
     ) -> None:
         self.ns = ns
         self.table = table
@@ -151,6 +157,9 @@ class ManifestAnswers:
         self.bytes = ManifestBytes(max_bytes)
         self.usage_interval = usage_interval
         self.usage: dict[str, Counters] = {}  # region -> counts of pulls answered here
+        self.audit_flush = audit_flush
+        self.name = name  # of this router in audit records (with the region)
+        self.audits: dict[str, AuditLog] = {}  # region -> pulls answered here
         self.hits = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -192,7 +201,7 @@ class ManifestAnswers:
             except RegistryError:
                 return None
         try:
-            await self.auth.authorize(request, reg, route)  # type: ignore[arg-type]
+            access = await self.auth.authorize(request, reg, route)  # type: ignore[arg-type]
             self.ns.check_read(reg, name, (ref, rec.digest) if ref != rec.digest else (ref,))
         except (RegistryError, Locked):
             return None  # the node answers the refusal
@@ -207,6 +216,7 @@ class ManifestAnswers:
         if not get:
             return web.Response(headers={**entry.head_headers, "X-Meridian-Region": region})
         self._counters(region).pull(reg, len(entry.body))
+        self._audit(region).pull(reg, name, identity_of(access), self.auth.source(request))
         return web.Response(
             body=entry.body, headers={**entry.get_headers, "X-Meridian-Region": region}
         )
@@ -240,6 +250,19 @@ class ManifestAnswers:
         if c is None:
             c = self.usage[region] = Counters()
         return c
+
+    def _audit(self, region: str) -> AuditLog:
+        a = self.audits.get(region)
+        if a is None:
+            a = self.audits[region] = AuditLog(
+                self.ns,
+                f"{self.name}-{region}",
+                flush_interval=self.audit_flush,
+                region=region,
+                prunes=False,
+            )
+            a.start()
+        return a
 
     async def flush(self) -> None:
         """Add the counts so far to each region's usage records."""
@@ -278,3 +301,5 @@ class ManifestAnswers:
                 await self._task
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), 5.0)
+        for a in list(self.audits.values()):
+            await a.close()

@@ -54,6 +54,9 @@ class RouterConfig(ListenAddress, ServerLimits, EtcdOptions):
     usage_interval: float = setting(
         60.0, "seconds between writes of the pulls the router answered to the usage records"
     )
+    audit_flush_interval: float = setting(
+        60.0, "seconds between writes of the pull audit records of manifests the router answered"
+    )
     access_log: bool = setting(False, "log every request")
     log_level: str = setting(
         "info", "log level", parse=str.lower, choices=("debug", "info", "warning", "error")

@@ -71,6 +71,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -250,6 +251,8 @@ class Proxy:
             default_registry=cfg.registry,
             max_bytes=cfg.manifest_cache,
             usage_interval=cfg.usage_interval,
+            audit_flush=cfg.audit_flush_interval,
+            name=f"router-{socket.gethostname()}-{cfg.port}",
         )
 
     # -- registry selection (as the node's) -----------------------------------

@@ -162,6 +162,7 @@ MANAGE_PATHS = (
     "/meridian/v1/whoami",
     "/meridian/v1/serviceprincipals",
     "/meridian/v1/serviceprincipals/{tail:.*}",
+    "/meridian/v1/registries",  # meridian registry create, list
     "/meridian/v1/registries/{tail:.*}",
     "/meridian/v1/regions/{tail:.*}",  # meridian region remove
     "/meridian/v1/audit",

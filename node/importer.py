@@ -616,8 +616,8 @@ class Importer:
         ns = self.ns
         if ns.tag(reg, req.repo, req.tag) or await ns.fresh_tag(reg, req.repo, req.tag):
             raise Exists(
-                f"{req.repo}:{req.tag} exists already in registry {reg}: give force to "
-                "overwrite it",
+                f"{req.repo}:{req.tag} exists already in registry {reg}: overwrite it with "
+                '"force": true (meridian import --force)',
                 {"image": req.image},
             )
 

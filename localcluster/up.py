@@ -128,6 +128,23 @@ def _at_least_one(value: str) -> int:
     return n
 
 
+def _seconds(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise _BadValue(f"not a number of seconds: {value!r}") from None
+    if not 0 <= n < float("inf"):
+        raise _BadValue(f"must be 0 or more seconds, not {value}")
+    return n
+
+
+def _some_seconds(value: str) -> float:
+    n = _seconds(value)
+    if n == 0:
+        raise _BadValue("must be more than 0 seconds")
+    return n
+
+
 @dataclass
 class UpConfig:
     """The flags of ``meridian up``."""
@@ -184,6 +201,25 @@ class UpConfig:
         "a client needs is printed; empty: the default registry only",
         env="MERIDIAN_UP_DOMAIN",
     )
+    reclaim_interval: float = setting(
+        30.0,
+        "seconds between the regions' reclaim passes (removing bytes nothing references: "
+        "after a replication or registry delete); 0: off",
+        parse=_seconds,
+        env="MERIDIAN_UP_RECLAIM_INTERVAL",
+    )
+    reclaim_grace: float = setting(
+        600.0,
+        "never reclaim bytes younger than this many seconds (an image still being pushed)",
+        parse=_seconds,
+        env="MERIDIAN_UP_RECLAIM_GRACE",
+    )
+    usage_interval: float = setting(
+        60.0,
+        "seconds between the nodes' writes of their usage counts (meridian usage)",
+        parse=_some_seconds,
+        env="MERIDIAN_UP_USAGE_INTERVAL",
+    )
 
 
 @dataclass
@@ -213,6 +249,9 @@ class ClusterOptions:
     nodes_per_region: int = 1
     storage: str = "fs"  # or "azurite"
     domain: str = ""  # --domain of nodes and router: registries on <name>.<domain>
+    reclaim_interval: float = 0.0  # the nodes' --reclaim-interval (0: no reclaim)
+    reclaim_grace: float = 3600.0  # the nodes' --reclaim-grace
+    usage_interval: float = 60.0  # the nodes' --usage-interval
 
 
 @dataclass(frozen=True)
@@ -760,6 +799,9 @@ class Cluster:
                 *storage,
                 *auth,
                 *self._domain(),
+                "--reclaim-interval", str(self.options.reclaim_interval),
+                "--reclaim-grace", str(self.options.reclaim_grace),
+                "--usage-interval", str(self.options.usage_interval),
                 *self._leaf(f"region-{n.region}"),
             ),
             env,
@@ -1024,6 +1066,9 @@ def options_from(cfg: UpConfig) -> ClusterOptions:
         nodes_per_region=cfg.nodes_per_region,
         storage=cfg.storage,
         domain=cfg.domain.strip().lower().strip("."),
+        reclaim_interval=cfg.reclaim_interval,
+        reclaim_grace=cfg.reclaim_grace,
+        usage_interval=cfg.usage_interval,
     )
 
 

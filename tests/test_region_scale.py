@@ -413,23 +413,18 @@ def test_a_region_of_three_nodes_on_azurite(tmp_path: Path) -> None:
         sc.kill(copying[0])
         pull_all(router, acked)  # content eastus holds: still no error
         far_digests = sorted({d for img in far.values() for d in content_digests(img)})
-        wait_until(
-            lambda: sc.placed("eastus", far_digests) == set(far_digests),
-            "eastus holds every image pushed in westeurope",
-            240,
-            interval=0.5,
-        )
-        assert sc.held("eastus", far_digests) == set(far_digests)
-        wait_until(
-            lambda: sc.placed("westeurope", router_digests) == set(router_digests),
-            "westeurope holds every image pushed through the router",
-            240,
-            interval=0.5,
-        )
-        assert sc.held("westeurope", router_digests) == set(router_digests)
+        copied_into = (("eastus", far_digests), ("westeurope", router_digests))
+        for region, digests in copied_into:
+            wait_until(
+                lambda r=region, ds=digests: sc.placed(r, ds) == set(ds),
+                f"{region} holds every image pushed in the other region",
+                240,
+                interval=0.5,
+            )
+            assert sc.held(region, digests) == set(digests)
 
         # Each item copied into each region once at most, whatever died.
-        for region, digests in (("eastus", far_digests), ("westeurope", router_digests)):
+        for region, digests in copied_into:
             copies = sc.copies(region)
             twice = {d: n for d, n in copies.items() if n > 1}
             assert not twice, f"copied into {region} more than once: {twice}"

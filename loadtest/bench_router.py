@@ -340,7 +340,13 @@ async def overhead(
 
 
 def throughput(
-    direct: str, router: str, repo: str, auth: TokenAuth, report: Report, rounds: int = 1
+    direct: str,
+    router: str,
+    repo: str,
+    auth: TokenAuth,
+    report: Report,
+    rounds: int = 1,
+    label: str = "plain",
 ) -> None:
     """wrk against the node, then the router, ``rounds`` times alternately
     (the machine is shared: interleaved, medians reported)."""
@@ -379,10 +385,10 @@ def throughput(
         }
     res["ratio"] = res["router"]["rps"] / res["direct"]["rps"] if res["direct"]["rps"] else 0.0
     res["p50_added_ms"] = res["router"]["p50_ms"] - res["direct"]["p50_ms"]
-    report.figures["throughput_plain"] = res
+    report.figures[f"throughput_{label}"] = res
     report.line(
-        f"  under load (wrk, 16 connections, 20000 requests, median of {len(runs['direct'])} "
-        f"interleaved): direct {res['direct']['rps']:.0f} "
+        f"  {label} under load (wrk, 16 connections, 20000 requests, median of "
+        f"{len(runs['direct'])} interleaved): direct {res['direct']['rps']:.0f} "
         f"req/s p50 {res['direct']['p50_ms']:.2f} ms p99 {res['direct']['p99_ms']:.2f} ms; "
         f"via router {res['router']['rps']:.0f} req/s p50 {res['router']['p50_ms']:.2f} ms "
         f"p99 {res['router']['p99_ms']:.2f} ms (errors {res['router']['errors']}); "
@@ -529,6 +535,16 @@ async def run(args: argparse.Namespace, workdir: Path, report: Report) -> None:
             "emulated",
             up.auth(),
             report,
+        )
+        await asyncio.to_thread(
+            throughput,
+            up.state["regions"][near]["advertised"],
+            up.router,
+            "bench/all",
+            up.auth(),
+            report,
+            args.wrk_rounds,
+            "emulated",
         )
 
         report.line("\n[3] failover")

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from tests.etcd_server import EtcdServer, etcd_fixture
-from tests.oci import image, repo_name
+from tests.oci import digest, image, repo_name
 from tests.procs import NodeProcess
 from tests.test_manage_identities import api
 from tests.test_router import RouterProcess, bearer, push_to
@@ -139,6 +139,36 @@ def test_cached_answer_is_the_nodes_byte_for_byte(setup: Setup) -> None:
             nd = await ask(setup.node.url + path, auth, Accept="text/plain")
             assert no.status == nd.status == 404 and "X-Meridian-Cache" not in no.headers
             assert no.body == nd.body
+
+    asyncio.run(go())
+
+
+def test_blob_head_is_the_nodes(setup: Setup) -> None:
+    """A blob HEAD from the router's namespace: the node's headers; with no
+    token, a Range or for a blob not in the repository: the node's answer."""
+    repo, m, auth = pushed(setup, layers=2)
+    names = HEADERS + ("Accept-Ranges", "Cache-Control")
+
+    async def go() -> None:
+        for b in m.blobs:
+            path = f"/v2/{repo}/blobs/{digest(b)}"
+            direct = await ask(setup.node.url + path, auth, "HEAD")
+            hit = await ask(setup.router.url + path, auth, "HEAD")
+            assert hit.headers.get("X-Meridian-Cache") == "hit"
+            assert (hit.status, hit.body) == (direct.status, direct.body) == (200, b"")
+            assert hit.headers["Content-Length"] == str(len(b))
+            for h in names:
+                assert hit.headers.get(h) == direct.headers.get(h), h
+            ranged = await ask(setup.router.url + path, auth, "HEAD", Range="bytes=0-0")
+            assert ranged.status == 206 and "X-Meridian-Cache" not in ranged.headers
+            none = await ask(setup.router.url + path, {}, "HEAD")
+            assert none.status == 401 and "X-Meridian-Cache" not in none.headers
+        other = repo_name("other")
+        blob_path = f"/v2/{other}/blobs/{digest(m.blobs[0])}"
+        elsewhere = await ask(
+            setup.router.url + blob_path, bearer(setup.node.url, f"repository:{other}:pull"), "HEAD"
+        )
+        assert elsewhere.status == 404 and "X-Meridian-Cache" not in elsewhere.headers
 
     asyncio.run(go())
 

@@ -25,7 +25,9 @@ The bytes: a manifest ``GET`` the router proxied and a region answered
 size and is at most ``ITEM_MAX`` bytes; least recently used manifests go
 first past ``--manifest-cache`` bytes (0 turns the cache off). ``HEAD``
 needs no bytes (the record's size), and is answered for any manifest record
-the router sees.
+the router sees. A blob ``HEAD`` (without ``Range``, ``If-None-Match`` or a
+blob grant) is answered the same way from the namespace: the blob linked
+into the repository, its size.
 
 Answers carry the node's headers (``Content-Type`` the record's media type,
 ``Docker-Content-Digest``, ``ETag``, ``Content-Length``, the API version),
@@ -52,14 +54,15 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from cluster.audit import AuditLog, identity_of
-from cluster.auth.access import Authorizer
+from cluster.auth.access import Access, Authorizer
 from cluster.namespace import Locked, ManifestRecord, Namespace
-from cluster.registries import Guard
+from cluster.registries import Guard, Limits
 from cluster.usage import Counters, UsageRecorder
+from ocidist import mediatypes as mt
 from ocidist.digests import TAG_RE, compute, is_digest
 from ocidist.errors import RegistryError
 from ocidist.mediatypes import acceptable, accepted
-from ocidist.paths import API_HEADERS
+from ocidist.paths import API_HEADERS, Route
 
 if TYPE_CHECKING:
     from cluster.router.table import RegionTable
@@ -67,6 +70,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("meridian.router")
 
 ITEM_MAX = 256 << 10  # manifests larger than this are never cached
+# The node's blob grants (node.auth), left to the node.
+GRANT_HEADER = "X-Meridian-Grant"
+GRANT_PARAM = "meridian_grant"
 
 CACHE = Counter(
     "meridian_router_manifest_cache_total",
@@ -181,9 +187,32 @@ class ManifestAnswers:
             digest = self.ns.tag(reg, name, ref)
         return self.ns.manifest(reg, name, digest) if digest else None
 
+    async def _admitted(
+        self, request: web.Request, reg: str, route: Route
+    ) -> tuple[Access, Limits | None] | None:
+        """The node's checks before any handler: the registry exists (not
+        being deleted) and the request is authorized; None: proxy it."""
+        lim = None
+        if reg != self.default_registry:
+            try:
+                lim = await self.guard.admit(reg)
+            except RegistryError:
+                return None
+        try:
+            return await self.auth.authorize(request, reg, route), lim
+        except RegistryError:
+            return None  # the node answers the refusal
+
+    def _counted(self, reg: str, lim: Limits | None) -> None:
+        if lim is not None:
+            self.guard.count(reg, lim, False)  # 429 past the tier's reads per minute
+        self.hits += 1
+        _HIT.inc()
+
     async def answer(
-        self, request: web.Request, reg: str, name: str, ref: str, route: object
+        self, request: web.Request, reg: str, name: str, ref: str, route: Route
     ) -> web.Response | None:
+        """A manifest GET or HEAD, or None."""
         rec = self.resolve(reg, name, ref)
         if rec is None:
             return None
@@ -194,31 +223,62 @@ class ManifestAnswers:
                 _MISS.inc()
                 return None
             entry = Entry(rec, b"")  # HEAD: the record's size is enough
-        lim = None
-        if reg != self.default_registry:
-            try:
-                lim = await self.guard.admit(reg)  # exists, not being deleted
-            except RegistryError:
-                return None
+        ok = await self._admitted(request, reg, route)
+        if ok is None:
+            return None
+        access, lim = ok
         try:
-            access = await self.auth.authorize(request, reg, route)  # type: ignore[arg-type]
             self.ns.check_read(reg, name, (ref, rec.digest) if ref != rec.digest else (ref,))
-        except (RegistryError, Locked):
-            return None  # the node answers the refusal
+        except Locked:
+            return None  # the node's 403
         accept = request.headers.getall("Accept", ())
         if accept and not acceptable(rec.media_type, accepted(accept)):
             return None
-        if lim is not None:
-            self.guard.count(reg, lim, False)  # 429 past the tier's reads per minute
+        self._counted(reg, lim)
         region = self._region(reg, rec.digest)
-        self.hits += 1
-        _HIT.inc()
         if not get:
             return web.Response(headers={**entry.head_headers, "X-Meridian-Region": region})
         self._counters(region).pull(reg, len(entry.body))
         self._audit(region).pull(reg, name, identity_of(access), self.auth.source(request))
         return web.Response(
             body=entry.body, headers={**entry.get_headers, "X-Meridian-Region": region}
+        )
+
+    async def blob_head(
+        self, request: web.Request, reg: str, name: str, digest: str, route: Route
+    ) -> web.Response | None:
+        """A blob HEAD from the namespace (linked into the repository, its
+        size), as the node answers one without Range or If-None-Match; None
+        for anything else (a grant, a conditional or ranged HEAD)."""
+        h = request.headers
+        if (
+            "Range" in h
+            or "If-None-Match" in h
+            or GRANT_HEADER in h
+            or GRANT_PARAM in request.query
+            or not is_digest(digest)
+        ):
+            return None
+        size = self.ns.blob_size(reg, name, digest)
+        if size is None:
+            return None
+        ok = await self._admitted(request, reg, route)
+        if ok is None:
+            return None
+        self._counted(reg, ok[1])
+        places = self.ns.placements(reg, digest)
+        return web.Response(
+            headers={
+                **API_HEADERS,
+                "Docker-Content-Digest": digest,
+                "Content-Type": mt.BLOB,
+                "Accept-Ranges": "bytes",
+                "ETag": f'"{digest}"',
+                "Cache-Control": "max-age=31536000",
+                "Content-Length": str(size),
+                "X-Meridian-Cache": "hit",
+                "X-Meridian-Region": self._region(reg, digest, places),
+            }
         )
 
     def learn(self, reg: str, name: str, resp: web.StreamResponse) -> None:
@@ -233,9 +293,10 @@ class ManifestAnswers:
         if rec is not None:
             self.bytes.put(rec, body)
 
-    def _region(self, reg: str, digest: str) -> str:
+    def _region(self, reg: str, digest: str, places: dict[str, int] | None = None) -> str:
         """The region a proxied GET would go to first (the pull's region)."""
-        places = self.ns.placements(reg, digest)
+        if places is None:
+            places = self.ns.placements(reg, digest)
         cands = self.table.within(
             self.table.ranked(list(places) if places else None),
             self.ns.registry_replicas(reg),

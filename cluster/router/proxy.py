@@ -308,6 +308,10 @@ class Proxy:
             hit = await self.manifests.answer(request, reg, name, route.arg, route)
             if hit is not None:
                 return hit
+        if kind == "blob" and method == "HEAD" and self.manifests.enabled and not pin:
+            hit = await self.manifests.blob_head(request, reg, name, route.arg, route)
+            if hit is not None:
+                return hit
         holders: list[str] | None = None
         replicas = await self._replicas(reg)
         if kind == "blob":

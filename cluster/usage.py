@@ -43,6 +43,7 @@ from aiohttp import web
 
 from cluster.kv import KVUnavailable
 from cluster.namespace import Conflict, Namespace
+from cluster.registries import DELETING
 
 log = logging.getLogger("meridian.usage")
 
@@ -185,6 +186,8 @@ class UsageRecorder:
 
     def _exists(self, reg: str) -> bool:
         st = self.ns.cache.registries.get(reg)
+        if st is not None and st.config.get("state") == DELETING:
+            return False  # its records go with it: a write now could outlive the delete
         return reg == self.default_registry or (
             st is not None and bool(st.config or st.repos or st.placements)
         )

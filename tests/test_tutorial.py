@@ -29,10 +29,14 @@ from typing import Any
 import pytest
 
 from cluster.etcd import EtcdKV
+from cluster.namespace import Namespace
+from cluster.registries import DELETING
+from cluster.usage import Counters, UsageRecorder
 from loadtest.reference import Server
 from localcluster.supervisor import meridian_argv
 from localcluster.up import DEFAULT_DOMAIN
 from tests import images as im
+from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.hostnames import with_hosts
 from tests.procs import OWNER_CREDS, ROOT, free_port, redact, require_tool
 from tests.test_import import assert_pulled, dist, source  # noqa: F401 (dist: a fixture)
@@ -421,3 +425,38 @@ def test_up_refuses_bad_reclaim_and_usage_intervals(tmp_path: Path) -> None:
             + " (see meridian up --help)"
         ], r.stderr
         assert not data.exists()
+
+
+etcd = etcd_fixture()
+
+
+async def test_usage_is_not_written_for_a_registry_being_deleted(etcd: EtcdServer) -> None:
+    """A node's usage flush skips a registry marked ``deleting``: a record
+    written then could land after the delete's last sweep and outlive the
+    registry (step 9 wants nothing of it left in etcd). Live again, its
+    usage is written."""
+    reg, region = "usagedel1", "delregion"
+    key = f"/meridian/reg/{reg}/usage/{region}"
+    config = {"sku": "Premium", "location": region, "replicas": [region]}
+    ns = Namespace(EtcdKV(etcd.endpoints), region)
+    await ns.start()
+    try:
+        await ns.set_registry_config(reg, {**config, "state": DELETING})
+        await ns.link_blob(reg, "app", "sha256:" + "ab" * 32, 4096)  # bytes held here
+        counters = Counters()
+        counters.push(reg)
+        recorder = UsageRecorder(ns, counters, 3600, "default")
+        await ns.caught_up()
+        assert await recorder.flush_once() == 0
+        assert await ns.kv.get(key) is None
+
+        await ns.set_registry_config(reg, config)
+        await ns.caught_up()
+        counters.push(reg)
+        assert await recorder.flush_once() == 1
+        entry = await ns.kv.get(key)
+        assert entry is not None
+        doc = json.loads(entry.value)
+        assert (doc["pushes"], doc["stored_bytes"]) == (1, 4096)
+    finally:
+        await ns.close()

@@ -15,8 +15,10 @@ assertions):
    one manifest through the router (its own manifest cache off, so every
    GET reaches a node) while the region has one node, then
    again once a second node is in the router's rotation (the router
-   balances across a region's nodes). Client, router and nodes share this
-   machine's CPUs: the ratio says what a second node buys *here*.
+   balances across a region's nodes); ``--rounds`` pairs (the second node
+   stopped cleanly between them), medians reported. Client, router and
+   nodes share this machine's CPUs: the ratio says what a second node buys
+   *here*.
 
 Authentication is on: the owner's password is ``$MERIDIAN_OWNER_PASSWORD``
 (a random one when unset), given to the nodes by environment; curl and wrk
@@ -24,7 +26,7 @@ get a bearer token fetched just before their run (``bearer_header``), which
 curl sends to the node only, never to storage.
 
     python -m loadtest.bench_region [--blob-mib 32] [--downloads 20] [--parallel 4]
-        [--requests 20000] [--connections 16] [--json out.json]
+        [--requests 20000] [--connections 16] [--rounds 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 from dataclasses import asdict
@@ -72,6 +75,7 @@ class RegionSetup:
         self.password = password
         self.procs: list[Child] = []
         self.nodes: dict[str, str] = {}  # node id -> URL
+        self.children: dict[str, Child] = {}
         self.azurite = Azurite(workdir / "azurite")
         self.container = "meridian-bench-" + os.urandom(4).hex()
         try:
@@ -131,18 +135,28 @@ class RegionSetup:
             env=self._env,
         )  # fmt: skip
         self.procs.append(node)
+        self.children[node_id] = node
         node.wait_ready(url=url + "/v2/", ok=registry_answers, timeout=90)
         self.nodes[node_id] = url
         return url
 
+    def remove_node(self, node_id: str) -> None:
+        """Stop a node cleanly (it leaves the region at once)."""
+        node = self.children.pop(node_id)
+        node.stop(30)
+        self.procs.remove(node)
+        del self.nodes[node_id]
+
     def wait_nodes_up(self, n: int) -> None:
+        """Until the router has exactly ``n`` of the region's nodes in rotation."""
+
         def ready() -> bool:
             st = get_json(self.router + "/meridian/v1/router")
             rows = [r for r in st["regions"] if r["region"] == REGION]
             if not rows or not rows[0]["up"]:
                 return False
             nodes = rows[0].get("nodes") or [{"up": True}]
-            return sum(1 for x in nodes if x["up"]) >= n
+            return sum(1 for x in nodes if x["up"]) == n
 
         self.router_child.wait_ready(check=ready, timeout=90, interval=0.1)
 
@@ -207,26 +221,45 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         manifest_url = f"{setup.router}/v2/{REPO}/manifests/{manifest}"
         headers = {"Accept": OCI_MANIFEST}
 
-        print("\n[2] manifest GETs through the router (wrk)", flush=True)
-        rps: dict[str, Any] = {}
-        one = run_wrk(manifest_url, args.requests, args.connections, headers=headers)
-        rps["1_node"] = asdict(one)
-        setup.add_node("node-2", redirect=False)
-        setup.wait_nodes_up(2)
-        before = served(setup)
-        two = run_wrk(manifest_url, args.requests, args.connections, headers=headers)
-        rps["2_nodes"] = asdict(two)
-        # How the router spread them (each node's count of 200s).
-        rps["2_nodes"]["per_node"] = {k: v - before[k] for k, v in served(setup).items()}
-        for label, r in (("1 node ", one), ("2 nodes", two)):
+        print(f"\n[2] manifest GETs through the router (wrk), {args.rounds} rounds", flush=True)
+        rounds: list[dict[str, Any]] = []
+        for i in range(args.rounds):
+            if i:
+                setup.remove_node("node-2")
+                setup.wait_nodes_up(1)
+            one = run_wrk(manifest_url, args.requests, args.connections, headers=headers)
+            setup.add_node("node-2", redirect=False)
+            setup.wait_nodes_up(2)
+            before = served(setup)
+            two = run_wrk(manifest_url, args.requests, args.connections, headers=headers)
+            # How the router spread them (each node's count of 200s).
+            spread = {k: v - before[k] for k, v in served(setup).items()}
+            rounds.append({"1_node": asdict(one), "2_nodes": {**asdict(two), "per_node": spread}})
             print(
-                f"  {label}: {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms"
-                f"  errors {r.errors}",
+                f"  round {i + 1}: 1 node {one.rps:7.0f} req/s (p99 {one.p99_ms:.1f} ms), "
+                f"2 nodes {two.rps:7.0f} req/s (p99 {two.p99_ms:.1f} ms; per node {spread})",
                 flush=True,
             )
-        print(f"  served per node with 2: {rps['2_nodes']['per_node']}", flush=True)
-        rps["ratio"] = two.rps / one.rps if one.rps else None
-        print(f"  2 nodes / 1 node: {rps['ratio']:.2f}x", flush=True)
+        rps: dict[str, Any] = {"rounds": rounds}
+        for key in ("1_node", "2_nodes"):
+            runs = [r[key] for r in rounds]
+            rps[key] = {
+                "rps": statistics.median(r["rps"] for r in runs),
+                "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+                "requests": sum(r["requests"] for r in runs),
+                "errors": sum(r["errors"] for r in runs),
+            }
+        per_node: dict[str, float] = {}
+        for r in rounds:
+            for k, v in r["2_nodes"]["per_node"].items():
+                per_node[k] = per_node.get(k, 0.0) + v
+        rps["2_nodes"]["per_node"] = per_node
+        rps["ratio"] = rps["2_nodes"]["rps"] / rps["1_node"]["rps"]
+        print(
+            f"  median: 1 node {rps['1_node']['rps']:.0f} req/s, 2 nodes "
+            f"{rps['2_nodes']['rps']:.0f} req/s: {rps['ratio']:.2f}x",
+            flush=True,
+        )
         fig["manifest_rps"] = rps
 
         print(
@@ -266,8 +299,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         fig["blob_get"] = {"size": size, **blob}
     finally:
         setup.stop()
-    errors = [r["errors"] for r in fig.get("manifest_rps", {}).values() if isinstance(r, dict)]
-    if any(errors):
+    rps = fig.get("manifest_rps", {})
+    errors = {k: rps[k]["errors"] for k in ("1_node", "2_nodes") if k in rps}
+    if any(errors.values()):
         raise BenchError(f"wrk saw errors: {errors}")
     return fig
 
@@ -279,10 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=4, help="downloads at once")
     p.add_argument("--requests", type=int, default=20000, help="manifest GETs per wrk run")
     p.add_argument("--connections", type=int, default=16, help="wrk connections")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="1-node/2-nodes pairs of wrk runs (medians kept)"
+    )
     p.add_argument("--json", help="write the figures here as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
-    for name in ("downloads", "parallel", "requests", "connections"):
+    for name in ("downloads", "parallel", "requests", "connections", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     if args.blob_mib <= 0:

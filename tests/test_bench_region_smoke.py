@@ -37,6 +37,7 @@ def test_toy_run(tmp_path: Path) -> None:
             "--parallel", "2",
             "--requests", "300",
             "--connections", "4",
+            "--rounds", "2",
             "--json", str(out),
         ],
         cwd=ROOT,
@@ -53,8 +54,9 @@ def test_toy_run(tmp_path: Path) -> None:
     fig = json.loads(out.read_text(), parse_constant=strict)
     assert fig["auth"] == {"user": "owner"}
     rps = fig["manifest_rps"]
+    assert len(rps["rounds"]) == 2
     for key in ("1_node", "2_nodes"):
-        assert rps[key]["errors"] == 0 and rps[key]["requests"] >= 300, rps[key]
+        assert rps[key]["errors"] == 0 and rps[key]["requests"] >= 2 * 300, rps[key]
         assert rps[key]["rps"] > 0
     # The router sent manifest GETs to both nodes of the region.
     assert all(n > 0 for n in rps["2_nodes"]["per_node"].values()), rps["2_nodes"]

@@ -38,7 +38,7 @@ from localcluster.up import DEFAULT_DOMAIN
 from tests import images as im
 from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.hostnames import with_hosts
-from tests.procs import OWNER_CREDS, ROOT, free_port, redact, require_tool
+from tests.procs import OWNER_CREDS, OWNER_PASSWORD, ROOT, free_port, redact, require_tool
 from tests.test_import import assert_pulled, dist, source  # noqa: F401 (dist: a fixture)
 from tests.test_manage_identities import Cli
 from tests.test_up import Up
@@ -58,7 +58,7 @@ rtt_ms = 8
 """
 # A reclaim pass every second; bytes younger than the grace stay (an image
 # being pushed is never cut), so a copy goes a few seconds after its delete.
-UP_FLAGS = ("--reclaim-interval", "1", "--reclaim-grace", "3", "--usage-interval", "1")
+UP_FLAGS = ("--reclaim-interval", "1", "--reclaim-grace", "5", "--usage-interval", "1")
 WITHIN = 120.0  # seconds any eventual thing gets (a slow, shared machine)
 
 
@@ -398,6 +398,11 @@ def test_the_acr_tutorial_with_real_clients(
         "every region reclaims the registry's bytes",
     )
     assert etcd_keys(state["etcd"], f"/meridian/reg/{REG}/") == []
+    # The owner's password went by login and files only: no process logged it.
+    logs = sorted((up.data / "logs").glob("*.log"))
+    assert len(logs) >= 5, logs  # etcd, wan, two regions, router
+    for log in logs:
+        assert OWNER_PASSWORD not in log.read_text(errors="replace"), log.name
 
 
 def test_up_refuses_bad_reclaim_and_usage_intervals(tmp_path: Path) -> None:

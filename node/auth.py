@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import json
 import time
 from collections import defaultdict, deque
@@ -118,20 +117,8 @@ class Gate(Authorizer):
     """The node's authorization (``cluster.auth.access.Authorizer``, shared with
     the router), plus blob grants, the token endpoint and logins."""
 
-    def __init__(
-        self,
-        ns: Namespace,
-        *,
-        domain: str,
-        default_registry: str,
-        trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
-    ) -> None:
-        super().__init__(
-            ns,
-            domain=domain,
-            default_registry=default_registry,
-            trusted_proxies=trusted_proxies,
-        )
+    def __init__(self, ns: Namespace, **kw: Any) -> None:
+        super().__init__(ns, **kw)  # domain, default_registry, trusted_proxies
         self.limiter = FailureLimiter()
         # Told of every login by password (request, registry, user name,
         # principal or None): the audit log (node.webhooks.service).

@@ -225,7 +225,6 @@ async def serve(cfg: RouterConfig, ready: Callable[[Router], None] | None = None
         app.middlewares.append(make_access_log_middleware())
     runner = await start_server(app, cfg.host, cfg.port, cfg.limits(), ssl_context=ssl_context)
     starter = asyncio.create_task(router.start_namespace(), name="namespace-start")
-    router.manifests.start()  # the pulls it answers, into the usage records
     checker = asyncio.create_task(router.check_store(), name="namespace-check")
     log.info("router listening (etcd %s)", cfg.etcd, extra={"path": f"{cfg.scheme}://{cfg.listen}"})
     if ready is not None:

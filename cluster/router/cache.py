@@ -44,8 +44,6 @@ name ``router-<host>-<port>-<region>`` with that region).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -162,12 +160,12 @@ class ManifestAnswers:
         self.guard = Guard(ns, default_registry)
         self.bytes = ManifestBytes(max_bytes)
         self.usage_interval = usage_interval
-        self.usage: dict[str, Counters] = {}  # region -> counts of pulls answered here
+        # region -> the pulls answered here, flushed into its usage records
+        self.recorders: dict[str, UsageRecorder] = {}
         self.audit_flush = audit_flush
         self.name = name  # of this router in audit records (with the region)
         self.audits: dict[str, AuditLog] = {}  # region -> pulls answered here
         self.hits = 0
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -307,10 +305,18 @@ class ManifestAnswers:
     # -- accounting ------------------------------------------------------------------
 
     def _counters(self, region: str) -> Counters:
-        c = self.usage.get(region)
-        if c is None:
-            c = self.usage[region] = Counters()
-        return c
+        r = self.recorders.get(region)
+        if r is None:
+            r = self.recorders[region] = UsageRecorder(
+                self.ns,
+                Counters(),
+                self.usage_interval,
+                self.default_registry,
+                region=region,
+                counted_only=True,
+            )
+            r.start()
+        return r.counters
 
     def _audit(self, region: str) -> AuditLog:
         a = self.audits.get(region)
@@ -325,42 +331,9 @@ class ManifestAnswers:
             a.start()
         return a
 
-    async def flush(self) -> None:
-        """Add the counts so far to each region's usage records."""
-        for region, counters in list(self.usage.items()):
-            if not region or not counters.counts:
-                continue
-            rec = UsageRecorder(
-                self.ns,
-                counters,
-                self.usage_interval,
-                self.default_registry,
-                region=region,
-                counted_only=True,
-            )
-            await rec.flush_once()
-
-    async def run(self) -> None:
-        """Flush every ``usage_interval`` seconds until cancelled."""
-        while True:
-            await asyncio.sleep(self.usage_interval)
-            try:
-                await self.flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - accounting never stops the router
-                log.warning("usage flush failed: %s", e)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="router-usage")
-
     async def close(self) -> None:
-        """Stop, and flush what was counted."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.flush(), 5.0)
+        """Stop, and write what was counted (a clean stop loses nothing)."""
+        for r in list(self.recorders.values()):
+            await r.close()
         for a in list(self.audits.values()):
             await a.close()

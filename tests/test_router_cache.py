@@ -333,3 +333,26 @@ def test_cache_off_proxies_every_manifest(setup: Setup, etcd: EtcdServer, tmp_pa
         asyncio.run(go())
     finally:
         off.stop()
+
+
+def test_byte_cache_is_bounded_and_verified() -> None:
+    """Only bytes that hash to their digest and fit get in; least recently
+    used out first past the budget."""
+    from cluster.namespace import ManifestRecord
+    from cluster.router.cache import ITEM_MAX, ManifestBytes
+
+    def rec(body: bytes) -> ManifestRecord:
+        return ManifestRecord(digest(body), "application/vnd.oci.image.manifest.v1+json", len(body))
+
+    bodies = [bytes([i]) * 400 for i in range(4)]
+    c = ManifestBytes(1000)
+    assert c.put(rec(bodies[0]), bodies[0]) and c.put(rec(bodies[1]), bodies[1])
+    assert c.get(digest(bodies[0])) is not None  # 0 is now the most recent
+    assert c.put(rec(bodies[2]), bodies[2])  # over 1000 bytes: 1 goes
+    assert c.get(digest(bodies[1])) is None and c.used == 800
+    assert [c.get(digest(b)).body for b in bodies[:3:2]] == [bodies[0], bodies[2]]
+    assert not c.put(rec(bodies[3]), bodies[0])  # not the bytes of that digest
+    assert c.get(digest(bodies[3])) is None
+    big = b"x" * (ITEM_MAX + 1)
+    assert not ManifestBytes(10 * ITEM_MAX).put(rec(big), big)
+    assert not ManifestBytes(0).put(rec(bodies[0]), bodies[0])

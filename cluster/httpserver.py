@@ -69,7 +69,9 @@ from ocidist.errors import Code, error_body
 
 log = logging.getLogger("meridian.http")
 
-OPEN = Gauge("meridian_http_connections", "Client connections open now")
+OPEN = Gauge(
+    "meridian_http_connections", "Client connections open now", multiprocess_mode="livesum"
+)
 CUT = Counter(
     "meridian_http_connections_cut_total",
     "Client connections the server closed to enforce a limit, by which",
@@ -339,11 +341,14 @@ async def start_server(
     *,
     backlog: int = 1024,
     ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
     **runner_kwargs: Any,
 ) -> web.AppRunner:
     """Serve ``app`` on ``host:port`` with ``limits``; returns the started
     runner (``runner.addresses`` has the bound port when ``port`` is 0;
-    stop it with ``await runner.cleanup()``); with ``ssl_context``, HTTPS.
+    stop it with ``await runner.cleanup()``); with ``ssl_context``, HTTPS;
+    with ``reuse_port``, ``SO_REUSEPORT`` (processes of one server sharing
+    the port, the kernel spreading connections among them).
     ``runner_kwargs`` go to
     aiohttp's ``AppRunner`` (default: no access log, no signal handling)."""
     if limits.max_connections > 0:
@@ -363,7 +368,13 @@ async def start_server(
     runner = LimitedRunner(app, limits, **runner_kwargs)
     await runner.setup()
     site = web.TCPSite(
-        runner, host, port, reuse_address=True, backlog=backlog, ssl_context=ssl_context
+        runner,
+        host,
+        port,
+        reuse_address=True,
+        reuse_port=reuse_port or None,
+        backlog=backlog,
+        ssl_context=ssl_context,
     )
     await site.start()
     return runner

@@ -26,16 +26,17 @@ deleting again. The bytes go afterwards: each region's reclaimer removes
 what no registry references any more (content another registry references
 stays).
 
-Limits (``cluster.skus``, one table) on the data plane, per registry:
-read (GET/HEAD) and write (POST/PUT/PATCH/DELETE) operations per minute,
-counted per node over a sliding window of 60 one-second buckets (past the
-limit: ``429 TOOMANYREQUESTS`` with ``Retry-After``, the seconds until a
-slot frees); storage: an upload completion or manifest push that would
-bring the bytes the registry references past its quota (the tier's, or a
-lower ``storage_quota``) is refused with ``403 DENIED``. Use is counted by
-the namespace cache as keys change (``Namespace.stored_bytes``), never by a
-scan. The default registry's requests skip all of this after one string
-comparison.
+Limits (``cluster.skus``, one table) on the data plane, per registry: read
+(GET/HEAD) and write (POST/PUT/PATCH/DELETE) operations per minute, counted
+per node (a node with ``--workers N``: each process counts its own
+connections against the limit divided by N) over a sliding window of 60
+one-second buckets (past the limit: ``429 TOOMANYREQUESTS`` with
+``Retry-After``, the seconds until a slot frees); storage: an upload
+completion or manifest push that would bring the bytes the registry
+references past its quota (the tier's, or a lower ``storage_quota``) is
+refused with ``403 DENIED``. Use is counted by the namespace cache as keys
+change (``Namespace.stored_bytes``), never by a scan. The default registry's
+requests skip all of this after one string comparison.
 """
 
 from __future__ import annotations
@@ -197,17 +198,20 @@ class Limits:
 
     __slots__ = ("config", "quota", "reads", "sku", "writes")
 
-    def __init__(self, config: dict, old: Limits | None = None) -> None:
+    def __init__(self, config: dict, old: Limits | None = None, workers: int = 1) -> None:
         self.config = config
         self.sku = skus.of_config(config)
         self.quota = quota_of(config)
-        self.reads = self._window(self.sku.read_ops_per_min, old.reads if old else None)
-        self.writes = self._window(self.sku.write_ops_per_min, old.writes if old else None)
+        reads, writes = self.sku.read_ops_per_min, self.sku.write_ops_per_min
+        self.reads = self._window(reads, old.reads if old else None, workers)
+        self.writes = self._window(writes, old.writes if old else None, workers)
 
     @staticmethod
-    def _window(limit: int | None, old: Window | None) -> Window | None:
+    def _window(limit: int | None, old: Window | None, workers: int = 1) -> Window | None:
         if limit is None:
             return None
+        if workers > 1:  # one of a node's processes (--workers): its share
+            limit = max(1, limit // workers)
         if old is None:
             return Window(limit)
         old.limit = limit  # a tier change keeps what was counted
@@ -222,6 +226,9 @@ class Guard:
         self.ns = ns
         self.default_registry = default_registry
         self._limits: dict[str, Limits] = {}
+        # The node's processes (node --workers): each counts its own
+        # connections against this share of every limit.
+        self.workers = 1
 
     async def admit(self, reg: str) -> Limits:
         """The registry's limits; ``NAME_UNKNOWN`` if it does not exist."""
@@ -231,7 +238,7 @@ class Guard:
             return lim  # the hot path: two dict lookups and an identity check
         await require(self.ns, reg, self.default_registry)
         config = self.ns.registry_config(reg)
-        lim = self._limits[reg] = Limits(config, lim)
+        lim = self._limits[reg] = Limits(config, lim, self.workers)
         return lim
 
     @staticmethod
@@ -242,12 +249,13 @@ class Guard:
         wait = window.take(time.monotonic() if now is None else now)
         if wait:
             kind = "write" if write else "read"
+            tier = lim.sku.write_ops_per_min if write else lim.sku.read_ops_per_min
             raise RegistryError(
                 Code.TOOMANYREQUESTS,
-                f"registry {reg} allows {window.limit} {kind} operations per minute on its "
+                f"registry {reg} allows {tier} {kind} operations per minute on its "
                 f"{lim.sku.name} tier: retry in {wait} s, or raise the tier with "
                 f"`meridian registry update {reg} --sku ...`",
-                {"registry": reg, "limit": window.limit, "kind": kind},
+                {"registry": reg, "limit": tier, "kind": kind},
                 headers={"Retry-After": str(wait)},
             )
 

@@ -25,6 +25,7 @@ from cluster.preflight import USAGE, CliError
 from cluster.runtime import setup_logging, wait_for_stop_signal
 from cluster.status import PATH as STATUS_PATH
 from cluster.status import NodeStatus
+from node import workers
 from node.api import Registry, map_store_errors
 from node.auth import GRANT_PARAM, MAX_AUTH_HEADER, TOKEN_PATH, Gate
 from node.config import NodeConfig
@@ -51,6 +52,11 @@ LATENCY = Histogram(
 REGISTRY_KEY = web.AppKey("registry", Registry)
 # node.replication.service.Replication, when regions share a namespace (set before start)
 REPLICATION_KEY = web.AppKey("replication", object)
+# In a worker (``node.workers``): where the primary publishes its replication backlog
+BACKLOG_KEY = web.AppKey("backlog", str)
+# In multiprocess mode: the registry summing every process's metrics
+_MULTIPROCESS = workers.multiprocess_registry()
+_WORKER = workers.index()
 
 
 def _error_response(err: RegistryError, request_id: str) -> web.Response:
@@ -119,7 +125,11 @@ def make_middleware(access_log: bool):  # noqa: ANN201 - aiohttp middleware type
 
 
 async def metrics(_: web.Request) -> web.Response:
-    resp = web.Response(body=generate_latest())
+    if _MULTIPROCESS is None:
+        body = generate_latest()
+    else:
+        body = await asyncio.to_thread(generate_latest, _MULTIPROCESS)  # reads every file
+    resp = web.Response(body=body)
     resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return resp
 
@@ -127,7 +137,12 @@ async def metrics(_: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     reg = request.app[REGISTRY_KEY]
     return web.json_response(
-        {"status": "ok", "region": reg.ns.region, "namespace_synced": reg.ns.synced.is_set()}
+        {
+            "status": "ok",
+            "region": reg.ns.region,
+            "namespace_synced": reg.ns.synced.is_set(),
+            "worker": _WORKER,  # which of the node's processes answered (0: the primary)
+        }
     )
 
 
@@ -152,11 +167,16 @@ async def status(request: web.Request) -> web.Response:
     replication = request.app.get(REPLICATION_KEY)
     peers = getattr(replication, "peers", None)
     replicator = getattr(replication, "replicator", None)
+    items = len(replicator.plan) if replicator is not None else None
+    pending = replicator.pending_bytes if replicator is not None else None
+    shared = request.app.get(BACKLOG_KEY)
+    if shared is not None:  # a worker: the primary's replicator
+        items, pending = workers.read_backlog(shared)
     doc = NodeStatus(
         region=ns.region,
         peers_rtt_s=peers.rtts() if peers is not None else {},
-        backlog_items=len(replicator.plan) if replicator is not None else None,
-        backlog_bytes=replicator.pending_bytes if replicator is not None else None,
+        backlog_items=items,
+        backlog_bytes=pending,
         namespace_synced=ns.synced.is_set(),
     )
     return web.Response(body=doc.to_json(), content_type="application/json")
@@ -178,9 +198,21 @@ async def replication_status(request: web.Request) -> web.Response:
     return web.json_response({"regions": status_rows(request.app[REGISTRY_KEY].ns)})
 
 
+def process_node_id(cfg: NodeConfig) -> str:
+    """The node id this process writes under: the node's, or ``<node>-w<i>``
+    in worker ``i`` (audit keys, staged files, transfer parts never collide)."""
+    node = cfg.node_id or default_node_id(cfg.port)
+    i = workers.index()
+    return f"{node}-w{i}" if i > 0 else node
+
+
 def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Application:
     """The node's HTTP app over ``store`` (the region's blob store, or one
-    reading through to the other regions)."""
+    reading through to the other regions). In a worker process
+    (``node.workers``) without what runs once per node: webhook delivery and
+    the purge of upload sessions."""
+    primary = not workers.is_worker()
+    share = workers.worker_count()
     uploads = UploadManager(
         cfg.data,
         store,
@@ -198,12 +230,15 @@ def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Applicati
         if cfg.auth
         else None
     )
+    if gate is not None:  # every process counts its own failed logins
+        gate.limiter.allowed = workers.share(gate.limiter.allowed, share)
     registry = Registry(
         ns, store, uploads, default_registry=cfg.registry, domain=cfg.domain, gate=gate
     )
+    registry.guard.workers = share
     activity = Activity(
         ns,
-        cfg.node_id or default_node_id(cfg.port),
+        process_node_id(cfg),
         source=gate.source if gate is not None else None,
         timeout=cfg.webhook_timeout,
         max_age=cfg.webhook_max_age,
@@ -250,10 +285,15 @@ def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Applicati
         yield
         task.cancel()
 
-    app.cleanup_ctx.append(purge_uploads)
+    if primary:
+        app.cleanup_ctx.append(purge_uploads)
 
     async def webhooks_and_audit(app: web.Application):  # noqa: ANN202
-        await activity.start()
+        if primary:
+            await activity.start()
+        else:  # events are emitted here, delivered by the primary
+            await activity.hooks.load()
+            activity.audit.start()
         yield
         await activity.stop()
 
@@ -288,10 +328,17 @@ async def serve(cfg: NodeConfig) -> None:
     os.makedirs(cfg.data, exist_ok=True)
     # Names this node's staged files in a data dir the region's nodes may share.
     node = cfg.node_id or default_node_id(cfg.port)
+    # --workers N: this process is the primary (index 0) or worker i (node.workers).
+    index = workers.index()
+    primary = index == 0
+    count = workers.worker_count()
+    if not primary:
+        workers.die_with_parent()
     # Space held back for the embedded namespace on a full disk; released
     # first, so the namespace opens even on a disk that filled up.
     reserve = SpaceReserve(os.path.join(cfg.data, "reserve"), cfg.storage_reserve)
-    reserve.release()
+    if primary:
+        reserve.release()
     ns = Namespace(make_kv(cfg), cfg.region)
     while True:
         try:
@@ -303,11 +350,11 @@ async def serve(cfg: NodeConfig) -> None:
         except KVUnavailable as e:
             log.warning("namespace store unreachable, retrying: %s", e)
             await asyncio.sleep(1)
-    if cfg.auth:
+    if primary and cfg.auth:  # (a worker starts after the primary made the owner)
         generated = await ensure_owner(ns, os.environ.get(OWNER_PASSWORD_ENV))
         if generated is not None:
             show_owner_password(generated, cfg.data)
-    else:
+    elif primary:
         log.warning(
             "authentication is OFF (--no-auth): anyone who can reach this node may "
             "push, pull and delete anything"
@@ -319,7 +366,7 @@ async def serve(cfg: NodeConfig) -> None:
             cfg.azure_connection_string, cfg.azure_container_name, redirect=cfg.storage_redirect
         )
     else:
-        local = FilesystemBlobStore(cfg.data, reserve=reserve, node_id=node)
+        local = FilesystemBlobStore(cfg.data, reserve=reserve, node_id=process_node_id(cfg))
     store: BlobStore = local
     replication = None
     if cfg.etcd or cfg.grpc_listen:
@@ -333,29 +380,34 @@ async def serve(cfg: NodeConfig) -> None:
             if cfg.grpc_tls_ca
             else None
         )
+        # A worker only reads through: the gRPC server, the replicator and
+        # the reclaimer run in the primary.
         replication = Replication(
             ns,
             local,
-            grpc_listen=cfg.grpc_listen,
-            concurrency=cfg.replication_concurrency,
+            grpc_listen=cfg.grpc_listen if primary else "",
+            concurrency=cfg.replication_concurrency if primary else 0,
             bandwidth=cfg.replication_bandwidth,
-            reclaim_interval=cfg.reclaim_interval,
+            reclaim_interval=cfg.reclaim_interval if primary else 0.0,
             reclaim_grace=cfg.reclaim_grace,
             tls=grpc_tls,
-            node_id=node,
+            node_id=process_node_id(cfg),
         )
         store = replication.store
     # A standalone node reclaims too: nothing to fetch, same collector.
     reclaimer = None
-    if replication is None and cfg.reclaim_interval > 0:
+    if primary and replication is None and cfg.reclaim_interval > 0:
         from node.replication.reclaim import Reclaimer
 
         reclaimer = Reclaimer(ns, local, None, cfg.reclaim_interval, cfg.reclaim_grace)
         reclaimer.start()
     app = build_app(cfg, ns, store)
+    status_file = workers.status_path(cfg.data, node)
     if replication is not None:
         app.router.add_get("/meridian/v1/replication", replication_status)
         app[REPLICATION_KEY] = replication
+        if not primary:
+            app[BACKLOG_KEY] = status_file
         activity = app[REGISTRY_KEY].activity
         if replication.replicator is not None and activity is not None:
             replication.replicator.hooks.append(activity.emitter.replicated)
@@ -367,20 +419,49 @@ async def serve(cfg: NodeConfig) -> None:
         cfg.port,
         cfg.limits(),
         ssl_context=ssl_context,
+        reuse_port=count > 1,
         # aiohttp's 8190-byte field limit would answer an over-long
         # Authorization with a plain-text 400 before the gate's 401 (MAX_AUTH_HEADER).
         max_field_size=2 * MAX_AUTH_HEADER,
     )
+    if not primary:
+        log.info("node worker %d listening (pid %d)", index, os.getpid())
+        stop = asyncio.ensure_future(wait_for_stop_signal())
+        gone = asyncio.ensure_future(workers.parent_gone())
+        await asyncio.wait([stop, gone], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        gone.cancel()
+        await runner.cleanup()
+        if replication is not None:
+            await replication.stop()
+        await ns.close()
+        await local.close()
+        return
     log.info(
         "node listening",
         extra={"path": f"{'https' if ssl_context else 'http'}://{cfg.listen}"},
     )
+    pool = None
+    background = []
+    if count > 1:
+        pool = workers.Workers(count)
+        pool.start()
+        log.info("node serving with %d processes", count)
+        if replication is not None and replication.replicator is not None:
+            background.append(
+                asyncio.create_task(workers.publish_backlog(status_file, replication.replicator))
+            )
     info = RegionInfo(
         name=cfg.region, http=cfg.base_url, grpc=cfg.grpc_advertise or cfg.grpc_listen
     )
     membership = asyncio.create_task(keep_registered(ns, info, node=node), name="membership")
     await wait_for_stop_signal()
-    await runner.cleanup()
+    for task in background:
+        task.cancel()
+    if pool is not None:
+        await asyncio.gather(runner.cleanup(), pool.stop())
+    else:
+        await runner.cleanup()
     if replication is not None:
         await replication.stop()
     if reclaimer is not None:
@@ -395,5 +476,7 @@ async def serve(cfg: NodeConfig) -> None:
 
 
 def run(cfg: NodeConfig) -> None:
+    # --workers N: re-executes this process once (same PID) for metrics in files.
+    workers.become_primary(cfg.data, cfg.node_id or default_node_id(cfg.port), cfg.workers)
     setup_logging(cfg.log_level)
     runtime.run(serve(cfg), cfg.loop)

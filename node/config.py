@@ -16,6 +16,7 @@ from cluster.membership import valid_node_id
 from cluster.runtime import ListenAddress
 from cluster.settings import Secret, setting
 from cluster.units import parse_size
+from node.workers import parse_count
 
 STORAGE_DRIVERS = ("fs", "azure")
 # Azure container names: 3-63 of a-z, 0-9 and single hyphens, starting and
@@ -129,6 +130,12 @@ class NodeConfig(ListenAddress, ServerLimits, EtcdOptions):
     usage_interval: float = setting(
         60.0, "seconds between writes of this node's usage counts (meridian usage) to the namespace"
     )
+    workers: int = setting(
+        1,
+        "processes serving HTTP on the port (SO_REUSEPORT); auto or 0: one per CPU; "
+        "more than 1 needs --etcd",
+        parse=parse_count,
+    )
 
     @property
     def base_url(self) -> str:
@@ -161,6 +168,11 @@ class NodeConfig(ListenAddress, ServerLimits, EtcdOptions):
                 return f"{flag}: cannot read {path}"
         if self.node_id and not valid_node_id(self.node_id):
             return f"--node-id: {self.node_id!r} is not 1-63 of A-Z a-z 0-9 . _ - (a letter first)"
+        if self.workers > 1 and not self.etcd:
+            return (
+                f"--workers {self.workers} needs --etcd: the embedded namespace is one "
+                "process's (run etcd, or use --workers 1)"
+            )
         problem = self.etcd_problem(self.etcd)
         if problem is not None:
             return problem

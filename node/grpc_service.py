@@ -129,10 +129,19 @@ SERVED_FETCHES = Counter(
 SERVED_BYTES = Counter(
     "meridian_replication_served_bytes_total", "Blob bytes streamed to other regions"
 )
+# Every process of a node (--workers) pings: the latest measurement wins.
 PEER_RTT = Gauge(
-    "meridian_replication_peer_rtt_seconds", "Smoothed gRPC Ping round trip", ["region"]
+    "meridian_replication_peer_rtt_seconds",
+    "Smoothed gRPC Ping round trip",
+    ["region"],
+    multiprocess_mode="livemostrecent",
 )
-PEER_UP = Gauge("meridian_replication_peer_up", "1 when the region answers Ping", ["region"])
+PEER_UP = Gauge(
+    "meridian_replication_peer_up",
+    "1 when the region answers Ping",
+    ["region"],
+    multiprocess_mode="livemostrecent",
+)
 REFUSED = Counter(
     "meridian_replication_refused_calls_total",
     "gRPC calls refused for want of a valid region credential, by method",

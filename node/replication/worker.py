@@ -54,16 +54,25 @@ from node.storage.base import BlobStore
 
 log = logging.getLogger("meridian.replication")
 
+# Set by the replicator, which runs in a node's primary process only (the
+# other --workers hold 0): the largest live value is the primary's.
 PENDING_ITEMS = Gauge(
-    "meridian_replication_pending_items", "Manifests and blobs this region still lacks"
+    "meridian_replication_pending_items",
+    "Manifests and blobs this region still lacks",
+    multiprocess_mode="livemax",
 )
 PENDING_BYTES = Gauge(
-    "meridian_replication_pending_bytes", "Bytes this region still lacks (minus partial files)"
+    "meridian_replication_pending_bytes",
+    "Bytes this region still lacks (minus partial files)",
+    multiprocess_mode="livemax",
 )
-INFLIGHT = Gauge("meridian_replication_inflight", "Background transfers running now")
+INFLIGHT = Gauge(
+    "meridian_replication_inflight", "Background transfers running now", multiprocess_mode="livemax"
+)
 OLDEST = Gauge(
     "meridian_replication_oldest_pending_seconds",
     "Age of the oldest image not yet fully here (0 when none)",
+    multiprocess_mode="livemax",
 )
 IMAGES = Counter(
     "meridian_replication_images_total", "Images (manifest + everything it references) now here"

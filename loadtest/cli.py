@@ -42,7 +42,7 @@ from loadtest.harness import (
     start_server,
 )
 from loadtest.progress import Progress
-from loadtest.reference import DISTRIBUTION_ENV, REPO_ROOT, LaunchError
+from loadtest.reference import DISTRIBUTION_ENV, REPO_ROOT, WORKERS_ENV, LaunchError
 from loadtest.report import load_result, write_html, write_result
 from loadtest.scenarios import SCENARIOS, cluster_topology, create
 from loadtest.workers import NotLoopback
@@ -77,6 +77,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
         help="the CNCF Distribution binary --start distribution runs (env "
         "MERIDIAN_DISTRIBUTION_BINARY; default: .bench/distribution-v3/registry when built "
         "from the distribution/distribution sources, else Debian's docker-registry 2.8.2)",
+    )
+    g.add_argument(
+        "--meridian-workers",
+        metavar="N",
+        help="processes of the node --start meridian runs (meridian node --workers N; more "
+        "than 1 starts an etcd for it, whose CPU is not counted; env MERIDIAN_BENCH_NODE_WORKERS)",
     )
     g.add_argument("--up", metavar="DIR", help="drive a running `meridian up` (its data dir)")
     g.add_argument(
@@ -295,6 +301,8 @@ def scenario_main(name: str, argv: list[str], prog: str | None = None) -> int:
             raise HarnessError("--rounds must be at least 1")
         if args.distribution_binary:
             os.environ[DISTRIBUTION_ENV] = args.distribution_binary
+        if args.meridian_workers:
+            os.environ[WORKERS_ENV] = args.meridian_workers
         args.out.mkdir(parents=True, exist_ok=True)
         if args.workdir:
             args.workdir.mkdir(parents=True, exist_ok=True)

@@ -46,12 +46,14 @@ from localcluster.supervisor import (
     python_env,
     registry_answers,
     spawn,
+    start_etcd,
 )
 
 DISTRIBUTION_BIN = "docker-registry"
 DISTRIBUTION_INSTALL = "apt-get install -y docker-registry"
 DISTRIBUTION_V3 = REPO_ROOT / ".bench" / "distribution-v3" / "registry"
 DISTRIBUTION_ENV = "MERIDIAN_DISTRIBUTION_BINARY"
+WORKERS_ENV = "MERIDIAN_BENCH_NODE_WORKERS"  # meridian node --workers of --start meridian
 
 #: Default command for a Meridian node; ``{python}``, ``{port}`` and ``{data}``
 #: are filled in. Override with ``--meridian-cmd`` / ``MERIDIAN_BENCH_NODE_CMD``.
@@ -83,6 +85,7 @@ class Server:
     version: str = ""
     owns_workdir: bool = True
     extra: dict[str, str] = field(default_factory=dict)
+    helpers: list[Child] = field(default_factory=list)  # stopped after it (an etcd)
 
     @property
     def proc(self) -> subprocess.Popen[bytes]:
@@ -118,6 +121,8 @@ class Server:
     def stop(self, timeout: float = 10.0) -> None:
         """End the process by PID: SIGTERM to its group, then SIGKILL."""
         self.child.stop(timeout)
+        for helper in self.helpers:
+            helper.stop(timeout)
         if self.owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -279,12 +284,24 @@ def start_meridian(
         part.format(python=sys.executable, port=port, data=str(data))
         for part in shlex.split(template)
     ]
+    helpers: list[Child] = []
+    workers = os.environ.get(WORKERS_ENV, "").strip()
     try:
-        server = _spawn("meridian", argv, port, wd, owns, ready_timeout, python_env(), REPO_ROOT)
+        if workers and workers != "1":  # more than one process needs etcd
+            etcd = start_etcd(wd / "etcd", wd / "etcd.log")
+            helpers.append(etcd)
+            argv += ["--workers", workers, "--etcd", etcd.extra["client_url"]]
+        server = _spawn("meridian", argv, port, wd, False, ready_timeout, python_env(), REPO_ROOT)
     except BaseException:
+        for helper in helpers:
+            helper.stop()
         if owns:
             shutil.rmtree(wd, ignore_errors=True)
         raise
+    server.owns_workdir = owns
+    server.helpers = helpers
+    if workers:
+        server.extra["workers"] = workers
     server.version = _meridian_version()
     server.extra["cmd"] = shlex.join(argv)
     return server

@@ -22,10 +22,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from cluster import skus
+from cluster.registries import Guard, Limits
+from ocidist.errors import RegistryError
 from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.images import build_image, read_layout, verify_layout, write_layout
 from tests.oci import Client, blob_bytes, digest, owner_auth, repo_name
 from tests.procs import NodeProcess, skopeo
+from tests.test_manage_identities import basic, http
 from tests.test_replication import wait_until
 
 etcd = etcd_fixture(scope="module")
@@ -210,6 +214,36 @@ async def test_an_upload_session_continues_on_any_process(wnode: NodeProcess) ->
             r = await c.get(f"/v2/{repo}/blobs/{d}")
             assert r.status == 200 and r.body == data
     assert seen == {0, 1}  # the session's requests went to both processes
+
+
+# -- limits counted per process ---------------------------------------------------------------
+
+
+def test_failed_logins_are_limited_node_wide(wnode: NodeProcess) -> None:
+    """10 failed logins per user name per minute on the node: each of the two
+    processes allows 5, so of 12 tries spread over both, at most 10 are
+    answered 401 and the rest 429 (one process got at least 6)."""
+    both_serving(wnode)
+    statuses = [
+        http("GET", wnode.url + "/oauth2/token", headers=basic("mallory", "wrong-" + "x" * 12))[0]
+        for _ in range(12)
+    ]
+    assert set(statuses) <= {401, 429}, statuses
+    assert statuses.count(401) <= 10 and statuses.count(429) >= 2, statuses
+
+
+def test_a_registry_rate_limit_is_shared_out_among_the_processes() -> None:
+    basic_tier = skus.parse("Basic")
+    lim = Limits({"sku": "Basic"}, workers=2)
+    assert lim.reads.limit == basic_tier.read_ops_per_min // 2
+    assert lim.writes.limit == basic_tier.write_ops_per_min // 2
+    for _ in range(lim.writes.limit):
+        Guard.count("myreg1", lim, write=True, now=1000.0)
+    with pytest.raises(RegistryError) as e:
+        Guard.count("myreg1", lim, write=True, now=1000.0)
+    # the message names the tier's limit, not one process's share
+    assert f"allows {basic_tier.write_ops_per_min} write operations" in str(e.value.message)
+    assert Limits({"sku": "Basic"}).writes.limit == basic_tier.write_ops_per_min
 
 
 # -- lifecycle ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def _node(argv: list[str]) -> int:
     listens = {"--listen": cfg.listen, "--grpc-listen": cfg.grpc_listen}
     preflight.check_listen_flags(p, listens)
     if os.environ.get("MERIDIAN_WORKER_INDEX", "0") != "0":
-        # A worker (node.workers): its primary checked the data dir and holds the ports.
+        # A worker (cluster.workers): its primary checked the data dir and holds the ports.
         return preflight.answer("meridian node", lambda: run(cfg) or preflight.OK)
     return preflight.answer(
         "meridian node", lambda: preflight.serve(cfg.data, listens, lambda: run(cfg))

@@ -14,7 +14,7 @@ import uuid
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
-from cluster import runtime
+from cluster import runtime, workers
 from cluster.auth.identities import OWNER_PASSWORD_ENV, ensure_owner
 from cluster.httpserver import start_server
 from cluster.kv import KVRefused, KVStore, KVUnavailable
@@ -25,7 +25,6 @@ from cluster.preflight import USAGE, CliError
 from cluster.runtime import setup_logging, wait_for_stop_signal
 from cluster.status import PATH as STATUS_PATH
 from cluster.status import NodeStatus
-from node import workers
 from node.api import Registry, map_store_errors
 from node.auth import GRANT_PARAM, MAX_AUTH_HEADER, TOKEN_PATH, Gate
 from node.config import NodeConfig
@@ -52,7 +51,7 @@ LATENCY = Histogram(
 REGISTRY_KEY = web.AppKey("registry", Registry)
 # node.replication.service.Replication, when regions share a namespace (set before start)
 REPLICATION_KEY = web.AppKey("replication", object)
-# In a worker (``node.workers``): where the primary publishes its replication backlog
+# In a worker (``cluster.workers``): where the primary publishes its replication backlog
 BACKLOG_KEY = web.AppKey("backlog", str)
 # In multiprocess mode: the registry summing every process's metrics
 _MULTIPROCESS = workers.multiprocess_registry()
@@ -201,15 +200,13 @@ async def replication_status(request: web.Request) -> web.Response:
 def process_node_id(cfg: NodeConfig) -> str:
     """The node id this process writes under: the node's, or ``<node>-w<i>``
     in worker ``i`` (audit keys, staged files, transfer parts never collide)."""
-    node = cfg.node_id or default_node_id(cfg.port)
-    i = workers.index()
-    return f"{node}-w{i}" if i > 0 else node
+    return (cfg.node_id or default_node_id(cfg.port)) + workers.worker_suffix()
 
 
 def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Application:
     """The node's HTTP app over ``store`` (the region's blob store, or one
     reading through to the other regions). In a worker process
-    (``node.workers``) without what runs once per node: webhook delivery and
+    (``cluster.workers``) without what runs once per node: webhook delivery and
     the purge of upload sessions."""
     primary = not workers.is_worker()
     share = workers.worker_count()
@@ -328,7 +325,7 @@ async def serve(cfg: NodeConfig) -> None:
     os.makedirs(cfg.data, exist_ok=True)
     # Names this node's staged files in a data dir the region's nodes may share.
     node = cfg.node_id or default_node_id(cfg.port)
-    # --workers N: this process is the primary (index 0) or worker i (node.workers).
+    # --workers N: this process is the primary (index 0) or worker i (cluster.workers).
     index = workers.index()
     primary = index == 0
     count = workers.worker_count()
@@ -402,7 +399,7 @@ async def serve(cfg: NodeConfig) -> None:
         reclaimer = Reclaimer(ns, local, None, cfg.reclaim_interval, cfg.reclaim_grace)
         reclaimer.start()
     app = build_app(cfg, ns, store)
-    status_file = workers.status_path(cfg.data, node)
+    status_file = workers.status_path(workers.run_dir(cfg.data, node))
     if replication is not None:
         app.router.add_get("/meridian/v1/replication", replication_status)
         app[REPLICATION_KEY] = replication
@@ -477,6 +474,7 @@ async def serve(cfg: NodeConfig) -> None:
 
 def run(cfg: NodeConfig) -> None:
     # --workers N: re-executes this process once (same PID) for metrics in files.
-    workers.become_primary(cfg.data, cfg.node_id or default_node_id(cfg.port), cfg.workers)
+    node = cfg.node_id or default_node_id(cfg.port)
+    workers.become_primary(workers.run_dir(cfg.data, node), cfg.workers)
     setup_logging(cfg.log_level)
     runtime.run(serve(cfg), cfg.loop)

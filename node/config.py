@@ -16,7 +16,7 @@ from cluster.membership import valid_node_id
 from cluster.runtime import ListenAddress
 from cluster.settings import Secret, setting
 from cluster.units import parse_size
-from node.workers import parse_count
+from cluster.workers import parse_count
 
 STORAGE_DRIVERS = ("fs", "azure")
 # Azure container names: 3-63 of a-z, 0-9 and single hyphens, starting and

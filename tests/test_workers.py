@@ -24,6 +24,7 @@ import pytest
 
 from cluster import skus
 from cluster.registries import Guard, Limits
+from loadtest.procstats import process_tree
 from ocidist.errors import RegistryError
 from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.images import build_image, read_layout, verify_layout, write_layout
@@ -31,6 +32,7 @@ from tests.oci import Client, blob_bytes, digest, owner_auth, repo_name
 from tests.procs import NodeProcess, skopeo
 from tests.test_manage_identities import basic, http
 from tests.test_replication import wait_until
+from tests.test_router import RouterProcess
 
 etcd = etcd_fixture(scope="module")
 
@@ -66,20 +68,8 @@ def workers_seen(node: NodeProcess, n: int = FRESH_CONNECTIONS) -> set[int]:
 
 
 def children(pid: int) -> set[int]:
-    """PIDs whose parent is ``pid`` (from /proc)."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.add(int(entry))
-    return out
+    """``pid``'s live descendants (its workers)."""
+    return {p for p in process_tree(pid) if p != pid and alive(p)}
 
 
 def alive(pid: int) -> bool:
@@ -310,3 +300,49 @@ def test_more_than_one_worker_needs_etcd(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "--workers 2 needs --etcd" in r.stderr
+
+
+# -- the router ---------------------------------------------------------------------------
+
+
+def total(text: str, name: str) -> float:
+    """Sum of every labelled series of counter ``name``."""
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
+    )
+
+
+def test_router_with_two_processes(tmp_path: Path, etcd: EtcdServer) -> None:
+    node = NodeProcess(tmp_path / "data", region="wrouted", etcd=etcd.client_url).start()
+    router = RouterProcess(etcd.client_url, tmp_path, ("--workers", "2")).start()
+    try:
+        router.wait_for(lambda st: "wrouted" in st["nearest"], "the region in rotation")
+
+        def seen() -> set[int]:
+            return {get_json(router.url + "/healthz")["worker"] for _ in range(FRESH_CONNECTIONS)}
+
+        wait_until(lambda: seen() == {0, 1}, "both router processes answering", timeout=60)
+        image = build_image([2000, 9000], seed="workers-router")
+        layout = write_layout(tmp_path / "src", {"v1": image})
+        ref = f"docker://127.0.0.1:{router.port}/workers/routed:v1"
+        skopeo("copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:v1", ref)
+        for _ in range(4):
+            raw = skopeo("inspect", "--tls-verify=false", "--raw", ref).stdout
+            assert digest(raw.encode()) == image.digest
+        # every proxied request counted once, whichever process proxied it
+        with urllib.request.urlopen(router.url + "/metrics", timeout=10) as r:
+            before = total(r.read().decode(), "meridian_router_requests_total")
+        for _ in range(FRESH_CONNECTIONS):  # no token: the region answers 401 through it
+            assert http("GET", f"{router.url}/v2/workers/routed/tags/list")[0] == 401
+        for _ in range(8):
+            with urllib.request.urlopen(router.url + "/metrics", timeout=10) as r:
+                after = total(r.read().decode(), "meridian_router_requests_total")
+            assert after - before == FRESH_CONNECTIONS
+        (worker,) = children(router.proc.pid)
+        router.stop()
+        assert router.proc.returncode == 0
+        wait_until(lambda: not alive(worker), "the router's worker stopped", timeout=30)
+        wait_until(lambda: port_free(router.port), "the router's port free", timeout=30)
+    finally:
+        router.stop()
+        node.stop()

@@ -21,13 +21,15 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from cluster import runtime
+from cluster import runtime, workers
 from cluster.backoff import Backoff
 from cluster.httpserver import start_server
 from cluster.kv import KVStore
@@ -131,11 +133,16 @@ class Router(Proxy):
             "regions": len(self.table.regions),
             "namespace_loaded": self.synced_once,
             "namespace_reachable": self.etcd_ok,
+            "worker": workers.index(),  # which of the router's processes answered
         }
         return web.json_response(body, status=200 if up else 503)
 
     async def metrics(self, _: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest())
+        if _MULTIPROCESS is None:
+            body = generate_latest()
+        else:  # every router process's files (--workers)
+            body = await asyncio.to_thread(generate_latest, _MULTIPROCESS)
+        resp = web.Response(body=body)
         resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return resp
 
@@ -148,6 +155,9 @@ class Router(Proxy):
 
 
 # -- assembly -----------------------------------------------------------------
+
+# With --workers N: the registry summing every router process's metrics
+_MULTIPROCESS = workers.multiprocess_registry()
 
 
 def make_kv(cfg: RouterConfig) -> KVStore:
@@ -223,13 +233,31 @@ async def serve(cfg: RouterConfig, ready: Callable[[Router], None] | None = None
     app = build_app(router)
     if cfg.access_log:
         app.middlewares.append(make_access_log_middleware())
-    runner = await start_server(app, cfg.host, cfg.port, cfg.limits(), ssl_context=ssl_context)
+    count = workers.worker_count()
+    runner = await start_server(
+        app, cfg.host, cfg.port, cfg.limits(), ssl_context=ssl_context, reuse_port=count > 1
+    )
+    pool = None
+    if workers.is_worker():
+        workers.die_with_parent()
+    elif count > 1:
+        pool = workers.Workers(count)
+        pool.start()
     starter = asyncio.create_task(router.start_namespace(), name="namespace-start")
     checker = asyncio.create_task(router.check_store(), name="namespace-check")
     log.info("router listening (etcd %s)", cfg.etcd, extra={"path": f"{cfg.scheme}://{cfg.listen}"})
     if ready is not None:
         ready(router)
-    await wait_for_stop_signal()
+    if workers.is_worker():  # ends with the primary, even one that was SIGKILLed
+        stop = asyncio.ensure_future(wait_for_stop_signal())
+        gone = asyncio.ensure_future(workers.parent_gone())
+        await asyncio.wait([stop, gone], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        gone.cancel()
+    else:
+        await wait_for_stop_signal()
+    if pool is not None:
+        await pool.stop()
     for task in (starter, checker):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -241,6 +269,9 @@ async def serve(cfg: RouterConfig, ready: Callable[[Router], None] | None = None
 
 
 def run(cfg: RouterConfig) -> None:
+    # --workers N: re-executes this process once (same PID) for metrics in files.
+    rundir = os.path.join(tempfile.gettempdir(), f"meridian-router-{os.getuid()}-{cfg.port}")
+    workers.become_primary(rundir, cfg.workers)
     setup_logging(cfg.log_level)
     runtime.run(serve(cfg), cfg.loop)
 

@@ -77,7 +77,11 @@ CACHE = Counter(
     "Manifest GET/HEAD the router answered from its cache (hit) or proxied (miss)",
     ["result"],
 )
-CACHE_BYTES = Gauge("meridian_router_manifest_cache_bytes", "Bytes of manifests cached")
+CACHE_BYTES = Gauge(
+    "meridian_router_manifest_cache_bytes",
+    "Bytes of manifests cached",
+    multiprocess_mode="livesum",  # every router process (--workers) has its own cache
+)
 _HIT = CACHE.labels("hit")
 _MISS = CACHE.labels("miss")
 

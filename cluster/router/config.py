@@ -19,6 +19,7 @@ from cluster.router.table import TableSettings
 from cluster.runtime import ListenAddress
 from cluster.settings import setting
 from cluster.units import parse_size
+from cluster.workers import parse_count
 
 
 @dataclass
@@ -60,6 +61,12 @@ class RouterConfig(ListenAddress, ServerLimits, EtcdOptions):
     access_log: bool = setting(False, "log every request")
     log_level: str = setting(
         "info", "log level", parse=str.lower, choices=("debug", "info", "warning", "error")
+    )
+    workers: int = setting(
+        1,
+        "router processes serving on the port (SO_REUSEPORT), each a whole router; "
+        "auto or 0: one per CPU",
+        parse=parse_count,
     )
 
     def check(self) -> str | None:

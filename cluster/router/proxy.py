@@ -88,6 +88,7 @@ from cluster.namespace import Namespace, place_key, tag_key
 from cluster.router.cache import ManifestAnswers
 from cluster.router.config import RouterConfig
 from cluster.router.table import Region, RegionTable
+from cluster.workers import worker_suffix
 from ocidist import paths
 from ocidist.digests import TAG_RE, check_name, is_digest
 from ocidist.errors import Code, RegistryError
@@ -252,7 +253,7 @@ class Proxy:
             max_bytes=cfg.manifest_cache,
             usage_interval=cfg.usage_interval,
             audit_flush=cfg.audit_flush_interval,
-            name=f"router-{socket.gethostname()}-{cfg.port}",
+            name=f"router-{socket.gethostname()}-{cfg.port}{worker_suffix()}",
         )
 
     # -- registry selection (as the node's) -----------------------------------

@@ -69,9 +69,18 @@ from cluster.status import NodeStatus
 
 log = logging.getLogger("meridian.router")
 
-REGION_UP = Gauge("meridian_router_region_up", "1 when the region is in rotation", ["region"])
+# Every router process (--workers) probes: the latest measurement wins.
+REGION_UP = Gauge(
+    "meridian_router_region_up",
+    "1 when the region is in rotation",
+    ["region"],
+    multiprocess_mode="livemostrecent",
+)
 REGION_RTT = Gauge(
-    "meridian_router_region_rtt_seconds", "Smoothed round trip to the region", ["region"]
+    "meridian_router_region_rtt_seconds",
+    "Smoothed round trip to the region",
+    ["region"],
+    multiprocess_mode="livemostrecent",
 )
 
 READTHROUGH_PENALTY = 0.002  # seconds: a fetch-through does more work than a local read

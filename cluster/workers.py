@@ -1,4 +1,9 @@
-"""Worker processes sharing the node's port (``meridian node --workers N``).
+"""Worker processes sharing a server's port (``meridian node --workers N``,
+``meridian router --workers N``). Described for the node; the router is
+the same with nothing that runs once: every router process is a whole
+router (its own region table, manifest cache, usage and audit, named
+``router-<host>-<port>-w<i>`` in worker i); its run dir is
+``<tmp>/meridian-router-<uid>-<port>``.
 
 One Python process uses one core. With ``--workers N`` (N > 1; ``0`` or
 ``auto``: one per CPU) the node runs N processes that all accept on the
@@ -85,6 +90,13 @@ def is_worker() -> bool:
     return index() > 0
 
 
+def worker_suffix() -> str:
+    """What names this process's own records apart: ``-w<i>`` in worker i,
+    nothing in the primary."""
+    i = index()
+    return f"-w{i}" if i > 0 else ""
+
+
 def worker_count() -> int:
     """N, as the primary told its workers (1 in a node without workers)."""
     try:
@@ -99,22 +111,20 @@ def share(limit: int, workers: int) -> int:
 
 
 def run_dir(data: str, node: str) -> str:
+    """A node's: ``<data>/run/<node id>``."""
     return os.path.join(os.path.abspath(data), "run", node)
 
 
-def metrics_dir(data: str, node: str) -> str:
-    return os.path.join(run_dir(data, node), "metrics")
-
-
-def become_primary(data: str, node: str, workers: int) -> None:
-    """In the process started with ``--workers N`` (N > 1): clear the
-    metrics dir, then re-execute this same command (same PID) with the
-    environment that makes prometheus_client count in files from its first
-    import. Returns only in the re-executed primary (or without workers)."""
+def become_primary(rundir: str, workers: int) -> None:
+    """In the process started with ``--workers N`` (N > 1): clear
+    ``rundir``, then re-execute this same command (same PID) with the
+    environment that makes prometheus_client count in files (in
+    ``<rundir>/metrics``) from its first import. Returns only in the
+    re-executed primary (or without workers)."""
     if workers <= 1 or WORKER_ENV in os.environ:
         return
-    shutil.rmtree(run_dir(data, node), ignore_errors=True)  # a previous run's
-    path = metrics_dir(data, node)
+    shutil.rmtree(rundir, ignore_errors=True)  # a previous run's
+    path = os.path.join(rundir, "metrics")
     os.makedirs(path, exist_ok=True)
     os.environ[METRICS_ENV] = path
     os.environ[WORKER_ENV] = "0"
@@ -242,8 +252,8 @@ def _mark_dead(pid: int) -> None:
 # -- the primary's replication backlog, for every process's status ---------------------
 
 
-def status_path(data: str, node: str) -> str:
-    return os.path.join(run_dir(data, node), "status.json")
+def status_path(rundir: str) -> str:
+    return os.path.join(rundir, "status.json")
 
 
 async def publish_backlog(path: str, replicator) -> None:  # noqa: ANN001 - node.replication's

@@ -353,10 +353,13 @@ def test_tokens_cross_regions_grants_and_challenges(site: Site, tmp_path: Path) 
 
     # Without a token, through the router: the challenge names the router's
     # own token endpoint (its scheme too), the service and the scope.
+    # (meridian up gives nodes a --domain: the default registry's service is
+    # default.<domain>, whatever host the client used.)
+    service = f"default.{site.up.state()['domain']}"
     status, headers, _ = request(site, "GET", site.router + manifest, accept)
     assert status == 401
     assert headers["WWW-Authenticate"] == (
-        f'Bearer realm="{site.router}/oauth2/token",service="default",'
+        f'Bearer realm="{site.router}/oauth2/token",service="{service}",'
         f'scope="repository:{repo}:pull"'
     )
     # A wrong password through the router: 401 with the router's realm.

@@ -41,6 +41,7 @@ more through than the limit.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ctypes
@@ -64,6 +65,10 @@ STOP_GRACE = 15.0  # seconds a worker has to stop before SIGKILL
 MAX_PAUSE = 30.0  # longest pause before restarting a worker that keeps dying
 
 
+class CountError(ValueError, argparse.ArgumentTypeError):
+    """A ``--workers`` value that is no count (argparse shows its message)."""
+
+
 def parse_count(text: str) -> int:
     """``--workers``: a count, or ``auto``/``0`` for one per CPU."""
     text = str(text).strip().lower()
@@ -72,9 +77,9 @@ def parse_count(text: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise ValueError(f"{text!r} is not a number of processes (or auto)") from None
+        raise CountError(f"{text!r}: choose 1-256 processes, or auto for one per CPU") from None
     if n < 0 or n > 256:
-        raise ValueError(f"{n}: choose 1-256 processes, or auto (0) for one per CPU")
+        raise CountError(f"{n}: choose 1-256 processes, or auto for one per CPU")
     return n
 
 

@@ -346,3 +346,18 @@ def test_router_with_two_processes(tmp_path: Path, etcd: EtcdServer) -> None:
     finally:
         router.stop()
         node.stop()
+
+
+def test_a_bad_worker_count_is_one_line_saying_what_to_give(tmp_path: Path) -> None:
+    from localcluster.supervisor import meridian_argv
+
+    for args in (["--workers", "many"], ["--workers", "999"]):
+        r = subprocess.run(
+            meridian_argv("node", "--data", str(tmp_path / "d"), *args),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 2, r.stderr
+        assert "choose 1-256 processes, or auto for one per CPU" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr

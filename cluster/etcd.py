@@ -235,16 +235,32 @@ class EtcdKV:
         return Entry(kv.key.decode(), bytes(kv.value), kv.mod_revision)
 
     async def range(self, prefix: str) -> tuple[list[Entry], int]:
-        start = prefix.encode()
-        end = prefix_end(start) or b"\0"
         while True:
+            entries: list[Entry] = []
+            revision = 0
             try:
-                return await self._range_pages(start or b"\0", end)
+                async for page, rev in self._pages(prefix):
+                    entries += page
+                    revision = rev
             except _Compacted:
                 continue  # compacted between two pages: take a new snapshot
+            return entries, revision
 
-    async def _range_pages(self, key: bytes, end: bytes) -> tuple[list[Entry], int]:
-        entries: list[Entry] = []
+    async def range_pages(self, prefix: str) -> AsyncIterator[tuple[list[Entry], int]]:
+        """``range`` one page at a time (each with the snapshot's revision),
+        for a caller that applies a large range without holding all of it
+        (the namespace cache's load); ``WatchCompacted`` if the snapshot is
+        compacted between two pages: start over."""
+        try:
+            async for page in self._pages(prefix):
+                yield page
+        except _Compacted as e:
+            raise WatchCompacted(0) from e
+
+    async def _pages(self, prefix: str) -> AsyncIterator[tuple[list[Entry], int]]:
+        key = prefix.encode()
+        end = prefix_end(key) or b"\0"
+        key = key or b"\0"
         revision = 0
         while True:
             req = rpc.RangeRequest(
@@ -259,11 +275,10 @@ class EtcdKV:
             resp = await self._call("kv", "Range", req, retry=True)
             if revision == 0:
                 revision = resp.header.revision  # later pages read this snapshot
-            entries.extend(
-                Entry(kv.key.decode(), bytes(kv.value), kv.mod_revision) for kv in resp.kvs
-            )
+            page = [Entry(kv.key.decode(), bytes(kv.value), kv.mod_revision) for kv in resp.kvs]
+            yield page, revision
             if not resp.more or not resp.kvs:
-                return entries, revision
+                return
             key = resp.kvs[-1].key + b"\0"
 
     # -- writes ------------------------------------------------------------

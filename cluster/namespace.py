@@ -86,7 +86,8 @@ with a nested repository name):
                                                         a claim)
 
 Reads are served from ``Cache``, an in-memory mirror loaded with one range
-read and kept current by a watch; a node's own writes are applied to it as
+read (applied page by page where the store reads it so) and kept current by
+a watch; a node's own writes are applied to it as
 soon as their transaction commits (read-your-writes), and watch events older
 than what the cache already holds for a key are ignored.
 """
@@ -94,11 +95,14 @@ than what the cache already holds for a key are ignored.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
+import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, astuple, dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, astuple, dataclass, field, fields, replace
+from types import MappingProxyType
 
 from cluster import skus
 from cluster.kv import (
@@ -151,6 +155,26 @@ class BlobsGone(Exception):
         self.digests = digests
 
 
+# What the cache holds per tag is kept small (issue 16: at most 1 KiB per
+# tag): the strings many keys and records repeat (digests, repository names,
+# media types, regions, the tags in a record's tag times) are interned, so
+# each is held once however many keys, records and indexes name it; a
+# record's empty mappings are one shared read-only mapping; tag times are a
+# flat tuple.
+_intern = sys.intern
+NO_ANNOTATIONS: Mapping[str, str] = MappingProxyType({})
+# A record keeps its tag times as a flat tuple (tag, created, updated, ...)
+# up to this many tags (a dict tag -> (created, updated) beyond).
+_FLAT_TAGGED = 8
+
+# ``ManifestRecord.tagged`` as held: a flat tuple or a mapping.
+Tagged = tuple | Mapping[str, Sequence[float]]
+
+
+def _no_annotations() -> Mapping[str, str]:
+    return NO_ANNOTATIONS
+
+
 @dataclass(frozen=True, slots=True)
 class ManifestRecord:
     digest: str
@@ -160,7 +184,8 @@ class ManifestRecord:
     manifests: tuple[str, ...] = ()  # children of an index
     subject: str | None = None
     artifact_type: str | None = None
-    annotations: dict[str, str] = field(default_factory=dict)
+    # read-only (empty: the shared ``NO_ANNOTATIONS``)
+    annotations: Mapping[str, str] = field(default_factory=_no_annotations)
     created: float = 0.0
     # True when the annotations were too large to keep in the record: read
     # them from the manifest's bytes.
@@ -169,12 +194,37 @@ class ManifestRecord:
     # ``first_pushed`` the first (0: unknown, take ``created``), and
     # ``tagged`` each tag's [created, last update] as of its last move onto
     # this manifest (the tag key's value stays the bare digest). Written by
-    # ``Namespace.put_manifest``; not part of a record's equality.
+    # ``Namespace.put_manifest``; not part of a record's equality. Given as
+    # a mapping tag -> [created, updated]; held compact (read it with
+    # ``tag_times`` and ``tag_items``).
     first_pushed: float = field(default=0.0, compare=False)
-    tagged: dict[str, list[float]] = field(default_factory=dict, compare=False)
+    tagged: Tagged = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        put(self, "digest", _intern(self.digest))
+        put(self, "media_type", _intern(self.media_type))
+        put(self, "blobs", tuple(map(_intern, self.blobs)))
+        if self.manifests:
+            put(self, "manifests", tuple(map(_intern, self.manifests)))
+        if self.subject:
+            put(self, "subject", _intern(self.subject))
+        if self.artifact_type:
+            put(self, "artifact_type", _intern(self.artifact_type))
+        if not self.annotations:
+            put(self, "annotations", NO_ANNOTATIONS)
+        created, first = self.created, self.first_pushed
+        if first == created and type(first) is type(created):
+            put(self, "first_pushed", created)
+        elif first == 0.0 and type(first) is float:
+            put(self, "first_pushed", 0.0)
+        put(self, "tagged", _compact_tagged(self.tagged, created))
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        d = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        d["annotations"] = dict(self.annotations)
+        d["tagged"] = {t: list(v) for t, v in self.tag_items()}
+        return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> ManifestRecord:
@@ -185,10 +235,52 @@ class ManifestRecord:
 
     def tag_times(self, tag: str) -> tuple[float, float]:
         """(created, last update) of ``tag`` pointing here."""
-        t = self.tagged.get(tag)
-        if t and len(t) == 2:
-            return float(t[0]), float(t[1])
+        t = self.tagged
+        if type(t) is tuple:
+            try:
+                i = t.index(tag)  # only tags are strings in the flat tuple
+            except ValueError:
+                return self.created, self.created
+            return float(t[i + 1]), float(t[i + 2])
+        v = t.get(tag)
+        if v and len(v) == 2:
+            return float(v[0]), float(v[1])
         return self.created, self.created
+
+    def tag_items(self) -> Iterator[tuple[str, Sequence[float]]]:
+        """(tag, [created, updated]) of each tag whose times are kept, oldest
+        move first."""
+        t = self.tagged
+        if type(t) is tuple:
+            for i in range(0, len(t), 3):
+                yield t[i], t[i + 1 : i + 3]
+        else:
+            yield from t.items()
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(ManifestRecord))
+
+
+def _compact_tagged(tagged: Tagged, created: float) -> Tagged:
+    """``tagged`` as a record holds it: a flat tuple (tag, created, updated,
+    ...) for a few tags, else a dict tag -> (created, updated); times equal
+    to the record's ``created`` are that same float object. A malformed
+    entry (not a pair) keeps the mapping as given, so it reads back as is."""
+    if type(tagged) is tuple or not tagged:
+        return tagged or ()
+    items = list(tagged.items())
+    if not all(isinstance(v, list | tuple) and len(v) == 2 for _, v in items):
+        return tagged
+
+    def same(x: float) -> float:
+        return created if x == created and type(x) is type(created) else x
+
+    if len(items) <= _FLAT_TAGGED:
+        flat: list = []
+        for t, (c, u) in items:
+            flat += (_intern(t), same(c), same(u))
+        return tuple(flat)
+    return {_intern(t): (same(c), same(u)) for t, (c, u) in items}
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +403,7 @@ def usage_key(reg: str, region: str) -> str:
     return f"{REG}{reg}/usage/{region}"
 
 
-@dataclass
+@dataclass(slots=True)
 class RepoState:
     tags: dict[str, str] = field(default_factory=dict)
     manifests: dict[str, ManifestRecord] = field(default_factory=dict)
@@ -332,15 +424,17 @@ class RepoState:
         return not (self.tags or self.manifests or self.blobs or self.locks or self.repo_lock)
 
 
-@dataclass
+@dataclass(slots=True)
 class RegistryState:
     repos: dict[str, RepoState] = field(default_factory=dict)
     # digest -> region -> size
     placements: dict[str, dict[str, int]] = field(default_factory=dict)
-    # blob digest -> repos linking it (for mount without ``from``)
-    blob_repos: dict[str, set[str]] = field(default_factory=dict)
-    # manifest digest -> repos holding its record (``Namespace.references``)
-    manifest_repos: dict[str, set[str]] = field(default_factory=dict)
+    # blob digest -> repos linking it (for mount without ``from``): read
+    # with ``holders`` (a name, a tuple or a set, by how many)
+    blob_repos: dict[str, Holders] = field(default_factory=dict)
+    # manifest digest -> repos holding its record (``Namespace.references``),
+    # held as ``blob_repos``
+    manifest_repos: dict[str, Holders] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     usage: dict[str, dict] = field(default_factory=dict)  # region -> usage record
     # bytes of the distinct digests the registry references (blob links and
@@ -357,6 +451,150 @@ class RegistryState:
         return self._sorted_repos
 
 
+# A digest's holders (``RegistryState.blob_repos``/``manifest_repos``) are
+# the repository's name while one holds it (most digests), a tuple up to
+# this many, a set beyond: read them with ``holders``.
+_FEW_HOLDERS = 8
+Holders = str | tuple[str, ...] | set[str]
+
+
+def holders(held: Holders | None) -> Iterable[str]:
+    """The repositories in a ``blob_repos``/``manifest_repos`` value."""
+    if held is None:
+        return ()
+    return (held,) if type(held) is str else held
+
+
+def _hold(index: dict[str, Holders], digest: str, repo: str) -> None:
+    held = index.get(digest)
+    if held is None:
+        index[digest] = repo
+    elif type(held) is str:
+        if held != repo:
+            index[digest] = (held, repo)
+    elif repo in held:
+        return
+    elif type(held) is set:
+        held.add(repo)
+    elif len(held) < _FEW_HOLDERS:
+        index[digest] = (*held, repo)
+    else:
+        index[digest] = {*held, repo}
+
+
+def _release(index: dict[str, Holders], digest: str, repo: str) -> None:
+    held = index.get(digest)
+    if held is None:
+        return
+    if type(held) is str:
+        if held == repo:
+            del index[digest]
+        return
+    if type(held) is set:
+        held.discard(repo)
+        if held:
+            return
+    else:
+        held = tuple(r for r in held if r != repo)
+        if len(held) > 1:
+            index[digest] = held
+            return
+        if held:
+            index[digest] = held[0]
+            return
+    del index[digest]
+
+
+# ``Revisions`` files a place key (``.../place/<digest>/<region>``) under
+# ``<registry prefix>/place/\0<region>`` with the digest as its leaf: one
+# directory per region, not one per digest.
+_PLACE_DIR = "/place/\0"
+
+
+class Revisions:
+    """The mod revision of every live key (what compare-and-swap compares),
+    a mapping by full key that does not hold the full keys: a key is filed
+    under its directory (one string and dict per directory) by its last
+    component, the same object the cache's own tables (tags, manifests by
+    digest) hold as their key (``Cache.apply`` passes it on; digests
+    interned)."""
+
+    __slots__ = ("_dirs", "_n")
+
+    def __init__(self) -> None:
+        self._dirs: dict[str, dict[str, int]] = {}
+        self._n = 0
+
+    @staticmethod
+    def split(key: str) -> tuple[str, str]:
+        """(directory, leaf) of ``key``."""
+        if key.startswith(REG):
+            i = key.find("/", len(REG))
+            if key.startswith("/place/", i):
+                digest, sep, region = key[i + 7 :].partition("/")
+                if sep and "/" not in region:
+                    return key[:i] + _PLACE_DIR + region, digest
+        d, _, leaf = key.rpartition("/")
+        return d, leaf
+
+    @staticmethod
+    def _join(d: str, leaf: str) -> str:
+        head, sep, region = d.partition(_PLACE_DIR)
+        return f"{head}/place/{leaf}/{region}" if sep else f"{d}/{leaf}"
+
+    def get(self, key: str, default: int | None = None) -> int | None:
+        return self.at(*self.split(key), default)
+
+    def at(self, d: str, leaf: str, default: int | None = None) -> int | None:
+        leaves = self._dirs.get(d)
+        return leaves.get(leaf, default) if leaves is not None else default
+
+    def __getitem__(self, key: str) -> int:
+        rev = self.get(key)
+        if rev is None:
+            raise KeyError(key)
+        return rev
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __setitem__(self, key: str, rev: int) -> None:
+        self.put(*self.split(key), rev)
+
+    def put(self, d: str, leaf: str, rev: int) -> None:
+        leaves = self._dirs.get(d)
+        if leaves is None:
+            leaves = self._dirs[d] = {}
+        if leaf not in leaves:
+            self._n += 1
+        leaves[leaf] = rev
+
+    def pop(self, key: str, default: int | None = None) -> int | None:
+        return self.drop(*self.split(key), default)
+
+    def drop(self, d: str, leaf: str, default: int | None = None) -> int | None:
+        leaves = self._dirs.get(d)
+        if leaves is None or leaf not in leaves:
+            return default
+        self._n -= 1
+        rev = leaves.pop(leaf)
+        if not leaves:
+            del self._dirs[d]
+        return rev
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[str]:
+        for d, leaves in list(self._dirs.items()):
+            for leaf in list(leaves):
+                yield self._join(d, leaf)
+
+    def under(self, prefix: str) -> list[str]:
+        """The live keys that start with ``prefix``."""
+        return [k for k in self if k.startswith(prefix)]
+
+
 class Cache:
     """In-memory mirror of everything under ``/meridian/``."""
 
@@ -367,7 +605,7 @@ class Cache:
         self.alive: set[str] = set()
         # identities and keys (cluster.auth), by full key: few, read by key
         self.records: dict[str, bytes] = {}
-        self.revs: dict[str, int] = {}  # key -> mod revision (live keys)
+        self.revs = Revisions()  # key -> mod revision (live keys)
         self.tombstones: dict[str, int] = {}  # deleted key -> revision of the delete
         self.revision = 0  # highest revision applied from the store
         self.listeners: list[Callable[[str, bytes | None], None]] = []
@@ -382,17 +620,20 @@ class Cache:
         return st
 
     def apply(self, key: str, value: bytes | None, rev: int) -> None:
-        known = max(self.revs.get(key, 0), self.tombstones.get(key, 0))
+        d, leaf = self.revs.split(key)
+        if ":" in leaf:  # a digest (tags hold no ':'): one object for all that name it
+            leaf = _intern(leaf)
+        known = max(self.revs.at(d, leaf, 0), self.tombstones.get(key, 0))
         if rev <= known:
             return
         if value is None:
-            self.revs.pop(key, None)
+            self.revs.drop(d, leaf)
             self.tombstones[key] = rev
         else:
-            self.revs[key] = rev
+            self.revs.put(d, leaf, rev)
             self.tombstones.pop(key, None)
         try:
-            self._apply(key, value)
+            self._apply(key, value, leaf)
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring malformed namespace key %s", key)
         for fn in self.listeners:
@@ -411,7 +652,9 @@ class Cache:
         else:
             self.records[key] = value
 
-    def _apply(self, key: str, value: bytes | None) -> None:
+    def _apply(self, key: str, value: bytes | None, leaf: str) -> None:
+        """Apply one key; ``leaf`` is its last component (the object the
+        revisions hold, to be shared with the tables below)."""
         if key.startswith(AUTH):
             self._record(key, value)
             return
@@ -459,6 +702,7 @@ class Cache:
             return
         if rest.startswith("place/"):
             digest, _, region = rest[len("place/") :].partition("/")
+            digest, region = _intern(digest), _intern(region)
             places = st.placements.setdefault(digest, {})
             if value is None:
                 places.pop(region, None)
@@ -469,8 +713,9 @@ class Cache:
             return
         if not rest.startswith("repo/"):
             return
-        head, _, leaf = rest[len("repo/") :].rpartition("/")
+        head = rest[len("repo/") : len(rest) - len(leaf) - 1]
         repo, _, kind = head.rpartition("/")
+        repo = _intern(repo)
         rs = st.repos.get(repo)
         if rs is None:
             if value is None:
@@ -483,7 +728,7 @@ class Cache:
             if value is None:
                 rs.tags.pop(leaf, None)
             else:
-                rs.tags[leaf] = value.decode()
+                rs.tags[leaf] = _intern(value.decode())
             rs._sorted_tags = None
         elif kind == "_m":
             old = rs.manifests.pop(leaf, None)
@@ -500,24 +745,16 @@ class Cache:
                 rs.manifests[leaf] = rec
                 if rec.subject:
                     rs.referrers.setdefault(rec.subject, set()).add(leaf)
-                st.manifest_repos.setdefault(leaf, set()).add(repo)
+                _hold(st.manifest_repos, leaf, repo)
             elif old is not None:
-                repos = st.manifest_repos.get(leaf)
-                if repos is not None:
-                    repos.discard(repo)
-                    if not repos:
-                        del st.manifest_repos[leaf]
+                _release(st.manifest_repos, leaf, repo)
         elif kind == "_b":
             if value is None:
                 size = rs.blobs.pop(leaf, 0)
-                repos = st.blob_repos.get(leaf)
-                if repos is not None:
-                    repos.discard(repo)
-                    if not repos:
-                        del st.blob_repos[leaf]
+                _release(st.blob_repos, leaf, repo)
             else:
                 size = rs.blobs[leaf] = json.loads(value)["size"]
-                st.blob_repos.setdefault(leaf, set()).add(repo)
+                _hold(st.blob_repos, leaf, repo)
         elif kind == "_l":
             lock = Lock.from_json(value) if value is not None else UNLOCKED
             if lock == UNLOCKED:
@@ -534,6 +771,27 @@ class Cache:
         if rs.empty():
             del st.repos[repo]
             st._sorted_repos = None
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system after a load (glibc's
+    ``malloc_trim``; elsewhere nothing): the read's buffers (gRPC pages,
+    decoded values) are freed by then, but glibc keeps free pages between
+    live allocations unless asked (about 200 bytes per tag at 100k tags)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
+def _load(cache: Cache, entries: list[Entry]) -> None:
+    """Apply ``entries`` (emptied: each is dropped once applied, so what the
+    cache keeps reuses the memory the read took)."""
+    entries.reverse()
+    while entries:
+        e = entries.pop()
+        cache.apply(e.key, e.value, e.mod_revision)
 
 
 class Namespace:
@@ -563,13 +821,29 @@ class Namespace:
         await self.kv.close()
 
     async def _reload(self) -> None:
-        entries, rev = await self.kv.range(ROOT)
-        fresh = Cache()
-        fresh.listeners = self.cache.listeners
-        for e in entries:
-            fresh.apply(e.key, e.value, e.mod_revision)
+        # A store that reads a range page by page (etcd) is applied page by
+        # page: the load holds one page of raw entries, not all of them (the
+        # node's RSS at 100k tags; loadtest/bench_namespace.py).
+        pages = getattr(self.kv, "range_pages", None)
+        while True:
+            fresh = Cache()
+            fresh.listeners = self.cache.listeners
+            rev = 0
+            try:
+                if pages is None:
+                    entries, rev = await self.kv.range(ROOT)
+                    _load(fresh, entries)
+                else:
+                    async for entries, page_rev in pages(ROOT):
+                        _load(fresh, entries)
+                        rev = page_rev
+            except WatchCompacted:
+                continue  # compacted between two pages: read a new snapshot
+            break
         fresh.advance(rev)
         self.cache = fresh
+        del fresh
+        _trim_heap()
         self.synced.set()
 
     async def _watch_loop(self) -> None:
@@ -694,7 +968,7 @@ class Namespace:
 
     def repos_with_blob(self, reg: str, digest: str) -> set[str]:
         st = self.cache.registries.get(reg)
-        return set(st.blob_repos.get(digest, ())) if st else set()
+        return set(holders(st.blob_repos.get(digest))) if st else set()
 
     def references(self, reg: str, digest: str) -> bool:
         """Whether ``reg`` still references ``digest``: a repository links it
@@ -883,7 +1157,7 @@ class Namespace:
         old = rs.manifests.get(rec.digest) if rs is not None else None
         tagged: dict[str, list[float]] = {}
         if old is not None:
-            tagged = {t: v for t, v in old.tagged.items() if current.get(t) == rec.digest}
+            tagged = {t: list(v) for t, v in old.tag_items() if current.get(t) == rec.digest}
         for t in tags:
             holder = current.get(t)
             hrec = rs.manifests.get(holder) if rs is not None and holder else None
@@ -1108,7 +1382,7 @@ class Namespace:
             seen = {e.key for e in entries}
             for e in entries:
                 self.cache.apply(e.key, e.value, e.mod_revision)
-            for key in [k for k in self.cache.revs if k.startswith(prefix) and k not in seen]:
+            for key in [k for k in self.cache.revs.under(prefix) if k not in seen]:
                 self.cache.apply(key, None, rev)
 
     async def _confirmed(self, reg: str, repo: str, check: Callable[[], None]) -> None:

@@ -600,13 +600,17 @@ def scale(
                     f"({r['rps']:.0f} req/s on 1 connection, errors {r['errors']})"
                 )
             out["rss_mib_after_reads"] = node.rss_kib() / 1024
+    empty_mib, n_tags = out["empty_namespace"]["rss_mib"], repos * tags_per_repo
+    for when in ("after_start", "after_reads"):
+        grown = (out[f"rss_mib_{when}"] - empty_mib) * (1 << 20)
+        out[f"rss_bytes_per_tag_{when}"] = grown / n_tags
     return out
 
 
 # -- report -------------------------------------------------------------------------
 
 
-def format_table(res: dict[str, Any]) -> str:
+def _rows_1_2(res: dict[str, Any]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     p = res["propagation"]
     a2v, s2v = p["ack_to_visible"], p["send_to_visible"]
@@ -657,6 +661,11 @@ def format_table(res: dict[str, Any]) -> str:
             f"{g['etcd_node']['rps_median'] / g['standalone_node']['rps_median']:.2f}x",
         )
     )
+    return rows
+
+
+def format_table(res: dict[str, Any]) -> str:
+    rows = _rows_1_2(res) if "propagation" in res else []
     s = res["scale"]
     n_tags = s["repos"] * s["tags_per_repo"]
     rows.append((f"3. scale: {n_tags} tags in {s['repos']} repos ({s['seed']['keys']} keys)", ""))
@@ -681,6 +690,13 @@ def format_table(res: dict[str, Any]) -> str:
             "   node RSS (VmRSS)",
             f"{s['rss_mib_after_start']:.0f} MiB after start, {s['rss_mib_after_reads']:.0f} MiB "
             f"after reads (empty namespace: {e['rss_mib']:.0f} MiB)",
+        )
+    )
+    rows.append(
+        (
+            "   RSS per tag over the empty node",
+            f"{s['rss_bytes_per_tag_after_start']:.0f} B after start, "
+            f"{s['rss_bytes_per_tag_after_reads']:.0f} B after reads",
         )
     )
     for name, label in (
@@ -718,6 +734,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repos", type=int, help="scale: repositories (default 1000, quick 100)")
     p.add_argument("--tags-per-repo", type=int, default=100)
     p.add_argument("--workdir", type=Path, help="keep processes' files here (default: temp)")
+    p.add_argument(
+        "--scale-only",
+        action="store_true",
+        help="run only step 3 (scale: start time, RSS per tag, list latency)",
+    )
     return p.parse_args(argv)
 
 
@@ -747,29 +768,8 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     }
     login = owner_login()
     try:
-        log("1-2. etcd + nodes A (eastus), B (westeurope) on it, standalone node S")
-        etcd = start_etcd(base / "etcd")
-        with running([etcd]) as procs:
-            a = start_node(base / "a", "eastus", etcd.url)
-            procs.append(a)
-            b = start_node(base / "b", "westeurope", etcd.url)
-            procs.append(b)
-            s = start_node(base / "s", "standalone")
-            procs.append(s)
-            log(f"  watch propagation, {samples} sequential samples ...")
-            result["propagation"] = asyncio.run(propagation(a, b, samples, login))
-            p = result["propagation"]["ack_to_visible"]
-            log(f"  ack->visible p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms")
-            targets = {
-                "etcd_node": asyncio.run(seed_get_target(a, login)),
-                "standalone_node": asyncio.run(seed_get_target(s, login)),
-            }
-            log("  manifest GET by tag (wrk) ...")
-            result["manifest_get"] = manifest_get_rate(targets, rounds, wrk_seconds, login, log)
-            result["idle_rss_mib"] = {
-                "etcd_node": a.rss_kib() / 1024,
-                "standalone": s.rss_kib() / 1024,
-            }
+        if not args.scale_only:
+            steps_1_2(base, samples, rounds, wrk_seconds, login, result, log)
         log("3. scale")
         result["scale"] = scale(base, repos, args.tags_per_repo, lat_seconds, login, log)
     finally:
@@ -779,6 +779,41 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     # Authentication was on: the nodes challenged, the clients logged in.
     result["auth"] = {"user": OWNER, "tokens_fetched": login.tokens_fetched}
     return result
+
+
+def steps_1_2(
+    base: Path,
+    samples: int,
+    rounds: int,
+    wrk_seconds: int,
+    login: Login,
+    result: dict[str, Any],
+    log: Any,
+) -> None:
+    """Watch propagation and the manifest GET rate (into ``result``)."""
+    log("1-2. etcd + nodes A (eastus), B (westeurope) on it, standalone node S")
+    etcd = start_etcd(base / "etcd")
+    with running([etcd]) as procs:
+        a = start_node(base / "a", "eastus", etcd.url)
+        procs.append(a)
+        b = start_node(base / "b", "westeurope", etcd.url)
+        procs.append(b)
+        s = start_node(base / "s", "standalone")
+        procs.append(s)
+        log(f"  watch propagation, {samples} sequential samples ...")
+        result["propagation"] = asyncio.run(propagation(a, b, samples, login))
+        p = result["propagation"]["ack_to_visible"]
+        log(f"  ack->visible p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms")
+        targets = {
+            "etcd_node": asyncio.run(seed_get_target(a, login)),
+            "standalone_node": asyncio.run(seed_get_target(s, login)),
+        }
+        log("  manifest GET by tag (wrk) ...")
+        result["manifest_get"] = manifest_get_rate(targets, rounds, wrk_seconds, login, log)
+        result["idle_rss_mib"] = {
+            "etcd_node": a.rss_kib() / 1024,
+            "standalone": s.rss_kib() / 1024,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:

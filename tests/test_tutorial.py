@@ -156,7 +156,10 @@ def v2_get(up: Up, path: str) -> tuple[int, dict[str, Any]]:
 
 
 @pytest.fixture
-def up(tmp_path: Path) -> Iterator[Up]:
+def up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Up]:
+    # Audit records are written every second (default: a minute), so the flow
+    # can read them back; nodes take the setting from their environment.
+    monkeypatch.setenv("MERIDIAN_AUDIT_FLUSH_INTERVAL", "1")
     config = tmp_path / "topology.toml"
     config.write_text(TOPOLOGY)
     cluster = Up(tmp_path / "meridian-data", config, free_port(), *UP_FLAGS)
@@ -389,6 +392,27 @@ def test_the_acr_tutorial_with_real_clients(
     table = user("usage", "--registry", REG)
     assert table.returncode == 0 and home in table.stdout, table.stderr
 
+    # Audit (issue 13): the flow's logins, pushes, pulls and management
+    # changes are recorded, with who did them and the outcome.
+    def audited() -> dict[str, list[dict[str, Any]]]:
+        by_action: dict[str, list[dict[str, Any]]] = {}
+        for rec in ok("audit", "list", "--registry", REG)["records"]:
+            by_action.setdefault(rec["action"], []).append(rec)
+        return by_action
+
+    wait(
+        lambda: {"login", "push", "pull", "manage"} <= set(audited()),
+        "audit records of the flow's logins, pushes, pulls and management changes",
+    )
+    records = audited()
+    assert any(r["identity"] == "owner" and r["outcome"] == "success" for r in records["login"])
+    assert any(r.get("repository") == "team/app" for r in records["push"]), records["push"]
+    assert any(r.get("repository") == "team/app" for r in records["pull"]), records["pull"]
+    manage = " ".join(r.get("detail", "") for r in records["manage"])
+    assert away in manage, manage  # the replication added and deleted
+    assert "set attributes of" in manage, manage  # the tag's lock and unlock
+    assert "imported" in manage, manage
+
     # 9. Delete the registry: nothing of it remains, in etcd or any region.
     assert "--yes" in user.fails(2, "registry", "delete", REG)
     assert ok("registry", "show", REG)["name"] == REG  # not without --yes
@@ -408,6 +432,14 @@ def test_the_acr_tutorial_with_real_clients(
         "every region reclaims the registry's bytes",
     )
     assert etcd_keys(state["etcd"], f"/meridian/reg/{REG}/") == []
+    # The registry's creation and deletion are the cluster's own audit records.
+    wait(
+        lambda: (
+            sum(REG in r.get("detail", "") for r in ok("audit", "list", "--cluster")["records"])
+            >= 2
+        ),
+        "cluster audit records of the registry's creation and deletion",
+    )
     # The owner's password went by login and files only: no process logged it.
     logs = sorted((up.data / "logs").glob("*.log"))
     assert len(logs) >= 5, logs  # etcd, wan, two regions, router

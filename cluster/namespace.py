@@ -1052,10 +1052,15 @@ class Namespace:
         if ops:
             await self._commit([], ops)
 
-    async def record_placement(self, reg: str, digest: str, size: int) -> None:
+    async def record_placement(
+        self, reg: str, digest: str, size: int, *, extra: Iterable[Op] = ()
+    ) -> None:
+        """Record that this region holds ``digest``; ``extra`` puts commit in
+        the same transaction (what must be durable with it, e.g. events)."""
         if self.region in self.placements(reg, digest):
             return
-        await self._commit([], [Put(place_key(reg, digest, self.region), _size(size))])
+        ops: list[Op] = [Put(place_key(reg, digest, self.region), _size(size)), *extra]
+        await self._commit([], ops)
 
     async def unlink_blob(self, reg: str, repo: str, digest: str) -> bool:
         key = blob_key(reg, repo, digest)

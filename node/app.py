@@ -408,6 +408,7 @@ async def serve(cfg: NodeConfig) -> None:
         activity = app[REGISTRY_KEY].activity
         if replication.replicator is not None and activity is not None:
             replication.replicator.hooks.append(activity.emitter.replicated)
+            replication.replicator.event_ops.append(activity.emitter.replicated_ops)
         await replication.start()
     ssl_context = server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     runner = await start_server(

@@ -28,7 +28,7 @@ import pytest
 from aiohttp import web
 
 from cluster.etcd import EtcdKV
-from cluster.kv import Put
+from cluster.kv import Event, Put
 from cluster.membership import default_node_id
 from node.webhooks import signing
 from tests.etcd_server import EtcdServer, etcd_fixture
@@ -444,8 +444,30 @@ def regions(
             n.stop()
 
 
+def history(etcd: EtcdServer, prefix: str, since: int) -> list[Event]:
+    """Every change under ``prefix`` from revision ``since`` up to now, from
+    etcd's own history (a watch from that revision)."""
+
+    async def read() -> list[Event]:
+        kv = EtcdKV(etcd.endpoints, timeout=5.0)
+        await kv.start()
+        try:
+            _, now = await kv.range(prefix)
+            seen: list[Event] = []
+            async with asyncio.timeout(30):
+                async for batch in kv.watch(prefix, since):
+                    seen.extend(batch)
+                    if seen and seen[-1].mod_revision >= now:
+                        return seen
+            return seen
+        finally:
+            await kv.close()
+
+    return asyncio.run(read())
+
+
 def test_each_region_s_webhooks_get_push_replicated_and_delete(
-    regions: list[RegionNode], receivers: list[Receiver]
+    etcd: EtcdServer, regions: list[RegionNode], receivers: list[Receiver]
 ) -> None:
     east, west = regions
     east_r, west_r = receiver(receivers), receiver(receivers)
@@ -465,9 +487,34 @@ def test_each_region_s_webhooks_get_push_replicated_and_delete(
         ),
         "westus sees the webhooks",
     )
+
+    async def revision() -> int:
+        kv = EtcdKV(etcd.endpoints, timeout=5.0)
+        await kv.start()
+        try:
+            return (await kv.range("/meridian/reg/default/config"))[1]
+        finally:
+            await kv.close()
+
+    before = asyncio.run(revision())
     image = push(east, "geo/app", "v1", "geo-1")
     east_r.wait(2, "push and replicated in eastus")
     west_r.wait(2, "push and replicated in westus")
+    # Never lost: westus's replicated event was committed in the very
+    # transaction that placed the manifest there (a node killed right after
+    # the copy cannot drop it).
+    changes = history(etcd, "/meridian/reg/default/", before + 1)
+    (placed,) = [
+        c.mod_revision
+        for c in changes
+        if c.key == f"/meridian/reg/default/place/{image.digest}/westus" and c.value
+    ]
+    queued = [
+        c.mod_revision
+        for c in changes
+        if c.key.startswith("/meridian/reg/default/events/westus/westhook1/") and c.value
+    ]
+    assert placed in queued, (placed, queued)
     for r, hook, region in ((east_r, east_hook, "eastus"), (west_r, west_hook, "westus")):
         (pushed,) = r.deliveries("push")
         (replicated,) = r.deliveries("replicated")

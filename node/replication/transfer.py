@@ -150,6 +150,9 @@ class Transfer:
     regs: set[str]
     reason: str
     interactive: bool = False
+    # Record the placement when done; the replicator leaves a manifest's to
+    # itself, to commit it with the image's replicated events.
+    place: bool = True
     writer: BlobWriter | None = None
     written: int = 0  # staged bytes readers may read
     committed: bool = False  # the blob is in the store: read it there
@@ -209,27 +212,43 @@ class Fetcher:
     # -- single flight -------------------------------------------------------
 
     def start(
-        self, reg: str, digest: str, size: int, *, reason: str, interactive: bool = False
+        self,
+        reg: str,
+        digest: str,
+        size: int,
+        *,
+        reason: str,
+        interactive: bool = False,
+        place: bool = True,
     ) -> Transfer:
         t = self.transfers.get(digest)
         if t is not None:
             t.regs.add(reg)
             if interactive:
                 t.interactive = True
+            t.place = t.place or place
             return t
-        t = Transfer(digest, size, {reg}, reason, interactive)
+        t = Transfer(digest, size, {reg}, reason, interactive, place)
         self.transfers[digest] = t
         t.done.add_done_callback(lambda f: f.cancelled() or f.exception())
         t.task = asyncio.get_running_loop().create_task(self._run(t), name=f"fetch-{digest[:19]}")
         return t
 
     async def fetch(
-        self, reg: str, digest: str, size: int, *, reason: str, interactive: bool = False
+        self,
+        reg: str,
+        digest: str,
+        size: int,
+        *,
+        reason: str,
+        interactive: bool = False,
+        place: bool = True,
     ) -> None:
-        """Make ``digest`` local (joining a running transfer if there is one)."""
+        """Make ``digest`` local (joining a running transfer if there is one);
+        ``place``: record this region's placement of it once it is."""
         if await self.store.stat(digest) is not None:
             return
-        t = self.start(reg, digest, size, reason=reason, interactive=interactive)
+        t = self.start(reg, digest, size, reason=reason, interactive=interactive, place=place)
         await asyncio.shield(t.done)
 
     async def close(self) -> None:
@@ -427,6 +446,8 @@ class Fetcher:
 
     async def _record(self, t: Transfer) -> None:
         """Record placement here in every registry that knows the digest."""
+        if not t.place:
+            return
         regs = set(t.regs)
         for reg, st in self.ns.cache.registries.items():
             if t.digest in st.placements:

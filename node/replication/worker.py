@@ -40,12 +40,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from cluster.backoff import Backoff
-from cluster.namespace import REG, ManifestRecord, Namespace
+from cluster.kv import Op
+from cluster.namespace import REG, TXN_BATCH, ManifestRecord, Namespace
 from cluster.runtime import cancel_and_wait
 from node.replication.claims import Claims, claim_key, claimed_item
 from node.replication.plan import BLOB, Item, backlog, find_manifest
@@ -97,6 +98,9 @@ class ReplicatedEvent:
     media_type: str
     bytes: int
     lag: float  # seconds since the push
+    # Its durable records (event_ops) were committed with the placement that
+    # completed the image: hooks must not write them again.
+    committed: bool = False
 
 
 @dataclass
@@ -108,6 +112,10 @@ class Replicator:
     rescan_interval: float = 10.0
     debounce: float = 0.05
     hooks: list[Callable[[ReplicatedEvent], None]] = field(default_factory=list)
+    # What must be durable about an image arriving (webhook events): committed
+    # in the same transaction as the manifest's placement, so a node killed
+    # right after the copy cannot lose them.
+    event_ops: list[Callable[[ReplicatedEvent], list[Op]]] = field(default_factory=list)
     claims: Claims | None = None  # None: the only node of its region
     plan: list[Item] = field(default_factory=list)
     pending_bytes: int = 0  # of ``plan``, not on disk yet (as PENDING_BYTES)
@@ -347,7 +355,9 @@ class Replicator:
         # A fresh look (never the per-plan cache): the node that held the
         # claim before may have committed the bytes to the shared store.
         if not await self._local(it.digest):
-            await self.fetcher.fetch(it.reg, it.digest, it.size, reason="replicate")
+            # A manifest's placement is recorded below, with its image's events.
+            place = it.rank == BLOB
+            await self.fetcher.fetch(it.reg, it.digest, it.size, reason="replicate", place=place)
         if it.rank != BLOB:
             # A placed manifest means the whole image is here: wait for the
             # children copied alongside it (here, or by another node).
@@ -360,9 +370,28 @@ class Replicator:
                 raise RuntimeError("a referenced blob or manifest is not here yet")
         if self.region not in self.ns.placements(it.reg, it.digest):
             # Bytes are here and verified; the placement write failed or is new.
+            if it.rank != BLOB and await self._place_announcing(it):
+                return
             await self.ns.record_placement(it.reg, it.digest, it.size)
         if it.rank != BLOB:
             self._announce.add((it.reg, it.digest))
+
+    async def _place_announcing(self, it: Item) -> bool:
+        """Place a manifest whose image is whole here (its children were
+        checked just before) with its replicated event's durable records in
+        the same transaction; False when there are none to write that way."""
+        key = (it.reg, it.digest)
+        rec, repos = find_manifest(self.ns, it.reg, it.digest)
+        if rec is None or key in self._announced or not self.event_ops:
+            return False
+        ev = self._event(it.reg, rec, repos)
+        ops = [op for fn in self.event_ops for op in fn(ev)]
+        if not ops or len(ops) >= TXN_BATCH:
+            return False  # none, or too many for one transaction: written after
+        await self.ns.record_placement(it.reg, it.digest, it.size, extra=ops)
+        self._remember(key)
+        self._emit(replace(ev, committed=True))
+        return True
 
     # -- replicated events ---------------------------------------------------------------
 
@@ -402,12 +431,15 @@ class Replicator:
             if (reg, d) in self._announced:  # announced while this one awaited
                 continue
             self._announce.discard((reg, d))
-            if len(self._announced) > 100_000:  # only guards against near duplicates
-                self._announced.clear()
-            self._announced.add((reg, d))
-            self._emit(reg, rec, repos)
+            self._remember((reg, d))
+            self._emit(self._event(reg, rec, repos))
 
-    def _emit(self, reg: str, rec: ManifestRecord, repos: list[str]) -> None:
+    def _remember(self, key: tuple[str, str]) -> None:
+        if len(self._announced) > 100_000:  # only guards against near duplicates
+            self._announced.clear()
+        self._announced.add(key)
+
+    def _event(self, reg: str, rec: ManifestRecord, repos: list[str]) -> ReplicatedEvent:
         st = self.ns.cache.registries.get(reg)
         total = rec.size
         if st is not None:
@@ -416,17 +448,20 @@ class Replicator:
                 if p:
                     total += next(iter(p.values()))
         lag = max(time.time() - rec.created, 0.0) if rec.created else 0.0
-        ev = ReplicatedEvent(reg, rec.digest, tuple(repos), rec.media_type, total, lag)
+        return ReplicatedEvent(reg, rec.digest, tuple(repos), rec.media_type, total, lag)
+
+    def _emit(self, ev: ReplicatedEvent) -> None:
+        reg, lag, total, repos = ev.registry, ev.lag, ev.bytes, ev.repos
         IMAGES.inc()
         LAG.observe(lag)
         log.info(
             "replicated %s %s (%d bytes) in %s, %.3fs after push",
             reg,
-            rec.digest,
+            ev.digest,
             total,
             ",".join(repos),
             lag,
-            extra={"path": f"{reg}/{','.join(repos)}@{rec.digest}"},
+            extra={"path": f"{reg}/{','.join(repos)}@{ev.digest}"},
         )
         for fn in self.hooks:
             try:

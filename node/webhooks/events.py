@@ -272,10 +272,26 @@ class Emitter:
     # -- replicated (node.replication.worker hooks) ----------------------------
 
     def replicated(self, ev: Any) -> None:
-        """A ``ReplicatedEvent``: the image is whole in this region."""
+        """A ``ReplicatedEvent``: the image is whole in this region. Its
+        events are written now unless they were committed with the placement
+        that completed the image (``replicated_ops``, the usual case)."""
+        if ev.committed:
+            return
+        ops = self.replicated_ops(ev)
+        if not ops:
+            return
+        if len(self._tasks) >= MAX_PENDING_WRITES:
+            log.error("dropping %d replicated events: too many writes pending", len(ops))
+            return
+        task = asyncio.get_running_loop().create_task(self._write(ops))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def replicated_ops(self, ev: Any) -> list[Put]:
+        """The event records of this region's webhooks for ``ev``."""
         hooks = [h for h in self.hooks.of(ev.registry) if h.location == self.region]
         if not hooks:
-            return
+            return []
         ops: list[Put] = []
         for repo in ev.repos:
             rs = self.ns.repo(ev.registry, repo)
@@ -296,14 +312,7 @@ class Emitter:
                     size=rec.size if rec is not None else None,
                 )
                 ops.append(self._put(ev.registry, hook, doc))
-        if not ops:
-            return
-        if len(self._tasks) >= MAX_PENDING_WRITES:
-            log.error("dropping %d replicated events: too many writes pending", len(ops))
-            return
-        task = asyncio.get_running_loop().create_task(self._write(ops))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return ops
 
     async def _write(self, ops: list[Put]) -> None:
         for i in range(0, len(ops), TXN_BATCH):

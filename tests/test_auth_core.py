@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Callable
 import jwt
 import pytest
 
+from cluster.auth import identities, secrets, tokens
 from cluster.auth import scopes as sc
-from cluster.auth import secrets, tokens
 from cluster.auth.identities import (
     OWNER_KEY,
     SP_PREFIX,
@@ -138,6 +138,36 @@ async def test_each_identity_authenticates_and_gets_its_rights(nodes) -> None:
         ("../../auth/owner", "owner-pw"),
     ):
         assert await ids.authenticate(REG, user, pw) is None, user
+
+
+async def test_a_verified_password_is_not_hashed_again_until_it_changes(
+    nodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A success is remembered (no second slow hash for the same credentials:
+    every containerd of a cluster logs in with one pull secret); a wrong
+    password always pays the hash; a changed password misses at once."""
+    ns = await nodes()
+    ids = Identities(ns)
+    hashed: list[str] = []
+    real = identities.verify_secret
+
+    def counting(secret: str, stored: str) -> bool:
+        hashed.append(stored)
+        return real(secret, stored)
+
+    monkeypatch.setattr(identities, "verify_secret", counting)
+    await ns.put_record(OWNER_KEY, _pw(secrets.hash_secret("owner-pw")))
+    assert await ids.authenticate(REG, "owner", "owner-pw") is not None
+    assert len(hashed) == 1
+    for _ in range(3):
+        assert await ids.authenticate(REG, "owner", "owner-pw") is not None
+    assert len(hashed) == 1, "a verified password was hashed again"
+    for n in (2, 3):
+        assert await ids.authenticate(REG, "owner", "not-the-password") is None
+        assert len(hashed) == n, "a wrong password must always pay the slow hash"
+    await ns.replace_record(OWNER_KEY, _pw(secrets.hash_secret("new-pw")), ns.record(OWNER_KEY))
+    assert await ids.authenticate(REG, "owner", "owner-pw") is None
+    assert await ids.authenticate(REG, "owner", "new-pw") is not None
 
 
 async def test_disabled_expired_and_deleted_identities_lose_access(nodes) -> None:

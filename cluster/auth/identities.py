@@ -22,7 +22,10 @@ user exists, so timing tells nothing about which names exist.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -119,10 +122,41 @@ def _check_passwords(password: str, hashes: list[str]) -> bool:
     return ok
 
 
+# Credentials verified a moment ago are not hashed again: containerd on every
+# node of a Kubernetes cluster presents the same pull secret at once, and each
+# slow hash costs ~50 ms of CPU (a 50-node rollout spent most of its server CPU
+# there). Only successes are kept, under an HMAC (a key of this process) of the
+# stored hashes and the password: a changed or removed secret changes the hashes
+# and misses at once, a wrong password always pays the full hash, and neither
+# the password nor a fast hash of it alone is kept.
+VERIFIED_TTL = 300.0
+VERIFIED_MAX = 10_000
+_VERIFIED_KEY = os.urandom(32)
+_verified: dict[bytes, float] = {}
+
+
+def _verified_key(password: str, hashes: list[str]) -> bytes:
+    mac = hmac.new(_VERIFIED_KEY, digestmod=hashlib.sha256)
+    for h in hashes:
+        mac.update(h.encode() + b"\0")
+    mac.update(password.encode())
+    return mac.digest()
+
+
 async def _password_ok(password: str, hashes: list[str]) -> bool:
-    """``_check_passwords`` off the event loop: a slow hash takes tens of
-    milliseconds, which would stall every request of the region."""
-    return await asyncio.to_thread(_check_passwords, password, hashes)
+    """``_check_passwords`` off the event loop (a slow hash takes tens of
+    milliseconds, which would stall every request of the region), or a
+    success of the last ``VERIFIED_TTL`` seconds."""
+    key = _verified_key(password, hashes) if hashes else b""
+    now = time.monotonic()
+    if key and _verified.get(key, 0.0) > now:
+        return True
+    ok = await asyncio.to_thread(_check_passwords, password, hashes)
+    if ok and key:
+        if len(_verified) >= VERIFIED_MAX:
+            _verified.pop(next(iter(_verified)))
+        _verified[key] = now + VERIFIED_TTL
+    return ok
 
 
 class Identities:

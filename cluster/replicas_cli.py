@@ -33,7 +33,7 @@ REPLICATION_COLUMNS: list[mc.Column] = [
 USAGE_COLUMNS: list[mc.Column] = [
     ("Region", lambda d: d["region"]),
     ("StoredBytes", lambda d: d["stored_bytes"]),
-    ("GiBDays", lambda d: f"{d['gib_days']:.6f}"),
+    ("GiBDays", lambda d: f"{d['gib_days']:.6g}"),
     ("Pushes", lambda d: d["pushes"]),
     ("Pulls", lambda d: d["pulls"]),
     ("BytesServed", lambda d: d["bytes_served"]),

@@ -135,7 +135,9 @@ def figures(doc: dict, now: float | None = None) -> dict[str, Any]:
     rec = integrate(doc, time.time() if now is None else now)
     return {
         "stored_bytes_billed": int(rec.get("stored_bytes") or 0),
-        "gib_days": round(rec["gib_days"], 9),
+        # Significant digits, not decimals: a small registry's first seconds
+        # are far below 1e-9 GiB-days and must not read as nothing.
+        "gib_days": float(f"{rec['gib_days']:.6g}"),
         **{name: int(rec.get(name) or 0) for name in FIELDS},
         "updated": rec.get("updated"),
     }

@@ -214,7 +214,7 @@ async def usage(api: ManageAPI, request: web.Request) -> web.Response:
         )
     total: dict[str, Any] = {
         "stored_bytes": distinct,
-        "gib_days": round(sum(r["gib_days"] for r in rows), 9),
+        "gib_days": float(f"{sum(r['gib_days'] for r in rows):.6g}"),  # as each row's
     }
     total.update({name: sum(r[name] for r in rows) for name in FIELDS})
     return api.ok(

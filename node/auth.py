@@ -59,6 +59,8 @@ from cluster import registries
 from cluster.auth import scopes as sc
 from cluster.auth import tokens
 from cluster.auth.access import (  # noqa: F401 - the node's names for them
+    GRANT_HEADER,
+    GRANT_PARAM,
     MAX_AUTH_HEADER,
     TOKEN_PATH,
     Access,
@@ -70,8 +72,6 @@ from cluster.namespace import Namespace
 from ocidist.errors import Code, RegistryError
 from ocidist.paths import Route, registry_for_host
 
-GRANT_HEADER = "X-Meridian-Grant"
-GRANT_PARAM = "meridian_grant"
 GRANT_TTL = 60
 FAILURES_ALLOWED = 10  # failed logins per user name, and per source, in the window
 FAILURE_WINDOW = 60.0

@@ -31,6 +31,11 @@ from ocidist.errors import Code, RegistryError
 from ocidist.paths import Route
 
 TOKEN_PATH = "/oauth2/token"
+# A blob grant (node.auth issues them): a HEAD or GET with this header set to
+# "want" gets a one-minute token for that blob back in it; a GET with the
+# token in this query parameter needs no other credential.
+GRANT_HEADER = "X-Meridian-Grant"
+GRANT_PARAM = "meridian_grant"
 MAX_AUTH_HEADER = tokens.MAX_TOKEN_BYTES + 16
 
 

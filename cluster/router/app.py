@@ -30,6 +30,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cluster import runtime, workers
+from cluster.auth.access import GRANT_PARAM, TOKEN_PATH
 from cluster.backoff import Backoff
 from cluster.httpserver import start_server
 from cluster.kv import KVStore
@@ -37,7 +38,7 @@ from cluster.namespace import ALIVE, REGIONS, Namespace
 from cluster.pki import server_context
 from cluster.router import config
 from cluster.router.config import RouterConfig
-from cluster.router.proxy import GRANT_PARAM, TOKEN_PATH, Proxy, error_response
+from cluster.router.proxy import Proxy, error_response
 from cluster.router.table import RegionTable
 from cluster.runtime import setup_logging, wait_for_stop_signal
 from ocidist.errors import Code, RegistryError

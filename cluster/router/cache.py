@@ -52,7 +52,7 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from cluster.audit import AuditLog, identity_of
-from cluster.auth.access import Access, Authorizer
+from cluster.auth.access import GRANT_HEADER, GRANT_PARAM, Access, Authorizer
 from cluster.namespace import Locked, ManifestRecord, Namespace
 from cluster.registries import Guard, Limits
 from cluster.usage import Counters, UsageRecorder
@@ -68,9 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("meridian.router")
 
 ITEM_MAX = 256 << 10  # manifests larger than this are never cached
-# The node's blob grants (node.auth), left to the node.
-GRANT_HEADER = "X-Meridian-Grant"
-GRANT_PARAM = "meridian_grant"
 
 CACHE = Counter(
     "meridian_router_manifest_cache_total",

@@ -84,6 +84,7 @@ from multidict import CIMultiDict
 from prometheus_client import Counter
 from yarl import URL
 
+from cluster.auth.access import GRANT_HEADER, GRANT_PARAM, TOKEN_PATH
 from cluster.namespace import Namespace, place_key, tag_key
 from cluster.router.cache import ManifestAnswers
 from cluster.router.config import RouterConfig
@@ -97,10 +98,6 @@ from ocidist.paths import API_HEADERS, normalize_domain, registry_for_host
 log = logging.getLogger("meridian.router")
 
 PIN = "meridian_region"  # query parameter naming the region an URL belongs to
-# The node's blob grants (node.auth: the router talks to nodes over HTTP only).
-GRANT_HEADER = "X-Meridian-Grant"
-GRANT_PARAM = "meridian_grant"
-TOKEN_PATH = "/oauth2/token"
 TOKEN_BODY_MAX = 64 << 10  # a token request's form body, at most
 TOKEN_ATTEMPT_MIN = 5.0  # seconds a region may take to issue a token (a slow hash)
 BUFFER_MAX = 4 << 20  # responses up to this size are read whole (retryable)

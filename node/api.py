@@ -300,12 +300,7 @@ class Registry:
             self.ns.check_read(reg, name, (ref, rec.digest) if ref != rec.digest else (ref,))
         except Locked as e:
             raise RegistryError(Code.DENIED, str(e)) from None
-        accept = [
-            a.split(";")[0].strip()
-            for h in request.headers.getall("Accept", [])
-            for a in h.split(",")
-            if a.strip()
-        ]
+        accept = mt.accepted(request.headers.getall("Accept", []))
         if not mf.acceptable(rec.media_type, accept):
             raise RegistryError(
                 Code.MANIFEST_UNKNOWN,

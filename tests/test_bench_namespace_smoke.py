@@ -9,26 +9,15 @@ error)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from cluster.auth.identities import OWNER_PASSWORD_ENV
-from tests.procs import ROOT, require_tool
+from tests.benchrun import run_bench, strict_json
+from tests.procs import require_tool
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _strict_json(text: str) -> object:
-    def bad(const: str) -> object:
-        raise ValueError(f"non-standard JSON constant {const}")
-
-    return json.loads(text, parse_constant=bad)
 
 
 def test_toy_run_logs_in_and_writes_well_formed_json(tmp_path: Path) -> None:
@@ -36,26 +25,19 @@ def test_toy_run_logs_in_and_writes_well_formed_json(tmp_path: Path) -> None:
     require_tool("wrk")
     out = tmp_path / "bench_namespace.json"
     work = tmp_path / "work"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "loadtest.bench_namespace",
-            "--quick",
-            "--samples", "3",
-            "--repos", "12",
-            "--tags-per-repo", "3",
-            "--workdir", str(work),
-            "--out", str(out),
-        ],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != OWNER_PASSWORD_ENV},
-        capture_output=True,
-        text=True,
+    proc = run_bench(
+        "loadtest.bench_namespace",
+        "--quick",
+        "--samples", "3",
+        "--repos", "12",
+        "--tags-per-repo", "3",
+        "--workdir", str(work),
+        "--out", str(out),
         timeout=220,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"wrote {out}" in proc.stdout
 
-    res = _strict_json(out.read_text())
+    res = strict_json(out.read_text())
     assert isinstance(res, dict)
     assert res["bench"] == "namespace" and res["profile"] == "quick"
     # The nodes challenged and the clients logged in (sessions and wrk runs).

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from cluster.auth.identities import OWNER_PASSWORD_ENV
 from localcluster.azurite import find_azurite
-from tests.procs import ROOT, require_tool
+from tests.benchrun import run_bench
+from tests.procs import require_tool
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,24 +26,17 @@ def test_toy_run(tmp_path: Path) -> None:
         require_tool(tool)
     find_azurite()
     out = tmp_path / "bench_region.json"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "loadtest.bench_region",
-            "--blob-mib", "2",
-            "--downloads", "3",
-            "--parallel", "2",
-            "--requests", "300",
-            "--connections", "4",
-            "--rounds", "2",
-            "--json", str(out),
-        ],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != OWNER_PASSWORD_ENV},
-        capture_output=True,
-        text=True,
+    proc = run_bench(
+        "loadtest.bench_region",
+        "--blob-mib", "2",
+        "--downloads", "3",
+        "--parallel", "2",
+        "--requests", "300",
+        "--connections", "4",
+        "--rounds", "2",
+        "--json", str(out),
         timeout=280,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     def strict(const: str) -> object:
         raise ValueError(f"non-standard JSON constant {const}")

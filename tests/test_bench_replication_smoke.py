@@ -8,56 +8,34 @@ log in."""
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from cluster.auth.identities import OWNER_PASSWORD_ENV
-from tests.procs import ROOT, require_tool
+from tests.benchrun import is_number, run_bench, strict_json
+from tests.procs import require_tool
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _strict_json(text: str) -> object:
-    def bad(const: str) -> object:
-        raise ValueError(f"non-standard JSON constant {const}")
-
-    return json.loads(text, parse_constant=bad)
-
-
-def _number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def test_toy_run_writes_well_formed_json(tmp_path: Path) -> None:
     require_tool("etcd")
     out = tmp_path / "bench_replication.json"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "loadtest.bench_replication",
-            "--image", "toy=2x96K",
-            "--rounds", "1",
-            "--rtt-ms", "20",
-            "--bandwidth", "50M",
-            "--timeout", "30",
-            "--workdir", str(tmp_path / "work"),
-            "--out", str(out),
-        ],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != OWNER_PASSWORD_ENV},
-        capture_output=True,
-        text=True,
+    proc = run_bench(
+        "loadtest.bench_replication",
+        "--image", "toy=2x96K",
+        "--rounds", "1",
+        "--rtt-ms", "20",
+        "--bandwidth", "50M",
+        "--timeout", "30",
+        "--workdir", str(tmp_path / "work"),
+        "--out", str(out),
         timeout=100,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "lag(201)" in proc.stdout and "emulator alone" in proc.stdout
 
-    res = _strict_json(out.read_text())
+    res = strict_json(out.read_text())
     assert isinstance(res, dict)
     assert res["schema"] == "meridian.bench_replication/1"
     st = res["settings"]
@@ -87,12 +65,12 @@ def test_toy_run_writes_well_formed_json(tmp_path: Path) -> None:
         "lag_from_start_ratio",
         "floor_pipelined_from_ack_s",
     ):
-        assert _number(s[key]) and s[key] > 0, key
+        assert is_number(s[key]) and s[key] > 0, key
     assert s["floor_s"] == pytest.approx(0.020 + s["bytes"] / (50 << 20), rel=1e-3)
     assert isinstance(s["lag_goal_met"], bool)
     pull = s["pull"]
     assert pull["all_verified"] is True
-    assert _number(pull["duration_s"]) and _number(pull["ratio"]) and pull["rounds"] == 1
+    assert is_number(pull["duration_s"]) and is_number(pull["ratio"]) and pull["rounds"] == 1
 
     rounds = res["rounds"]
     assert sorted(r["mode"] for r in rounds) == ["lag", "pull"]
@@ -112,6 +90,6 @@ def test_toy_run_writes_well_formed_json(tmp_path: Path) -> None:
         it["digest"] for it in pulled["items"] if it["kind"] == "blob"
     }
     cal = res["calibration"]
-    assert cal["bytes"] == 2 * 96 * 1024 and _number(cal["median_s"]) and cal["median_s"] > 0
+    assert cal["bytes"] == 2 * 96 * 1024 and is_number(cal["median_s"]) and cal["median_s"] > 0
     # The nodes' data and logs stayed in --workdir.
     assert (tmp_path / "work" / "westeurope" / "westeurope.log").exists()

@@ -10,48 +10,30 @@ error, or a wrk error)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from cluster.auth.identities import OWNER_PASSWORD_ENV
-from tests.procs import ROOT, require_tool
+from tests.benchrun import run_bench, strict_json
+from tests.procs import require_tool
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _strict_json(text: str) -> object:
-    def bad(const: str) -> object:
-        raise ValueError(f"non-standard JSON constant {const}")
-
-    return json.loads(text, parse_constant=bad)
 
 
 def test_toy_run_logs_in_everywhere(tmp_path: Path) -> None:
     require_tool("etcd")
     require_tool("wrk")
     out = tmp_path / "bench_router.json"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "loadtest.bench_router",
-            "--pulls", "55",
-            "--rounds", "1",
-            "--samples", "40",
-            "--json", str(out),
-        ],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != OWNER_PASSWORD_ENV},
-        capture_output=True,
-        text=True,
+    proc = run_bench(
+        "loadtest.bench_router",
+        "--pulls", "55",
+        "--rounds", "1",
+        "--samples", "40",
+        "--json", str(out),
         timeout=280,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    fig = _strict_json(out.read_text())
+    fig = strict_json(out.read_text())
     assert isinstance(fig, dict)
     # Both setups challenged and their clients logged in.
     auth = fig["auth"]

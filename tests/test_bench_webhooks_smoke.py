@@ -9,42 +9,27 @@ picks the owner password itself and its clients log in."""
 from __future__ import annotations
 
 import json
-import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from cluster.auth.identities import OWNER_PASSWORD_ENV
-from tests.procs import ROOT
+from tests.benchrun import is_number, run_bench
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def test_toy_run_writes_well_formed_json(tmp_path: Path) -> None:
     out = tmp_path / "bench_webhooks.json"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "loadtest.bench_webhooks",
-            "--rounds", "2",
-            "--receiver-delay", "1",
-            "--layer-size", "4K",
-            "--workdir", str(tmp_path / "work"),
-            "--out", str(out),
-        ],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != OWNER_PASSWORD_ENV},
-        capture_output=True,
-        text=True,
+    proc = run_bench(
+        "loadtest.bench_webhooks",
+        "--rounds", "2",
+        "--receiver-delay", "1",
+        "--layer-size", "4K",
+        "--workdir", str(tmp_path / "work"),
+        "--out", str(out),
         timeout=100,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "webhook, slow receiver" in proc.stdout and "ratio slow/fast" in proc.stdout
 
     res = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"JSON has {c}"))
@@ -58,8 +43,8 @@ def test_toy_run_writes_well_formed_json(tmp_path: Path) -> None:
         s = res["series"][series]
         assert s["n"] == 2 and len(res["samples"][series]) == 2
         for key in ("manifest_put_ms", "push_ms"):
-            assert _number(s[key]["median"]) and s[key]["median"] > 0
+            assert is_number(s[key]["median"]) and s[key]["median"] > 0
             assert s[key]["p95"] >= s[key]["median"]
     for which in ("slow/fast", "fast/none"):
-        assert all(_number(v) for v in res["ratio_median"][which].values())
+        assert all(is_number(v) for v in res["ratio_median"][which].values())
     assert set(res["deliveries_received_during_run"]) == {"fast", "slow"}

@@ -35,6 +35,7 @@ from loadtest.ocipush import (
     write_oci_layout,
 )
 from loadtest.reference import REPO_ROOT, distribution_config, require_tool, running
+from tests.benchrun import strict_json
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,13 +48,6 @@ def _tools() -> None:
     loadgen.require("wrk")
     loadgen.require("ab")
     loadgen.require("curl")
-
-
-def _strict_json(text: str) -> object:
-    def bad(const: str) -> object:
-        raise ValueError(f"non-standard JSON constant {const}")
-
-    return json.loads(text, parse_constant=bad)
 
 
 def test_distribution_starts_and_stops_by_pid() -> None:
@@ -214,7 +208,7 @@ def test_bench_node_toy_json(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "distribution" in proc.stdout and "manifest GET by tag" in proc.stdout
     assert f"wrote {out}" in proc.stdout
-    result = _strict_json(out.read_text())
+    result = strict_json(out.read_text())
     assert isinstance(result, dict)
     assert result["schema"] == "meridian.loadtest/1"
     assert result["host"]["cpus"] >= 1

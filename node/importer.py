@@ -19,7 +19,9 @@ The node that takes the call copies, in two phases:
    which records this region's placement), then commit the manifests,
    children first, through ``Registry.commit_manifest`` -- the v2 manifest
    PUT's own path -- the top one with the target tag. Replication, reclaim
-   and garbage collection see imported content exactly as pushed content.
+   and garbage collection see imported content exactly as pushed content,
+   and usage (``meridian usage``) counts it as a push of the image: one
+   push per manifest, as a client's push of the same image PUTs each one.
    If a commit fails, the links and records this import made are removed.
 
 The source speaks the Docker token flow or Basic auth: a 401 challenge is
@@ -775,6 +777,11 @@ class Importer:
         except BaseException:
             await asyncio.shield(self._undo(reg, repo, created, linked))
             raise
+        # Usage counts the import as a client's push of the image: one push
+        # per manifest (skopeo PUTs each child, then the index), also for a
+        # child this repository held already. A failed import (undone) counts none.
+        for _ in plan.manifests:
+            self.registry.usage.push(reg)
 
     async def _undo(self, reg: str, repo: str, created: list[str], linked: list[str]) -> None:
         """Remove what a failed commit made (records, then links)."""

@@ -26,9 +26,18 @@ from loadtest.reference import Server, start_distribution
 from node.importer import MAX_MANIFESTS, parse_source
 from ocidist.mediatypes import OCI_INDEX
 from tests.etcd_server import EtcdServer, etcd_fixture
+from tests.hostnames import with_hosts
 from tests.images import ACCEPT, Image, Index, Registry, build_image, build_index, canonical
 from tests.oci import Client, client_fixture, create_registry, module_node_fixture, unknown_digest
-from tests.procs import OWNER_PASSWORD, NodeProcess, free_port, redact, skopeo
+from tests.procs import (
+    OWNER_PASSWORD,
+    NodeProcess,
+    creds_args,
+    free_port,
+    redact,
+    require_tool,
+    skopeo,
+)
 from tests.test_manage_identities import OWNER_BASIC, Cli, api, basic, http
 from tests.test_replication import content_digests, start_regions, wait_peers, wait_until
 from tests.test_webhooks import FAST, Receiver, create_hook
@@ -41,8 +50,9 @@ MAX_BLOB = 1 << 20
 
 DOMAIN = "import.test"
 reg_node = module_node_fixture(
-    "import", "--max-blob-size", "1M", "--access-log", "--domain", DOMAIN, *FAST
-)
+    "import", "--max-blob-size", "1M", "--access-log", "--domain", DOMAIN, "--usage-interval",
+    "0.5", *FAST,
+)  # fmt: skip
 client = client_fixture()
 etcd = etcd_fixture()
 
@@ -381,6 +391,41 @@ async def test_into_a_registry_of_its_own(
 
     status, doc = import_(reg_node, body, reg="nosuchregistry")
     assert status == 404 and error(doc)[0] == "NOT_FOUND", doc
+
+
+def test_usage_counts_an_import_as_a_push_of_the_image(reg_node: NodeProcess, dist: Server) -> None:
+    """``meridian usage`` counts an index's import as skopeo's push of the
+    same image counts: one push per manifest (each platform's, then the
+    index); the two registries are otherwise alike and pulled from nowhere."""
+    idx = build_index((900,), seed="usage")
+    n = len(idx.manifests())
+    assert n == 3  # two platforms and the index
+    Registry(dist.base_url, auth=None).push("lib/usage", "1", idx)
+    suffix = unknown_digest()[7:15]
+    imported, pushed = f"impu{suffix}", f"pshu{suffix}"
+    for name in (imported, pushed):
+        create_registry(reg_node.url, name)
+    body = {"source": source(dist, "lib/usage:1"), "image": "use/app:1"}
+    status, doc = import_(reg_node, body, reg=imported)
+    assert status == 201 and doc["manifests"] == n, doc
+    res = with_hosts(
+        {f"{pushed}.{DOMAIN}": "127.0.0.1"},
+        [
+            require_tool("skopeo"), "copy", "--all", *creds_args("copy"),
+            "--src-tls-verify=false", "--dest-tls-verify=false",
+            f"docker://127.0.0.1:{dist.port}/lib/usage:1",
+            f"docker://{pushed}.{DOMAIN}:{reg_node.port}/use/app:1",
+        ],
+    )  # fmt: skip
+    assert res.returncode == 0, redact(res.stderr)
+
+    def pushes(reg: str) -> int:
+        status, doc = api(reg_node, "GET", f"/registries/{reg}/usage")
+        assert status == 200, doc
+        return doc["total"]["pushes"]
+
+    wait_until(lambda: pushes(pushed) == n, f"{pushed}'s {n} pushes in its usage", 60, 0.2)
+    wait_until(lambda: pushes(imported) == n, f"{imported}'s import counted as {n} pushes", 30, 0.2)
 
 
 def test_imported_content_replicates_as_pushed_content(

@@ -23,6 +23,10 @@ On loopback, as child processes of this one (each with its own log under
   crosses its emulated link;
 - **the router** on ``127.0.0.1:<port>`` (5000): the endpoint clients use.
 
+With ``--workers N`` every node and the router run N processes on their
+port (``--workers N`` on their command lines: :mod:`cluster.workers`; the
+nodes here always have etcd, which more than one process needs).
+
 It prints what runs where, stays in the foreground with a status line
 (regions in rotation and their RTT, replication backlog, requests routed),
 and on Ctrl-C (SIGINT) or SIGTERM stops everything by PID: router, regions,
@@ -75,6 +79,7 @@ from cluster.discovery import UP_STATE
 from cluster.preflight import CliError
 from cluster.runtime import free_port
 from cluster.settings import setting
+from cluster.workers import parse_count
 from localcluster import topology as topo
 from localcluster.supervisor import (
     Child,
@@ -220,6 +225,13 @@ class UpConfig:
         parse=_some_seconds,
         env="MERIDIAN_UP_USAGE_INTERVAL",
     )
+    workers: int = setting(
+        1,
+        "processes of every node and of the router, sharing its port (SO_REUSEPORT; their "
+        "--workers); auto or 0: one per CPU",
+        parse=parse_count,
+        env="MERIDIAN_UP_WORKERS",
+    )
 
 
 @dataclass
@@ -252,6 +264,7 @@ class ClusterOptions:
     reclaim_interval: float = 0.0  # the nodes' --reclaim-interval (0: no reclaim)
     reclaim_grace: float = 3600.0  # the nodes' --reclaim-grace
     usage_interval: float = 60.0  # the nodes' --usage-interval
+    workers: int = 1  # the nodes' and the routers' --workers (processes on each one's port)
 
 
 @dataclass(frozen=True)
@@ -602,6 +615,11 @@ class Cluster:
     def _domain(self) -> list[str]:
         return ["--domain", self.options.domain] if self.options.domain else []
 
+    def _workers(self) -> list[str]:
+        """``--workers N`` for nodes and routers (none for one process)."""
+        n = self.options.workers
+        return ["--workers", str(n)] if n > 1 else []
+
     def hosts_line(self, registry: str) -> str:
         """The /etc/hosts line a client needs to reach ``registry`` by name."""
         return f"127.0.0.1 {registry}.{self.options.domain}"
@@ -802,6 +820,7 @@ class Cluster:
                 "--reclaim-interval", str(self.options.reclaim_interval),
                 "--reclaim-grace", str(self.options.reclaim_grace),
                 "--usage-interval", str(self.options.usage_interval),
+                *self._workers(),
                 *self._leaf(f"region-{n.region}"),
             ),
             env,
@@ -817,7 +836,7 @@ class Cluster:
         port = port or free_port(self._taken)
         url = f"{self.scheme}://127.0.0.1:{port}"
         args = ["router", "--etcd", self.addr["etcd"], "--listen", f"127.0.0.1:{port}"]
-        args += self._domain()
+        args += [*self._domain(), *self._workers()]
         if self.options.tls:
             args += [*self._leaf("router"), "--tls-ca", str(self.ca)]
         if source is None:
@@ -847,6 +866,7 @@ class Cluster:
             "topology": self.topo.as_dict(),
             "auth": self.options.auth,
             "domain": self.options.domain or None,
+            "workers": self.options.workers,  # processes per node and per router
             # Where the owner's password is (never the password itself).
             "owner": {"user": OWNER, "password_file": str(self.password_file)}
             if self.options.auth
@@ -902,9 +922,11 @@ class Cluster:
                 )
         width = max(len(r[0]) for r in rows)
         per = self.options.nodes_per_region
+        workers = self.options.workers
         lines = [
             f"Meridian is up: {len(self.topo.regions)} regions"
             + (f" of {per} nodes each" if per > 1 else "")
+            + (f", {workers} processes per node and router" if workers > 1 else "")
             + f" on loopback, blobs on {self.options.storage} "
             f"(data {self.data}, logs {self.logs})",
             "",
@@ -1069,6 +1091,7 @@ def options_from(cfg: UpConfig) -> ClusterOptions:
         reclaim_interval=cfg.reclaim_interval,
         reclaim_grace=cfg.reclaim_grace,
         usage_interval=cfg.usage_interval,
+        workers=cfg.workers,
     )
 
 

@@ -34,7 +34,8 @@ from loadtest.ocipush import TokenAuth
 from localcluster import topology as topo
 from localcluster.supervisor import meridian_argv, spawn
 from tests import images as im
-from tests.procs import OWNER_LOGIN, OWNER_PASSWORD, ROOT, free_port
+from tests.procs import OWNER_LOGIN, OWNER_PASSWORD, ROOT, free_port, skopeo
+from tests.test_workers import FRESH_CONNECTIONS, children, counter, get_json
 
 TOPOLOGY = """
 [[region]]
@@ -110,6 +111,9 @@ def test_up_refuses_bad_input_without_starting_anything(tmp_path: Path) -> None:
     assert r.returncode == 2 and "rtt_ms is required" in r.stderr
     r = subprocess.run([*cmd, "--regions", "0"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "--regions" in r.stderr
+    r = subprocess.run([*cmd, "--workers", "many"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "choose 1-256 processes, or auto" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = subprocess.run(
         [*cmd, "--config", str(tmp_path / "missing.toml")], cwd=ROOT, capture_output=True, text=True
     )
@@ -598,5 +602,72 @@ def test_up_generates_the_owner_password_keeps_it_and_runs_open_on_request(
                 assert "--no-auth" in child["cmd"]
         assert im.Registry(up.router, auth=None).push("open/app", "v1", img) == img.digest
         assert up.stop(signal.SIGTERM) == 0
+    finally:
+        up.kill_all()
+
+
+def test_up_with_two_workers_per_node_and_router(tmp_path: Path) -> None:
+    """``meridian up --workers 2``: the node and the router each run two
+    processes on their port; skopeo pushes and pulls through the router;
+    the node's ``/metrics`` sums both of its processes; a worker killed is
+    replaced; Ctrl-C stops every process."""
+    config = tmp_path / "one.toml"
+    config.write_text(ONE_REGION)
+    up = Up(tmp_path / "meridian-data", config, free_port(), "--workers", "2")
+    try:
+        up.wait_ready()
+        assert "2 processes per node and router" in up.output
+        state = up.state()
+        assert state["workers"] == 2
+        node_pid = state["children"]["region solo"]["pid"]
+        router_pid = state["children"]["router"]["pid"]
+        for name in ("region solo", "router"):
+            argv = state["children"][name]["cmd"]
+            assert argv[argv.index("--workers") + 1] == "2", name
+        node = state["regions"]["solo"]["node"]
+
+        def answering(url: str) -> set[int]:  # each GET on a new connection, to either process
+            return {get_json(url + "/healthz")["worker"] for _ in range(FRESH_CONNECTIONS)}
+
+        up.wait(lambda: answering(node) == {0, 1}, "both node processes answering")
+        up.wait(lambda: answering(up.router) == {0, 1}, "both router processes answering")
+        assert len(children(node_pid)) == 1 and len(children(router_pid)) == 1
+
+        img = im.build_image([3000, 70_000], seed="up-workers")
+        layout = im.write_layout(tmp_path / "src", {"v1": img})
+        ref = f"docker://{up.host}/workers/app:v1"
+        skopeo("copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:v1", ref)
+        for i in range(3):  # each skopeo run opens new connections: either router process
+            out = tmp_path / f"pulled{i}"
+            skopeo("copy", "-q", "--src-tls-verify=false", ref, f"oci:{out}:v1")
+            im.verify_layout(out)
+            assert im.read_layout(out).ref("v1").digest == img.digest
+
+        # The node's /metrics, whichever process answers it, counts both processes' requests.
+        def node_metrics() -> str:
+            with urllib.request.urlopen(node + "/metrics", timeout=10) as r:
+                return r.read().decode()
+
+        labels = {"method": "GET", "status": "401"}
+        before = counter(node_metrics(), "meridian_http_requests_total", **labels)
+        for _ in range(FRESH_CONNECTIONS):  # no token: 401, each on a new connection
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(node + "/v2/", timeout=10)
+            assert e.value.code == 401
+        for _ in range(8):
+            got = counter(node_metrics(), "meridian_http_requests_total", **labels)
+            assert got == before + FRESH_CONNECTIONS
+
+        # A node worker killed is started again by its primary, and serves.
+        (old,) = children(node_pid)
+        os.kill(old, signal.SIGKILL)
+        up.wait(lambda: len(children(node_pid) - {old}) == 1, "a new node worker")
+        up.wait(lambda: answering(node) == {0, 1}, "both node processes answering again")
+        raw = skopeo("inspect", "--tls-verify=false", "--raw", ref).stdout
+        assert raw.encode() == img.manifest
+
+        workers = children(node_pid) | children(router_pid)
+        assert up.stop(signal.SIGINT) == 0, up.output
+        up.wait_gone([*workers, *(c["pid"] for c in state["children"].values())])
     finally:
         up.kill_all()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import sys
 import time
 
@@ -24,13 +25,15 @@ def namespace_args(p: argparse.ArgumentParser) -> None:
 
 
 async def _region_records(
-    ns: discovery.Where, options: EtcdOptions | None = None
+    ns: discovery.Where, options: EtcdOptions | None = None, verify: ssl.SSLContext | bool = True
 ) -> tuple[list[RegionInfo], set[str], dict[str, list[NodeInfo]]]:
-    """The region records, the alive regions and each region's live nodes."""
+    """The region records, the alive regions and each region's live nodes
+    (``verify``: how to verify ``--node``'s HTTPS)."""
     fields = ("name", "http", "grpc", "started")
     if not ns.etcd:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-            async with s.get(ns.node.rstrip("/") + "/meridian/v1/regions") as resp:
+            url = ns.node.rstrip("/") + "/meridian/v1/regions"
+            async with s.get(url, ssl=verify) as resp:
                 resp.raise_for_status()
                 doc = await resp.json()
         infos = [RegionInfo(**{k: r[k] for k in fields}) for r in doc["regions"]]
@@ -62,30 +65,48 @@ async def _region_records(
     return list(records.values()), live, nodes
 
 
-async def _probe(session: aiohttp.ClientSession, url: str) -> float | None:
-    start = time.perf_counter()
-    try:
-        async with session.get(url.rstrip("/") + "/v2/") as resp:
-            await resp.read()
-            if resp.status >= 500:
-                return None
-    except (aiohttp.ClientError, TimeoutError):
-        return None
-    return (time.perf_counter() - start) * 1000
+class _Prober:
+    """Times ``GET /v2/`` at nodes (milliseconds; None when it fails),
+    verifying HTTPS as ``verify`` says; remembers a certificate it could
+    not verify, for the one line saying what to pass."""
+
+    def __init__(self, session: aiohttp.ClientSession, verify: ssl.SSLContext | bool) -> None:
+        self.session = session
+        self.verify = verify
+        self.untrusted: str = ""  # the first URL whose certificate failed verification
+
+    async def rtt_ms(self, url: str) -> float | None:
+        start = time.perf_counter()
+        try:
+            async with self.session.get(url.rstrip("/") + "/v2/", ssl=self.verify) as resp:
+                await resp.read()
+                if resp.status >= 500:
+                    return None
+        except aiohttp.ClientConnectorCertificateError:
+            self.untrusted = self.untrusted or url
+            return None
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        return (time.perf_counter() - start) * 1000
 
 
-async def list_regions(ns: discovery.Where, options: EtcdOptions | None = None) -> list[dict]:
+async def list_regions(
+    ns: discovery.Where, options: EtcdOptions | None = None
+) -> tuple[list[dict], str]:
     """One row per region; ``nodes``: its live nodes (a node's key is
-    leased, so a listed node is alive), each probed like the region."""
-    infos, alive_names, nodes = await _region_records(ns, options)
+    leased, so a listed node is alive), each probed like the region. And
+    the first URL whose certificate was not trusted ("" when none was)."""
+    verify = ns.ssl_context()
+    infos, alive_names, nodes = await _region_records(ns, options, verify)
     rows = []
     timeout = aiohttp.ClientTimeout(total=2)
     async with aiohttp.ClientSession(timeout=timeout) as session:
+        probe = _Prober(session, verify)
         for info in sorted(infos, key=lambda i: i.name):
-            rtt = await _probe(session, info.http) if info.http else None
+            rtt = await probe.rtt_ms(info.http) if info.http else None
             node_rows = []
             for n in sorted(nodes.get(info.name, ()), key=lambda n: n.node):
-                n_rtt = await _probe(session, n.http) if n.http else None
+                n_rtt = await probe.rtt_ms(n.http) if n.http else None
                 node_rows.append(
                     {
                         "node": n.node,
@@ -107,7 +128,7 @@ async def list_regions(ns: discovery.Where, options: EtcdOptions | None = None) 
                     "nodes": node_rows,
                 }
             )
-    return rows
+    return rows, probe.untrusted
 
 
 def regions_main(argv: list[str]) -> int:
@@ -117,13 +138,24 @@ def regions_main(argv: list[str]) -> int:
     namespace_args(p)
     ns = p.parse_args(argv)
     options = etcd_options.from_args(ns)
-    return answer("meridian regions", lambda: _print_regions(ns.etcd, ns.node, ns.json, options))
+    return answer(
+        "meridian regions",
+        lambda: _print_regions(ns.etcd, ns.node, ns.json, options, ns.tls_ca),
+    )
 
 
-def _print_regions(etcd: str, node: str, as_json: bool, options: EtcdOptions | None = None) -> int:
-    where = discovery.find_cluster(etcd, node)
+def _print_regions(
+    etcd: str, node: str, as_json: bool, options: EtcdOptions | None = None, ca: str = ""
+) -> int:
+    where = discovery.find_cluster(etcd, node, ca)
     with discovery.answering(where):
-        rows = asyncio.run(list_regions(where, options))
+        rows, untrusted = asyncio.run(list_regions(where, options))
+    if untrusted:
+        print(
+            f"meridian regions: the certificate of {untrusted} is not trusted, so it shows no "
+            "RTT; pass --tls-ca CA.pem (or set MERIDIAN_TLS_CA) with the CA that signed it",
+            file=sys.stderr,
+        )
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -178,13 +210,15 @@ def replication_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     options = etcd_options.from_args(args)
     try:
-        where = discovery.find_cluster(args.etcd, args.node)
+        where = discovery.find_cluster(args.etcd, args.node, args.tls_ca)
         with discovery.answering(where):
             if where.etcd:
                 rows = asyncio.run(_replication_rows(where.etcd, options))
             else:
                 url = where.node.rstrip("/") + "/meridian/v1/replication"
-                with urllib.request.urlopen(url, timeout=10) as resp:
+                verify = where.ssl_context()
+                context = verify if isinstance(verify, ssl.SSLContext) else None
+                with urllib.request.urlopen(url, timeout=10, context=context) as resp:
                     rows = json.loads(resp.read())["regions"]
     except CliError as e:
         print(f"meridian replication: {e}", file=sys.stderr)

@@ -12,6 +12,11 @@ longer running, :class:`NoCluster` says so in one line and what to do
 
 ``meridian up`` writes ``up.json`` (:data:`UP_STATE`) once its cluster
 runs and removes it when it stops.
+
+Nodes that serve HTTPS with a private CA (``meridian up --tls``) are
+verified with ``--tls-ca`` (or ``MERIDIAN_TLS_CA``), else with the CA a
+running ``meridian up --tls`` names in its ``up.json``, else with the
+system's trusted roots (:meth:`Where.ssl_context`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import ssl
 import urllib.error
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +54,23 @@ class Where:
     etcd: str = ""
     node: str = ""
     found_in: str = ""  # the up.json it was read from, if it was
+    ca: str = ""  # PEM CA file the nodes' HTTPS is verified with ("": the system's roots)
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        """How to verify the nodes' HTTPS: a context trusting :attr:`ca`, or
+        True (the system's trusted roots). A CA file that cannot be read is a
+        one-line :class:`CliError`."""
+        if not self.ca:
+            return True
+        try:
+            return ssl.create_default_context(cafile=self.ca)
+        except OSError as e:  # ssl.SSLError too: not PEM
+            why = e.strerror or str(e)
+            raise CliError(
+                f"--tls-ca {self.ca}: not a readable PEM CA file ({why[:120]}); "
+                "pass the CA certificate that signed the nodes' certificates",
+                USAGE,
+            ) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,6 +90,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(env MERIDIAN_NODE)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--tls-ca",
+        default=os.environ.get("MERIDIAN_TLS_CA", ""),
+        help="PEM CA file to verify the nodes' HTTPS with (env MERIDIAN_TLS_CA; default: the "
+        "CA of a running meridian up --tls, else the system's trusted roots)",
+    )
     etcd_options.add_arguments(p)
 
 
@@ -121,6 +150,13 @@ def answering(where: Where) -> Iterator[None]:
             f"{where.node} answered HTTP {status}; --node wants a Meridian node's URL"
         ) from None
     except (OSError, aiohttp.ClientError, TimeoutError) as e:
+        why = getattr(e, "reason", e)  # urllib's URLError wraps what failed
+        if isinstance(why, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
+            raise CliError(
+                f"{where.node}: its certificate is not trusted; pass --tls-ca CA.pem "
+                "(or set MERIDIAN_TLS_CA) with the CA that signed it",
+                USAGE,
+            ) from None
         raise NoCluster(
             f"{where.node} does not answer ({str(e)[:120] or type(e).__name__}); "
             "is the node running? check --node"
@@ -131,12 +167,13 @@ def answering(where: Where) -> Iterator[None]:
         raise
 
 
-def find_cluster(etcd: str = "", node: str = "") -> Where:
-    """The cluster to talk to (see the module docstring)."""
+def find_cluster(etcd: str = "", node: str = "", ca: str = "") -> Where:
+    """The cluster to talk to, and the CA its nodes' HTTPS is verified with
+    (see the module docstring)."""
     if etcd:
-        return Where(etcd=etcd)
+        return Where(etcd=etcd, ca=ca)
     if node:
-        return Where(node=node)
+        return Where(node=node, ca=ca)
     data = up_data_dir()
     state = running_up(data)
     if state is None or not state.get("etcd"):
@@ -144,4 +181,7 @@ def find_cluster(etcd: str = "", node: str = "") -> Where:
             f"no cluster found: no --etcd given, MERIDIAN_ETCD unset, and no running "
             f"meridian up in {data}; pass --etcd URL, or start one with `meridian up`"
         )
-    return Where(etcd=str(state["etcd"]), found_in=str(data / UP_STATE))
+    tls = state.get("tls")
+    if not ca and isinstance(tls, dict) and tls.get("ca"):
+        ca = str(tls["ca"])
+    return Where(etcd=str(state["etcd"]), found_in=str(data / UP_STATE), ca=ca)

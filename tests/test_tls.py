@@ -38,7 +38,7 @@ from cluster.namespace import Namespace
 from tests import images as im
 from tests.containerd import Containerd
 from tests.procs import OWNER_CREDS, OWNER_PASSWORD, free_port, require_tool
-from tests.test_up import Up, token
+from tests.test_up import Up, meridian, token
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -310,6 +310,72 @@ def test_ctr_user_pull(site: Site, tmp_path: Path) -> None:
             f"{hostport(site.router)}/tls/ctr-none:v1", check=False,
         )  # fmt: skip
         assert r.returncode != 0 and "401" in r.stderr + r.stdout, r.stderr
+
+
+# -- meridian regions ------------------------------------------------------------------
+
+
+def rtts(rows: list[dict]) -> dict[str, object]:
+    """Each region's and each node's ``rtt_ms`` in ``meridian regions --json``."""
+    out: dict[str, object] = {}
+    for row in rows:
+        out[row["region"]] = row["rtt_ms"]
+        out.update({f"{row['region']}/{n['node']}": n["rtt_ms"] for n in row["nodes"]})
+    return out
+
+
+def measured(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def test_meridian_regions_measures_every_region(site: Site, tmp_path: Path) -> None:
+    """``meridian regions`` shows an RTT for every region and node, over
+    HTTPS too: found by its up.json, it trusts the CA that names; given
+    ``--etcd`` or ``--node``, the CA ``--tls-ca`` names."""
+    r = meridian("regions", "--json", cwd=site.up.data.parent)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert {row["region"] for row in rows} == set(site.regions)
+    assert all(row["alive"] and row["reachable"] and row["nodes"] for row in rows), rows
+    found = rtts(rows)
+    assert all(measured(v) for v in found.values()), found
+    table = meridian("regions", cwd=site.up.data.parent)
+    assert table.returncode == 0, table.stderr
+    for name in site.regions:
+        line = next(x for x in table.stdout.splitlines() if x.startswith(name + " "))
+        assert line.split()[2].endswith("ms"), table.stdout
+
+    # Named explicitly, from elsewhere: the etcd, or one node's API.
+    ca = ["--tls-ca", str(site.ca)] if site.tls else []
+    for where in (["--etcd", site.etcd], ["--node", site.regions["alpha"]]):
+        r = meridian("regions", "--json", *where, *ca, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert rtts(json.loads(r.stdout)).keys() == found.keys()
+        assert all(measured(v) for v in rtts(json.loads(r.stdout)).values()), r.stdout
+    if not site.tls:
+        return
+    # Without the CA the regions' certificates are not trusted: no RTT, and
+    # one line says what to pass.
+    r = meridian("regions", "--etcd", site.etcd, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "--tls-ca" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # Asked through one node's API without the CA: one line, exit 2.
+    for verb in (["regions"], ["replication", "status"]):
+        r = meridian(*verb, "--node", site.regions["alpha"], cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "--tls-ca" in r.stderr, r.stderr
+    r = meridian(
+        "replication", "status", "--json", "--node", site.regions["alpha"], *ca, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    assert {row["region"] for row in json.loads(r.stdout)} == set(site.regions)
+    # A CA file that is not there: one line, exit 2.
+    r = meridian(
+        "regions", "--etcd", site.etcd, "--tls-ca", str(tmp_path / "none.pem"), cwd=tmp_path
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--tls-ca" in r.stderr, r.stderr
 
 
 # -- tokens, grants and rotation, at the HTTP level --------------------------------------

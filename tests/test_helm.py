@@ -74,6 +74,14 @@ VARIANTS: dict[str, list[str]] = {
         "--api-versions",
         "monitoring.coreos.com/v1/ServiceMonitor",
     ],
+    "workers": [
+        "--set",
+        "node.workers=2",
+        "--set",
+        "router.workers=2",
+        "--set-string",
+        "node.resources.requests.cpu=2",  # a core per process, as the chart's README says
+    ],
 }
 
 
@@ -428,6 +436,16 @@ def test_tls_supplied_as_values(tmp_path):
     }
 
 
+def test_workers_pass_as_the_commands_own_flag():
+    """node.workers and router.workers become --workers of each pod's
+    command (1 by default)."""
+    for variant, n in (("default", "1"), ("workers", "2")):
+        containers = meridian_containers(rendered(variant))
+        assert {command for command, _ in containers} == {"node", "router"}
+        for command, c in containers:
+            assert flag_args(c)["--workers"] == n, (variant, command)
+
+
 def test_tls_off_speaks_http():
     docs = rendered("tls-off")
     assert not find(docs, "Secret", f"{FULL}-tls")
@@ -623,6 +641,9 @@ SCHEMA = {
     "TLS secret without a name",
     "TLS source unknown",
     "typo in a value",
+    "node workers 0",
+    "router workers not a number",
+    "node workers past 64",
 }
 
 BAD: dict[str, tuple[list[str], str]] = {
@@ -673,6 +694,16 @@ BAD: dict[str, tuple[list[str], str]] = {
         ["--set", "node.settings.region=westus"],
         "--region is set by the chart",
     ),
+    "workers in the settings": (
+        ["--set", "router.settings.workers=2"],
+        "--workers is set by the chart",
+    ),
+    "node workers 0": (["--set", "node.workers=0"], "'/node/workers': minimum"),
+    "router workers not a number": (
+        ["--set", "router.workers=x"],
+        "'/router/workers': got string, want integer",
+    ),
+    "node workers past 64": (["--set", "node.workers=65"], "'/node/workers': maximum"),
     "containerd without host": (["--set", "containerd.enabled=true", *NODEPORT], "containerd.host"),
     "containerd without a mirror": (CONTAINERD, "containerd.mirror"),
     "azure without its secret": (["--set", "node.storage.type=azure"], "azure.existingSecret"),
@@ -757,9 +788,13 @@ def test_the_rendered_etcd_and_node_run_together(tmp_path):
     password start a real node on it: it serves HTTPS with the generated
     certificate, registers its region through etcd, and lets the owner in
     with the password from the chart's Secret; the chart's router, on the
-    same etcd, puts the region in rotation and proxies a login to it."""
+    same etcd, puts the region in rotation and proxies a login to it. With
+    node.workers and router.workers 2, both processes of each answer."""
     # router.port: its own local port (this "kubelet" maps a port number to one port)
-    out = template("--set", "etcd.replicas=1", "--set", "router.port=5001").stdout
+    out = template(
+        *("--set", "etcd.replicas=1", "--set", "router.port=5001"),
+        *("--set", "node.workers=2", "--set", "router.workers=2"),
+    ).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
     kubelet = Kubelet(docs, tmp_path)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MERIDIAN_")}
@@ -801,8 +836,12 @@ def test_the_rendered_etcd_and_node_run_together(tmp_path):
             grpc = f"127.0.0.1:{kubelet.port(6000)}"
             return rows == [("eastus", True, base, [(f"{FULL}-node-eastus-0", grpc)])]
 
+        def both_answer(at: str) -> bool:  # urllib: a new connection per request
+            return {get("/healthz", at=at)[1].get("worker") for _ in range(32)} == {0, 1}
+
         node.wait_ready(check=synced, timeout=120)
         node.wait_ready(check=registered, timeout=60)  # its region, through etcd
+        node.wait_ready(check=lambda: both_answer(base), timeout=60)
         password = secret_data(docs, f"{FULL}-owner")["password"].decode()
         status, body = get("/oauth2/token", f"owner:{password}")
         assert status == 200 and body.get("token"), status
@@ -817,6 +856,7 @@ def test_the_rendered_etcd_and_node_run_together(tmp_path):
             return status == 200 and body.get("regions_up") == 1
 
         router.wait_ready(check=in_rotation, timeout=120)
+        router.wait_ready(check=lambda: both_answer(at), timeout=60)
         status, body = get("/oauth2/token", f"owner:{password}", at=at)
         assert status == 200 and body.get("token"), "a login through the router"
     finally:

@@ -20,6 +20,9 @@ still attached to a lease from a previous process is deleted (as one write,
 with its own revision). A lease is kept alive automatically (every ttl/3)
 until ``revoke_lease`` or ``close``; ``grant_lease(ttl, keep_alive=False)``
 grants one that simply expires after ``ttl`` seconds unless revoked first.
+
+A ``start`` that fails (that first write meeting a full disk, an I/O error)
+raises ``KVUnavailable`` and leaves the file as it was and nothing open.
 """
 
 from __future__ import annotations
@@ -363,18 +366,22 @@ class EmbeddedKV:
     # Everything below runs on the sqlite thread only.
 
     def _open(self) -> int:
+        """Open the file and make its first write; on any failure (the first
+        write meeting a full disk too) close the connection again, so a
+        failed ``start`` leaves no descriptor open on the database."""
         conn = sqlite3.connect(self._path, isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(_SCHEMA)
+            self._conn = conn
+            # Leases died with the previous process: drop their keys.
+            return self._write(self._drop_all_leased)
         except BaseException:
+            self._conn = None
             conn.close()
             raise
-        self._conn = conn
-        # Leases died with the previous process: drop their keys.
-        return self._write(self._drop_all_leased)
 
     def _close_conn(self) -> None:
         if self._conn is not None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -32,6 +33,21 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
         yield n
     finally:
         n.stop()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MiB tmpfs (a disk to fill up); needs root (``mount``):
+    fails, never skips, without it."""
+    if os.geteuid() != 0:
+        raise RuntimeError("small_fs mounts a tmpfs: run the tests as root")
+    mnt = tmp_path / "data"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
 
 
 @pytest.fixture

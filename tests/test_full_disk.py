@@ -8,14 +8,13 @@
 - pulls keep working, also after the node is killed and restarted on the
   full disk.
 
-Needs root (``mount -t tmpfs``); fails, never skips, without it.
+Needs root (``mount -t tmpfs``, the ``small_fs`` fixture of tests/conftest.py);
+fails, never skips, without it.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,19 +26,6 @@ from tests.procs import NodeProcess
 pytestmark = pytest.mark.timeout(180)
 
 MIB = 1 << 20
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        raise RuntimeError("test_full_disk mounts a tmpfs: run the tests as root")
-    mnt = tmp_path / "data"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 async def test_full_disk(small_fs: Path) -> None:

@@ -4,7 +4,7 @@ Every test in the first part runs twice: on ``EmbeddedKV`` (sqlite in
 tmp_path) and on ``EtcdKV`` against a real etcd process started for the test
 (tests/etcd_server.py). The last parts hold what only one of them can show:
 etcd outages (kill, restart, lost leases) and the embedded store's crash
-durability and bounded event log.
+durability, bounded event log and a start on a full disk.
 
 No test asserts a wall-clock threshold: waits are for events, bounded only by
 generous safety timeouts that fail the test instead of hanging it.
@@ -13,6 +13,7 @@ generous safety timeouts that fail the test instead of hanging it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import subprocess
 import sys
@@ -744,3 +745,68 @@ async def test_embedded_slow_watcher_loses_nothing(
         await it.aclose()  # type: ignore[attr-defined]
     finally:
         await kv.close()
+
+
+def open_fds(path: Path) -> list[str]:
+    """This process's descriptors open on the database ``path`` or its
+    ``-wal`` and ``-shm`` files."""
+    names = {str(path), f"{path}-wal", f"{path}-shm"}
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed since the listing
+            continue
+        if target in names:
+            found.append(target)
+    return found
+
+
+async def test_embedded_start_on_a_full_disk_leaves_nothing_open(small_fs: Path) -> None:
+    """The first write of a start (dropping the keys of the previous
+    process's leases) meets a full disk: ``start`` raises KVUnavailable
+    saying so, keeps no descriptor to the database open and changes
+    nothing; with room again a start drops those keys and keeps the rest."""
+    path = small_fs / "kv.sqlite"
+    kv = EmbeddedKV(str(path))
+    await kv.start()
+    lease = await kv.grant_lease(60)
+    for first in range(0, 600, 100):  # ~600 KiB of leased keys: a big first write
+        ops = [Put(f"leased/{i:04}", b"x" * 1000, lease) for i in range(first, first + 100)]
+        assert (await kv.txn([], ops)).succeeded
+    kept_rev = await put(kv, "kept/a", b"kept")
+    await kv.close()  # leases live in memory: the leased keys stay on disk
+    assert open_fds(path) == []
+
+    # Fill the file system, then give back 128 KiB: room for sqlite to open
+    # the database (its 32 KiB -shm), none for the write dropping the keys.
+    filler = small_fs / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (64 << 10))
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    os.truncate(filler, filler.stat().st_size - (128 << 10))
+    db_before = path.read_bytes()
+
+    failed = EmbeddedKV(str(path))
+    with pytest.raises(KVUnavailable, match="full"):
+        await failed.start()
+    assert open_fds(path) == []
+    assert path.read_bytes() == db_before
+    await failed.close()  # closing a store that never started is harmless
+
+    filler.unlink()
+    kv = EmbeddedKV(str(path))
+    await kv.start()
+    try:
+        entries, rev = await kv.range("")
+        assert [(e.key, e.value, e.mod_revision) for e in entries] == [
+            ("kept/a", b"kept", kept_rev)
+        ]
+        assert rev == kept_rev + 1  # the drop, once, as one write
+    finally:
+        await kv.close()
+    assert open_fds(path) == []

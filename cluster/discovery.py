@@ -74,8 +74,9 @@ class Where:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``--etcd``, ``--node``, ``--json`` and the etcd TLS and auth options
-    (``cluster.etcd_options``): what the management verbs take."""
+    """``--etcd``, ``--node``, ``--json``, ``--tls-ca`` (the nodes' CA) and
+    the etcd TLS and auth options (``cluster.etcd_options``): what the
+    management verbs take."""
     p.add_argument(
         "--etcd",
         default=os.environ.get("MERIDIAN_ETCD", ""),

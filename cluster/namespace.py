@@ -1528,7 +1528,7 @@ class Namespace:
             return new
         raise Conflict()
 
-    async def delete_repository(self, reg: str, repo: str) -> int | None:
+    async def delete_repository(self, reg: str, repo: str, extra: Sequence[Op] = ()) -> int | None:
         """Delete a whole repository: its tags, then its manifests (indexes
         before their children), blob links, lock records and counters, in
         transactions of at most ``TXN_BATCH`` keys, each holding only if the
@@ -1537,9 +1537,13 @@ class Namespace:
         (``Locked``) while the repository or anything in it is delete- or
         write-locked. Returns how many keys went, None when there is no
         such repository. Bytes go by the reclaimers of every region once
-        nothing in the registry references them."""
+        nothing in the registry references them. ``extra`` (the delete's
+        webhook events) commits with the transaction that deletes the last
+        keys when it fits there, else right after it; never when there was
+        nothing to delete."""
         deleted = 0
         prefix = repo_prefix(reg, repo)
+        more = list(extra)
         for _ in range(PUSH_ATTEMPTS):
             await self.fresh_locks(reg, repo)
             rs = self.repo(reg, repo)
@@ -1553,7 +1557,9 @@ class Namespace:
                 )
             entries, _ = await self.kv.range(prefix)
             if not entries:
-                return deleted if deleted else None
+                if not deleted:
+                    return None
+                break  # a racing delete took the rest
             guard = self._locks_guard(reg, repo)
             entries.sort(key=lambda e: _delete_order(e, len(prefix)))
             try:
@@ -1561,15 +1567,25 @@ class Namespace:
                     batch = entries[i : i + TXN_BATCH - 1]
                     ops: list[Op] = [Delete(e.key) for e in batch]
                     cmps = [Compare(e.key, e.mod_revision) for e in batch]
+                    last = i + TXN_BATCH - 1 >= len(entries)
+                    with_extra = last and bool(more) and len(ops) + len(more) <= TXN_BATCH
+                    if with_extra:
+                        ops += more
                     if any(e.key == guard.key for e in batch):
                         await self._commit(cmps, ops)
                     else:
                         await self._commit([guard, *cmps], ops)
                     deleted += len(batch)
+                    if with_extra:
+                        more = []
             except Conflict:
                 continue
-            return deleted
-        raise Conflict()
+            break
+        else:
+            raise Conflict()
+        for i in range(0, len(more), TXN_BATCH):
+            await self._commit([], more[i : i + TXN_BATCH])
+        return deleted
 
     # -- records (identities, signing keys: cluster.auth) --------------------
 

@@ -9,7 +9,8 @@ A repository name is nested (``team/app/web``), so it travels as the
   counts and last update;
 - ``GET|PATCH|DELETE .../repository?repository=R``: show one (with its
   lock attributes), change its attributes (``write_enabled``,
-  ``delete_enabled``, ``read_enabled``, ``list_enabled``), delete it whole;
+  ``delete_enabled``, ``read_enabled``, ``list_enabled``), delete it whole
+  (with one webhook ``delete`` event naming the repository, as ACR's);
 - ``GET .../tags?repository=R[&orderby=time_desc|time_asc|name][&top=N]``:
   tags with digest, size, media type, created, last update, attributes;
 - ``GET|DELETE .../tag?repository=R&tag=T``: one tag; untag (the manifest
@@ -290,7 +291,9 @@ async def delete_repository(api: ManageAPI, request: web.Request) -> web.Respons
     reg, c = await api.manager(request)
     name, rs = await _repo(api, reg, request)
     counts = {"tags": len(rs.tags), "manifests": len(rs.manifests)}
-    if await _locked(api.ns.delete_repository(reg, name)) is None:
+    activity = api.node.registry.activity if api.node is not None else None
+    events = activity.repository_delete_events(request, reg, name) if activity else []
+    if await _locked(api.ns.delete_repository(reg, name, events)) is None:
         raise NotFound(f"repository {name!r} is gone")
     api.audit(c, f"deleted repository {reg}/{name}")
     return api.ok({"registry": reg, "name": name, "deleted": counts})

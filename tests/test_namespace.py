@@ -11,7 +11,7 @@ import pytest
 
 from cluster.embedded import EmbeddedKV
 from cluster.etcd import EtcdKV
-from cluster.kv import KVStore
+from cluster.kv import KVStore, Put
 from cluster.namespace import BlobsGone, ManifestRecord, Namespace
 from ocidist.mediatypes import OCI_MANIFEST
 from tests.etcd_server import EtcdServer
@@ -148,6 +148,22 @@ async def test_delete_manifest_removes_its_tags_only(namespaces) -> None:
     assert ns.tags(REG, "app") == ["c"]
     assert ns.manifest(REG, "app", D1) is None
     assert not await ns.delete_manifest(REG, "app", D1)
+
+
+async def test_delete_repository_writes_its_extra_puts(namespaces) -> None:
+    """``extra`` (a repository delete's webhook events) is written with the
+    delete, however many there are; never when there is no such repository."""
+    ns = await namespaces()
+    events = f"/meridian/reg/{REG}/events/eastus/"
+    for repo, count in (("few", 3), ("many", 250)):  # 250: more than one transaction holds
+        await ns.put_manifest(REG, repo, rec(D1), ["v1", "v2"])
+        extra = [Put(f"{events}hook{i}/{repo}", b"{}") for i in range(count)]
+        assert await ns.delete_repository(REG, repo, extra)
+        entries, _ = await ns.kv.range(events)
+        assert {p.key for p in extra} <= {e.key for e in entries}
+    assert ns.repos(REG) == []
+    assert await ns.delete_repository(REG, "nosuch", [Put(f"{events}x/nosuch", b"{}")]) is None
+    assert await ns.kv.get(f"{events}x/nosuch") is None
 
 
 async def test_referrers_follow_subject(namespaces) -> None:

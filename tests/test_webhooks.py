@@ -19,7 +19,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from cluster.etcd import EtcdKV
 from cluster.kv import Event, Put
 from cluster.membership import default_node_id
 from node.webhooks import signing
+from node.webhooks.records import events_prefix
 from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.images import Image, Registry, build_image
 from tests.procs import NodeProcess, free_port
@@ -444,9 +445,14 @@ def regions(
             n.stop()
 
 
-def history(etcd: EtcdServer, prefix: str, since: int) -> list[Event]:
+def history(
+    etcd: EtcdServer, prefix: str, since: int, until: Callable[[Event], bool] | None = None
+) -> list[Event]:
     """Every change under ``prefix`` from revision ``since`` up to now, from
-    etcd's own history (a watch from that revision)."""
+    etcd's own history (a watch from that revision). With ``until``: up to
+    the first change it holds for, with the rest of that revision (etcd's
+    revision now may be a change outside ``prefix``, which no watch of it
+    reports)."""
 
     async def read() -> list[Event]:
         kv = EtcdKV(etcd.endpoints, timeout=5.0)
@@ -456,10 +462,26 @@ def history(etcd: EtcdServer, prefix: str, since: int) -> list[Event]:
             seen: list[Event] = []
             async with asyncio.timeout(30):
                 async for batch in kv.watch(prefix, since):
-                    seen.extend(batch)
-                    if seen and seen[-1].mod_revision >= now:
+                    seen.extend(batch)  # a revision's changes come in one batch
+                    if until is not None and any(until(e) for e in batch):
+                        return seen
+                    if until is None and seen and seen[-1].mod_revision >= now:
                         return seen
             return seen
+        finally:
+            await kv.close()
+
+    return asyncio.run(read())
+
+
+def revision(etcd: EtcdServer) -> int:
+    """etcd's revision now."""
+
+    async def read() -> int:
+        kv = EtcdKV(etcd.endpoints, timeout=5.0)
+        await kv.start()
+        try:
+            return (await kv.range("/meridian/reg/default/config"))[1]
         finally:
             await kv.close()
 
@@ -488,15 +510,7 @@ def test_each_region_s_webhooks_get_push_replicated_and_delete(
         "westus sees the webhooks",
     )
 
-    async def revision() -> int:
-        kv = EtcdKV(etcd.endpoints, timeout=5.0)
-        await kv.start()
-        try:
-            return (await kv.range("/meridian/reg/default/config"))[1]
-        finally:
-            await kv.close()
-
-    before = asyncio.run(revision())
+    before = revision(etcd)
     image = push(east, "geo/app", "v1", "geo-1")
     east_r.wait(2, "push and replicated in eastus")
     west_r.wait(2, "push and replicated in westus")
@@ -538,6 +552,60 @@ def test_each_region_s_webhooks_get_push_replicated_and_delete(
     # westhook1 does not ask for deletes: nothing queued or sent for it
     assert "delete" not in [e["action"] for e in hook_events(east, "westhook1")]
     assert west_r.deliveries("delete") == []
+
+
+def test_a_repository_delete_sends_one_delete_event(
+    etcd: EtcdServer, regions: list[RegionNode], receivers: list[Receiver]
+) -> None:
+    """``meridian repository delete``: one signed ``delete`` event naming the
+    repository alone (as ACR's), committed in the transaction that deletes
+    the repository's last keys; a webhook scoped to another repository gets
+    nothing of it."""
+    east, west = regions
+    r, other = receiver(receivers), receiver(receivers)
+    hook = create_hook(
+        east, name="repodel1", uri=r.url, actions=["push", "delete"], scope="repodel/app:*"
+    )
+    create_hook(
+        east, name="repodel2", uri=other.url, actions=["push", "delete"], scope="repodel/keep:*"
+    )
+    for tag in ("v1", "v2"):
+        push(east, "repodel/app", tag, f"repodel-{tag}")
+    kept = push(east, "repodel/keep", "v1", "repodel-keep")
+    r.wait(2, "the pushes' events", "push")
+
+    before = revision(etcd)
+    status, doc = api(west, "DELETE", "/registries/default/repository?repository=repodel/app")
+    assert status == 200 and doc["deleted"] == {"tags": 2, "manifests": 2}, doc
+    r.wait(1, "the repository's delete event", "delete")
+    (d,) = r.deliveries("delete")
+    assert d.doc["action"] == "delete" and d.doc["target"] == {"repository": "repodel/app"}
+    assert d.doc["region"] == "westus" and d.doc["request"]["method"] == "DELETE"
+    assert d.headers["X-Meridian-Event"] == "delete"
+    assert verify(hook["secret"], d.headers, d.body, set(), time.time()) == "ok"
+    assert [e["action"] for e in hook_events(east, "repodel1")].count("delete") == 1
+    # In the delete's own transaction: the event key and the repository's
+    # last deletions share one revision.
+    queue = events_prefix("default", "eastus", "repodel1")
+
+    def queued_event(c: Event) -> bool:
+        return c.key.startswith(queue) and c.value is not None
+
+    changes = history(etcd, "/meridian/reg/default/", before + 1, queued_event)
+    queued = [c.mod_revision for c in changes if queued_event(c)]
+    gone = {
+        c.mod_revision
+        for c in changes
+        if c.key.startswith("/meridian/reg/default/repo/repodel/app/") and c.value is None
+    }
+    assert len(queued) == 1 and queued[0] == max(gone), (queued, gone)
+
+    # repodel2's events come in commit order: once the later delete in its
+    # scope is in, nothing about repodel/app is still on its way.
+    delete_manifest(east, "repodel/keep", kept.digest)
+    other.wait(1, "the delete in repodel2's scope", "delete")
+    assert {d.doc["target"]["repository"] for d in other.deliveries()} == {"repodel/keep"}
+    assert [d.doc["target"].get("digest") for d in other.deliveries("delete")] == [kept.digest]
 
 
 def test_webhook_location_and_the_tier_s_webhook_count(

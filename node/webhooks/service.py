@@ -10,6 +10,8 @@ endpoint (``node.auth.Gate.on_login``), the management API
   for the next batch;
 - a manifest or tag delete: the same, in ``delete_manifest``'s or
   ``delete_tag``'s transaction, and an audit record;
+- a whole repository's delete (the management API): one ``delete`` event
+  per webhook, naming the repository, in the delete's last transaction;
 - a manifest GET: one counter bump (pulls are audited per minute);
 - a login, a management change: an audit record.
 """
@@ -202,6 +204,13 @@ class Activity:
         if later:
             await self.emitter.write(later)
         self._delete_record(request, info, "success", "")
+
+    def repository_delete_events(self, request: web.Request, reg: str, repo: str) -> list[Put]:
+        """A whole repository's delete: one ``delete`` event naming only the
+        repository (as ACR's) for each webhook whose scope takes it (as a
+        delete by digest: ``repo:*`` or empty); the caller commits them
+        with the delete (``Namespace.delete_repository``'s ``extra``)."""
+        return self.emitter.delete_ops(reg, repo, request=request)
 
     def delete_failed(self, request: web.Request, info: DeleteInfo, why: str) -> None:
         self._delete_record(request, info, "failure", why)

@@ -50,6 +50,9 @@ with a nested repository name):
     /meridian/reg/<registry>/hooks/<name>               a webhook (JSON, with its
                                                         signing secret:
                                                         node.webhooks.records)
+    /meridian/reg/<registry>/hookguard                  rewritten by every webhook
+                                                        create, which compares it
+                                                        (the tier's webhook count)
     /meridian/reg/<registry>/events/<region>/<name>/<id>
                                                         a webhook event waiting
                                                         for <region>'s deliverer

@@ -5,7 +5,8 @@
   ``scope``, ``headers``, ``status``, ``location``; the answer holds the
   generated signing secret, shown this once). A registry has at most its
   tier's number of webhooks (``cluster.skus``: Basic 2, Standard 10,
-  Premium 500; 409 past it). ``location`` is a region of the cluster (one
+  Premium 500; 409 past it, however many creates race: ``_create``).
+  ``location`` is a region of the cluster (one
   the registry is replicated to, when its replicas are set); default the
   registry's location, else the region of the node answering.
 - ``GET|PATCH|DELETE .../webhooks/{name}``: show (header values and the
@@ -28,8 +29,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+import random
 import time
 from datetime import datetime
 from typing import Any
@@ -51,6 +54,7 @@ from node.webhooks.service import Activity
 FIELDS = ("name", "uri", "actions", "scope", "headers", "status", "location")
 UPDATE_FIELDS = ("uri", "actions", "scope", "headers", "status", "location", "rotate_secret")
 MAX_TOP = 1000
+CREATE_ATTEMPTS = 32  # a create that lost to another re-counts; each round one wins
 
 
 class TooMany(AdminError):
@@ -93,8 +97,8 @@ def _location(api: ManageAPI, reg: str, given: object) -> str:
     return given
 
 
-def _check_count(api: ManageAPI, reg: str, existing: int) -> None:
-    sku = skus.of_config(api.ns.registry_config(reg))
+def _check_count(ns: Namespace, reg: str, existing: int) -> None:
+    sku = skus.of_config(ns.registry_config(reg))
     if sku.webhooks is not None and existing >= sku.webhooks:
         raise TooMany(
             f"registry {reg!r} has {existing} webhooks, the most its {sku.name} tier allows "
@@ -104,14 +108,30 @@ def _check_count(api: ManageAPI, reg: str, existing: int) -> None:
         )
 
 
-async def _stored_hooks(ns: Namespace, reg: str) -> list[rec.Webhook]:
-    out = []
-    for e in await ns.refresh(rec.hooks_prefix(reg)):
-        try:
-            out.append(rec.Webhook.from_json(e.value))
-        except (ValueError, TypeError, KeyError):
-            continue
-    return out
+async def _create(ns: Namespace, reg: str, hook: rec.Webhook) -> None:
+    """Count and write in one transaction: it holds only if the registry's
+    webhook guard is unchanged since the read that counted (every create
+    rewrites it), so concurrent creates -- on any node -- commit one at a
+    time and never pass the tier's count. One that lost counts again."""
+    key, guard = rec.hook_key(reg, hook.name), rec.hooks_guard_key(reg)
+    for attempt in range(CREATE_ATTEMPTS):
+        # The webhooks and the guard at one revision: a create after it moved the guard.
+        entries = await ns.refresh(rec.hooks_and_guard(reg))
+        guard_rev = next((e.mod_revision for e in entries if e.key == guard), 0)
+        _check_count(ns, reg, sum(1 for e in entries if rec.parse_hook_key(e.key)))
+        try:  # through the cache: this node's next push sees the webhook
+            await ns.commit(
+                [Compare(key, 0), Compare(guard, guard_rev)],
+                [Put(key, hook.to_json()), Put(guard, hook.name.encode())],
+            )
+            return
+        except Conflict:
+            if await ns.kv.get(key) is not None:
+                raise Exists(
+                    f"webhook {hook.name!r} exists already in {reg!r}: pick another name"
+                ) from None
+        await asyncio.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # another create won
+    raise Busy(f"webhooks of {reg!r} are being created at this very moment: retry")
 
 
 @api_handler
@@ -137,12 +157,7 @@ async def create_hook(api: ManageAPI, request: web.Request) -> web.Response:
         secret=rec.new_secret(),
         created=rec.now(),
     )
-    _check_count(api, reg, len(await _stored_hooks(api.ns, reg)))
-    key = rec.hook_key(reg, name)
-    try:  # through the cache: this node's next push sees the webhook
-        await api.ns.commit([Compare(key, 0)], [Put(key, hook.to_json())])
-    except Conflict:
-        raise Exists(f"webhook {name!r} exists already in {reg!r}: pick another name") from None
+    await _create(api.ns, reg, hook)
     api.audit(c, f"created webhook {reg}/{name} ({','.join(hook.actions)} -> {hook.location})")
     return api.ok(hook.public(secret=True), 201)
 

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
+from cluster import skus
 from cluster.etcd import EtcdKV
 from cluster.kv import Event, Put
 from cluster.membership import default_node_id
@@ -34,8 +36,9 @@ from node.webhooks import signing
 from node.webhooks.records import events_prefix
 from tests.etcd_server import EtcdServer, etcd_fixture
 from tests.images import Image, Registry, build_image
+from tests.oci import create_registry
 from tests.procs import NodeProcess, free_port
-from tests.test_manage_identities import Cli, api, error_code
+from tests.test_manage_identities import OWNER_BASIC, Cli, api, error_code
 from tests.test_replication import RegionNode, start_regions, wait_peers, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -645,6 +648,56 @@ def test_webhook_location_and_the_tier_s_webhook_count(
     status, doc = api(east, "GET", "/registries/basicreg/webhooks")
     assert [h["name"] for h in doc["webhooks"]] == ["basic1", "basic2"]
     assert [h["location"] for h in doc["webhooks"]] == ["eastus", "eastus"]
+
+
+async def test_racing_creates_never_pass_the_tier_s_webhook_count(
+    regions: list[RegionNode], receivers: list[Receiver]
+) -> None:
+    """Creates fired at once on both regions' nodes: exactly the tier's
+    count of them succeed, the others get the over-limit answer (409
+    LIMIT_EXCEEDED); a delete frees a place again."""
+    east, west = regions
+    r = receiver(receivers)
+    reg = "racereg1"
+    create_registry(east.url, reg, "Standard", "eastus")
+    limit = skus.parse("Standard").webhooks
+    assert limit == 10
+    wait_until(
+        lambda: api(west, "GET", f"/registries/{reg}/webhooks")[0] == 200,
+        "westus knows the registry",
+    )
+
+    async def create(session: aiohttp.ClientSession, node: RegionNode, i: int) -> tuple[int, Any]:
+        body = {"name": f"race{i:03d}", "uri": r.url, "actions": ["push"]}
+        url = f"{node.url}/meridian/v1/registries/{reg}/webhooks"
+        async with session.post(url, json=body, headers=OWNER_BASIC) as resp:
+            return resp.status, await resp.json()
+
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(
+            *(create(session, (east, west)[i % 2], i) for i in range(limit + 6))
+        )
+    statuses = sorted(status for status, _ in results)  # no secrets in a failure's message
+    assert statuses == [201] * limit + [409] * 6, statuses
+    refused = [doc for status, doc in results if status == 409]
+    assert {error_code(doc) for doc in refused} == {"LIMIT_EXCEEDED"}, refused
+    assert all(f"({limit})" in doc["errors"][0]["message"] for doc in refused), refused
+    made = sorted(doc["name"] for status, doc in results if status == 201)
+
+    def listed(node: RegionNode) -> list[str]:
+        status, doc = api(node, "GET", f"/registries/{reg}/webhooks")
+        assert status == 200, doc
+        return [h["name"] for h in doc["webhooks"]]
+
+    for node in (east, west):
+        wait_until(lambda n=node: listed(n) == made, f"{node.region} lists the {limit} webhooks")
+    assert api(west, "DELETE", f"/registries/{reg}/webhooks/{made[0]}")[0] == 204
+    status, doc = api(east, "POST", f"/registries/{reg}/webhooks",
+                      {"name": "race999", "uri": r.url, "actions": ["push"]})  # fmt: skip
+    assert status == 201, status
+    status, doc = api(west, "POST", f"/registries/{reg}/webhooks",
+                      {"name": "race998", "uri": r.url, "actions": ["push"]})  # fmt: skip
+    assert status == 409 and error_code(doc) == "LIMIT_EXCEEDED", doc
 
 
 def test_the_webhook_cli(

@@ -10,6 +10,10 @@ the call that created or rotated it and by an explicit ``show --secret``,
 never in a list, a log or a delivery record; custom header values (often
 a receiver's credential) are shown the same way only.
 
+Every create also rewrites ``/meridian/reg/<registry>/hookguard`` and
+commits only if that key is unchanged since it counted the webhooks, so
+concurrent creates cannot pass the tier's webhook count.
+
 Events waiting for delivery are ``/meridian/reg/<registry>/events/<region>/
 <name>/<id>`` (one key per event, written in the transaction that records
 the push or delete, so an acknowledged change always has its event);
@@ -50,6 +54,20 @@ def hooks_prefix(reg: str) -> str:
 
 def hook_key(reg: str, name: str) -> str:
     return f"{REG}{reg}/hooks/{name}"
+
+
+def hooks_guard_key(reg: str) -> str:
+    """Rewritten by every webhook create, which compares its revision: the
+    creates of one registry commit one at a time, each having counted the
+    webhooks after the previous one committed (the tier's limit holds).
+    It starts with ``hooks_and_guard(reg)``, as the webhooks' keys do."""
+    return f"{REG}{reg}/hookguard"
+
+
+def hooks_and_guard(reg: str) -> str:
+    """The prefix of a registry's webhooks and their guard: one range read
+    of it counts the webhooks at the guard's revision."""
+    return f"{REG}{reg}/hook"
 
 
 def events_prefix(reg: str, region: str, name: str = "") -> str:

@@ -690,3 +690,49 @@ async def test_refresh_tokens(reg: Reg, owner: Client, raw: Client, admin: Admin
         return r.status == 401
 
     await eventually(refused, "SP deleted")
+
+
+# -- blob grants --------------------------------------------------------------------------------
+
+
+async def test_blob_grants_are_one_per_identity_and_blob_and_still_checked(
+    reg: Reg, owner: Client, raw: Client, admin: Admin
+) -> None:
+    """A HEAD asking for a grant (as the router's does) gets the grant this
+    identity already has for that blob: two logins of one pull secret share
+    it (one signature, one verification at the node); another identity or
+    another blob gets its own. Every use is still checked: the blob it names
+    only, and its subject still valid."""
+    s = await seed(owner)
+    path = blob_path(s.repo, s.layer)
+    want = {"X-Meridian-Grant": "want"}
+
+    async def grant(token: str, at: str = path) -> str:
+        r = await raw.head(at, headers={**bearer(token), **want})
+        assert r.status == 200 and r.headers.get("X-Meridian-Grant"), r
+        return r.headers["X-Meridian-Grant"]
+
+    first = await token_for(raw, "owner", OWNER_PASSWORD, *s.scopes())
+    second = await token_for(raw, "owner", OWNER_PASSWORD, *s.scopes())
+    assert first != second
+    g = await grant(first)
+    assert await grant(second) == g  # one identity, one blob: the same grant
+    config = blob_path(s.repo, digest(s.image.blobs[0]))
+    assert await grant(first, config) != g  # another blob: its own
+    sp = await admin.create_sp(None, {reg.name: ["AcrPull"]})
+    sp_token = await token_for(raw, sp["id"], sp["secret"], *s.scopes())
+    sp_grant = await grant(sp_token)
+    assert sp_grant != g  # another identity: its own
+    # Each grant opens its blob alone, without other credentials.
+    for token in (g, sp_grant):
+        r = await raw.get(path, params={"meridian_grant": token})
+        assert r.status == 200 and r.body == s.image.blobs[1], r
+        r = await raw.get(config, params={"meridian_grant": token})
+        assert r.status == 401, r
+    # A grant handed out again is checked again: its subject deleted, it opens nothing.
+    await admin.delete_sp(sp["id"])
+    await eventually(
+        lambda: status_is(raw, 401, path, params={"meridian_grant": sp_grant}), "SP deleted"
+    )
+    r = await raw.get(path, params={"meridian_grant": g})
+    assert r.status == 200 and r.body == s.image.blobs[1], r

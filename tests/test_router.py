@@ -683,6 +683,47 @@ async def test_no_verify_redirects_still_grants_a_client_with_credentials(
         blind.stop()
 
 
+async def test_concurrent_blob_gets_share_one_verifying_head(
+    healthy: Cluster, everywhere: tuple[str, Manifest]
+) -> None:
+    """Blob GETs of one identity for one blob that reach the router while its
+    verifying HEAD for them is in flight take that HEAD's answer (its region
+    and grant) instead of asking again, as a rollout's nodes pulling one layer
+    at once do; each holds two logins of the one pull secret (two tokens,
+    one identity). Every redirect works without ``Authorization``."""
+    c = healthy
+    repo, m = everywhere
+    blob = m.blobs[-1]
+    d = digest(blob)
+    scope = f"repository:{repo}:pull"
+    tokens = [bearer(c.router.url, scope), bearer(c.router.url, scope)]
+    assert tokens[0] != tokens[1]
+    shared_before = c.router.status()["shared_heads"]
+    redirects: set[tuple[str, str]] = set()  # (region, Location)
+    deadline = time.monotonic() + 30
+    async with session(auth=False) as s:
+
+        async def get(n: int) -> tuple[str, str]:
+            url = f"{c.router.url}/v2/{repo}/blobs/{d}"
+            async with s.get(url, headers=tokens[n % 2], allow_redirects=False) as r:
+                assert r.status == 307, (r.status, await r.read())
+                return r.headers["X-Meridian-Region"], r.headers["Location"]
+
+        while c.router.status()["shared_heads"] == shared_before:
+            assert time.monotonic() < deadline, "no blob GET ever shared a verifying HEAD"
+            redirects.update(await asyncio.gather(*(get(n) for n in range(16))))
+        for region, location in redirects:
+            assert location.startswith(f"{c.advertised(region)}/v2/{repo}/blobs/{d}?")
+            async with s.get(URL(location, encoded=True)) as r:
+                assert r.status == 200 and await r.read() == blob
+    # One identity, one blob: each region handed out one grant (node.auth.GRANT_REUSE).
+    grants: dict[str, set[str]] = {}
+    for region, location in redirects:
+        grant = parse_qs(urlsplit(location).query)["meridian_grant"][0]
+        grants.setdefault(region, set()).add(grant)
+    assert all(len(g) == 1 for g in grants.values()), grants
+
+
 def test_connection_cap_idle_and_slow_clients_do_not_lock_others_out(
     cluster: Cluster, everywhere: tuple[str, Manifest]
 ) -> None:

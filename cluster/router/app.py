@@ -118,6 +118,7 @@ class Router(Proxy):
             "requests": self.requests,
             "retries": self.retries,
             "hedges": self.hedges,
+            "shared_heads": self.shared_heads,
             "nearest": list(dict.fromkeys(r.name for r in self.table.nearest() if r.up)),
             "regions": self.table.status(),
         }

@@ -64,6 +64,19 @@ is the client's answer (with the region's challenge), not a redirect.
 ``--no-verify-redirects`` cannot get a grant without the ``HEAD``: a blob GET
 that carries ``Authorization`` is verified anyway; the flag saves the round
 trip for clients without credentials only.
+
+Shared verifying ``HEAD``s: a blob GET whose bearer token the router's own
+authorization decision (``cluster.auth.access``) accepts, arriving while a
+``HEAD`` for the same blob of the same repository, for the same identity
+from the same address, to the same candidate regions is in flight, waits
+for that ``HEAD`` and takes its answer (region and grant) instead of asking
+again -- when it is a ``200`` from a region still in rotation; anything else
+and it asks itself. That answer was given after the request arrived, so it
+is as fresh as the request's own ``HEAD`` would be: a region that died or
+hangs is never chosen from an older answer (no answer is kept once its
+``HEAD`` is over; a time-based reuse would send clients to a region killed
+an instant ago until its next failed probe). In a rollout, the nodes that
+ask for a layer at the same moment cost one ``HEAD`` (and one grant) for it.
 """
 
 from __future__ import annotations
@@ -130,6 +143,10 @@ ROUTED = Counter(
 )
 RETRIES = Counter("meridian_router_retries_total", "Requests retried on another region", ["why"])
 HEDGES = Counter("meridian_router_hedges_total", "Hedged reads (second region asked)")
+SHARED = Counter(
+    "meridian_router_shared_heads_total",
+    "Blob redirects that took the answer of an identical verifying HEAD in flight",
+)
 FAILED = Counter(
     "meridian_router_failed_total", "Requests the router answered with its own error", ["code"]
 )
@@ -239,7 +256,10 @@ class Proxy:
         self.requests = 0
         self.retries = 0
         self.hedges = 0
+        self.shared_heads = 0
         self.errors = 0
+        # Verifying HEADs in flight (see _redirect_blob): key -> (region, grant) or None
+        self._heads: dict[tuple, asyncio.Future[tuple[Region, str | None] | None]] = {}
         self._routed: dict[tuple[str, str], Counter] = {}
         # Manifest GET/HEAD answered from the router's cache (cluster.router.cache).
         self.manifests = ManifestAnswers(
@@ -316,7 +336,8 @@ class Proxy:
             holders = await self._holders(reg, route.arg)
             if method == "GET" and self.cfg.redirect_blobs and not host_named:
                 cands = self.table.within(self.table.holders_first(holders), replicas, only=False)
-                return await self._redirect_blob(request, self._pinned(pin, cands), holders)
+                cands = self._pinned(pin, cands)
+                return await self._redirect_blob(request, reg, route, cands, holders)
         elif kind == "manifest" and method in ("GET", "HEAD"):
             ref = route.arg
             found = ref if ":" in ref else await self._tag(reg, name, ref)
@@ -683,44 +704,105 @@ class Proxy:
 
     # -- blobs ---------------------------------------------------------------
 
+    async def _head_key(
+        self, request: web.Request, reg: str, route: paths.Route, cands: list[Region]
+    ) -> tuple | None:
+        """What makes two blob GETs' verifying HEADs the same question: the
+        same blob of the same repository, asked of the same regions in the
+        same order, for the same identity from the same address (the
+        router's own authorization decision, ``cluster.auth.access``, names
+        the identity behind a bearer token); None when the request is not
+        one the router can judge so (no valid bearer token: the region
+        answers it)."""
+        try:
+            access = await self.manifests.auth.authorize(request, reg, route)
+        except RegistryError:
+            return None  # its own HEAD: the region answers the refusal
+        source = self.manifests.auth.source(request)
+        who = (access.kind, access.name, access.registry, source, target_host(request))
+        return (route.name, route.arg, who, tuple(r.key for r in cands))
+
     async def _redirect_blob(
-        self, request: web.Request, cands: list[Region], holders: list[str] | None
+        self,
+        request: web.Request,
+        reg: str,
+        route: paths.Route,
+        cands: list[Region],
+        holders: list[str] | None,
     ) -> web.StreamResponse:
-        dest: Region | None = None
-        grant: str | None = None
         credentials = "Authorization" in request.headers
         if not self.cfg.verify_redirects and not credentials:
             dest = next((r for r in cands if r.up), cands[0] if cands else None)
+            return self._redirect(request, dest, None)
+        key = await self._head_key(request, reg, route, cands) if credentials else None
+        if key is None:
+            return await self._verified_redirect(request, cands, holders)
+        shared = self._heads.get(key)
+        if shared is not None:
+            # The same HEAD is in flight: its answer, given after this request
+            # arrived, is as fresh as this request's own would be.
+            got = await asyncio.shield(shared)
+            if got is not None and got[0].up:
+                self.shared_heads += 1
+                SHARED.inc()
+                return self._redirect(request, *got)
+            return await self._verified_redirect(request, cands, holders)
+        fut = asyncio.get_running_loop().create_future()
+        self._heads[key] = fut
+        try:
+            return await self._verified_redirect(request, cands, holders, fut)
+        finally:
+            if not fut.done():
+                fut.set_result(None)  # no 200 (or this request was cancelled)
+            del self._heads[key]
+
+    async def _verified_redirect(
+        self,
+        request: web.Request,
+        cands: list[Region],
+        holders: list[str] | None,
+        answer: asyncio.Future[tuple[Region, str | None] | None] | None = None,
+    ) -> web.StreamResponse:
+        """Redirect to the first region that answers the blob's ``HEAD`` with
+        200 (and, for a client with credentials, checks them and grants the
+        blob); ``answer`` learns that region and grant (None: no 200)."""
+        credentials = "Authorization" in request.headers
+        # The region answers HEAD for the blob (and, for a
+        # client with credentials, checks them and grants the blob).
+        held = set(holders or ())
+
+        def retry_404(r: Region) -> bool:
+            return bool(held) and r.name not in held
+
+        headers = self._headers(request, with_length=False)
+        headers.popall("Range", None)
+        headers.popall(GRANT_HEADER, None)
+        if credentials:
+            headers[GRANT_HEADER] = "want"
+        send = self._sender("HEAD", target(request), headers)
+        up, why = await self._race(
+            cands, send, hedge=self.cfg.hedge, retry_404=retry_404, latency_sample=True
+        )
+        if up is None:
+            return _error(503, Code.UNAVAILABLE, "no region could answer; retry shortly", why)
+        if up.resp.status == 200:
+            dest = up.region
+            grant = up.resp.headers.get(GRANT_HEADER)
+            if answer is not None:
+                answer.set_result((dest, grant))
+        elif up.resp.status == 401:
+            return self._unauthorized(up)
         else:
-            # Verified: the region answers HEAD for the blob (and, for a
-            # client with credentials, checks them and grants the blob).
-            held = set(holders or ())
-
-            def retry_404(r: Region) -> bool:
-                return bool(held) and r.name not in held
-
-            headers = self._headers(request, with_length=False)
-            headers.popall("Range", None)
-            headers.popall(GRANT_HEADER, None)
-            if credentials:
-                headers[GRANT_HEADER] = "want"
-            send = self._sender("HEAD", target(request), headers)
-            up, why = await self._race(
-                cands, send, hedge=self.cfg.hedge, retry_404=retry_404, latency_sample=True
+            # Not there (404) or refused: let the region answer the GET
+            # itself, with its error body.
+            return await self._read_or_write(
+                request, [up.region] + [r for r in cands if r is not up.region]
             )
-            if up is None:
-                return _error(503, Code.UNAVAILABLE, "no region could answer; retry shortly", why)
-            if up.resp.status == 200:
-                dest = up.region
-                grant = up.resp.headers.get(GRANT_HEADER)
-            elif up.resp.status == 401:
-                return self._unauthorized(up)
-            else:
-                # Not there (404) or refused: let the region answer the GET
-                # itself, with its error body.
-                return await self._read_or_write(
-                    request, [up.region] + [r for r in cands if r is not up.region]
-                )
+        return self._redirect(request, dest, grant)
+
+    def _redirect(
+        self, request: web.Request, dest: Region | None, grant: str | None
+    ) -> web.StreamResponse:
         if dest is None:
             return _error(503, Code.UNAVAILABLE, "no region is known", None)
         self._count(dest, "redirect")

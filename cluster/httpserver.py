@@ -57,6 +57,7 @@ import logging
 import math
 import resource
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,13 @@ CUT = Counter(
     "Client connections the server closed to enforce a limit, by which",
     ["reason"],
 )
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Wrapper = Callable[[Handler], Handler]
+# An app's outermost wrapper around every request (errors, metrics, access
+# log): what a middleware does, without aiohttp's per-request middleware
+# chain, which costs a partial, a wrapper coroutine and a lookup per request.
+WRAP_HANDLER = web.AppKey("wrap_handler", Wrapper)
 
 _TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 _BUSY_BODY = error_body(Code.UNAVAILABLE, "too many connections; retry shortly")
@@ -228,9 +236,10 @@ class LimitedServer(web.Server):
     """aiohttp's ``Server`` making ``LimitedHandler`` connections, with the
     sweep and the connection cap."""
 
-    def __init__(self, base: web.Server, limits: ServerLimits) -> None:
+    def __init__(self, base: web.Server, limits: ServerLimits, wrap: Wrapper | None) -> None:
         self.loop = asyncio.get_running_loop()
         inner = base.request_factory
+        handler = base.request_handler if wrap is None else wrap(base.request_handler)
 
         def request_factory(message, payload, protocol, writer, task):  # noqa: ANN001, ANN202
             if isinstance(protocol, LimitedHandler):
@@ -238,7 +247,7 @@ class LimitedServer(web.Server):
             return inner(message, payload, protocol, writer, task)
 
         super().__init__(
-            base.request_handler,
+            handler,
             request_factory=request_factory,
             handler_cancellation=base.handler_cancellation,
             loop=self.loop,
@@ -300,7 +309,7 @@ class LimitedRunner(web.AppRunner):
         self.limits = limits
 
     async def _make_server(self) -> web.Server:
-        return LimitedServer(await super()._make_server(), self.limits)
+        return LimitedServer(await super()._make_server(), self.limits, self.app.get(WRAP_HANDLER))
 
 
 FD_RESERVE = 256  # files the process needs besides client connections

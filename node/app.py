@@ -1,4 +1,5 @@
-"""Assembly and lifecycle of one node: HTTP app, middleware, metrics, serve."""
+"""Assembly and lifecycle of one node: HTTP app, the wrapper every request goes
+through (errors, metrics, access log), serve."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import os
 import sys
 import time
 import uuid
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from cluster import runtime, workers
 from cluster.auth.identities import OWNER_PASSWORD_ENV, ensure_owner
-from cluster.httpserver import start_server
+from cluster.httpserver import WRAP_HANDLER, Handler, Wrapper, start_server
 from cluster.kv import KVRefused, KVStore, KVUnavailable
 from cluster.membership import default_node_id, keep_registered
 from cluster.namespace import Namespace, RegionInfo
@@ -36,7 +38,7 @@ from node.storage.filesystem import FilesystemBlobStore, SpaceReserve
 from node.uploads import UploadManager
 from node.webhooks.service import Activity
 from ocidist.errors import Code, RegistryError
-from ocidist.paths import API_HEADERS, normalize_domain
+from ocidist.paths import API_HEADERS, API_VERSION, API_VERSION_HEADER, normalize_domain
 
 log = logging.getLogger("meridian.node")
 
@@ -73,54 +75,89 @@ def _logged_path(request: web.Request) -> str:
     return str(request.rel_url.update_query({GRANT_PARAM: "REDACTED"}))
 
 
-def make_middleware(access_log: bool):  # noqa: ANN201 - aiohttp middleware type
-    @web.middleware
-    async def middleware(request: web.Request, handler):  # noqa: ANN001, ANN202
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
-        start = time.perf_counter()
-        try:
-            resp = await handler(request)
-            resp.headers.update(API_HEADERS)
-        except RegistryError as e:
-            resp = _error_response(e, request_id)
-        except web.HTTPException as e:
-            e.headers.update(API_HEADERS)
-            raise
-        except (ConnectionResetError, asyncio.IncompleteReadError) as e:
-            resp = _error_response(
-                RegistryError(Code.BLOB_UPLOAD_INVALID, "request body ended early", str(e)),
-                request_id,
-            )
-        except Exception as e:
-            mapped = map_store_errors(e)
-            if mapped is None:
-                log.exception(
-                    "unhandled error",
+class _Metrics:
+    """The request counter and latency histogram, their labelled children
+    kept: ``labels()`` costs a lock and a tuple key per call, and the hot
+    path asks for the same few (method, status) pairs all day."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, int], Any] = {}
+        self._latency: dict[str, Any] = {}
+
+    def observe(self, method: str, status: int, elapsed: float) -> None:
+        count = self._counts.get((method, status))
+        if count is None:
+            if len(self._counts) > 256:  # odd methods: no unbounded growth
+                self._counts.clear()
+            count = self._counts[(method, status)] = REQUESTS.labels(method, str(status))
+        count.inc()
+        latency = self._latency.get(method)
+        if latency is None:
+            if len(self._latency) > 64:
+                self._latency.clear()
+            latency = self._latency[method] = LATENCY.labels(method)
+        latency.observe(elapsed)
+
+
+def _request_id(request: web.Request) -> str:
+    """The client's ``X-Request-Id``, or a new one: only errors and the
+    access log show it, so the hot path never pays for making one."""
+    return request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+
+
+def observe_requests(access_log: bool) -> Wrapper:
+    """The node's wrapper around every request (``WRAP_HANDLER``): the API
+    version header, errors as the spec's JSON, metrics, the access log."""
+    observed = _Metrics()
+
+    def wrap(handler: Handler) -> Handler:
+        async def observe(request: web.BaseRequest) -> web.StreamResponse:
+            start = time.perf_counter()
+            try:
+                resp = await handler(request)
+                resp.headers[API_VERSION_HEADER] = API_VERSION
+            except web.HTTPException as e:
+                e.headers.update(API_HEADERS)
+                raise
+            except Exception as e:
+                resp = _failed(request, e)
+            elapsed = time.perf_counter() - start
+            observed.observe(request.method, resp.status, elapsed)
+            if access_log:
+                log.info(
+                    "request",
                     extra={
-                        "request_id": request_id,
+                        "request_id": resp.headers.get("X-Request-Id") or _request_id(request),
                         "method": request.method,
-                        "path": request.path,
+                        "path": _logged_path(request),
+                        "status": resp.status,
+                        "ms": round(elapsed * 1000, 2),
                     },
                 )
-                mapped = RegistryError(Code.UNAVAILABLE, "internal error", status=500)
-            resp = _error_response(mapped, request_id)
-        elapsed = time.perf_counter() - start
-        REQUESTS.labels(request.method, str(resp.status)).inc()
-        LATENCY.labels(request.method).observe(elapsed)
-        if access_log:
-            log.info(
-                "request",
-                extra={
-                    "request_id": request_id,
-                    "method": request.method,
-                    "path": _logged_path(request),
-                    "status": resp.status,
-                    "ms": round(elapsed * 1000, 2),
-                },
-            )
-        return resp
+            return resp
 
-    return middleware
+        return observe
+
+    return wrap
+
+
+def _failed(request: web.BaseRequest, e: Exception) -> web.Response:
+    """The JSON error answering a handler's exception; one that is not a
+    client's or the storage's fault is logged with the request's id."""
+    request_id = _request_id(request)
+    if isinstance(e, RegistryError):
+        return _error_response(e, request_id)
+    if isinstance(e, (ConnectionResetError, asyncio.IncompleteReadError)):
+        err = RegistryError(Code.BLOB_UPLOAD_INVALID, "request body ended early", str(e))
+        return _error_response(err, request_id)
+    mapped = map_store_errors(e)
+    if mapped is None:
+        log.exception(
+            "unhandled error",
+            extra={"request_id": request_id, "method": request.method, "path": request.path},
+        )
+        mapped = RegistryError(Code.UNAVAILABLE, "internal error", status=500)
+    return _error_response(mapped, request_id)
 
 
 async def metrics(_: web.Request) -> web.Response:
@@ -249,7 +286,8 @@ def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Applicati
     if gate is not None:
         gate.on_login = activity.login
     # Manifests are read with their own 4 MiB limit; blob bodies are streamed.
-    app = web.Application(middlewares=[make_middleware(cfg.access_log)], client_max_size=0)
+    app = web.Application(client_max_size=0)
+    app[WRAP_HANDLER] = observe_requests(cfg.access_log)
     app[REGISTRY_KEY] = registry
     app.router.add_route("*", "/v2/{path:.*}", registry.dispatch)
     if gate is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -36,13 +39,19 @@ NON_DISTRIBUTABLE = frozenset(
 BLOB = "application/octet-stream"
 
 
-def accepted(headers: list[str]) -> list[str]:
+def accepted(headers: Iterable[str]) -> tuple[str, ...]:
     """The media types of a request's ``Accept`` header values, parameters
-    dropped."""
-    return [a.split(";")[0].strip() for h in headers for a in h.split(",") if a.strip()]
+    dropped. Remembered per distinct header (clients send the same few on
+    every request; the bound keeps odd ones from growing it)."""
+    return _accepted(tuple(headers))
 
 
-def acceptable(media_type: str, accept: list[str]) -> bool:
+@functools.lru_cache(maxsize=256)
+def _accepted(headers: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(a.split(";")[0].strip() for h in headers for a in h.split(",") if a.strip())
+
+
+def acceptable(media_type: str, accept: Iterable[str]) -> bool:
     """Whether a client sending ``accept`` can take ``media_type``. No Accept
     header means anything (OCI clients); Docker's legacy clients that list
     only schema2 types do not get an OCI index they cannot parse."""

@@ -8,6 +8,7 @@ validates the name before anything else, and calls the handler.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections import OrderedDict
@@ -40,7 +41,13 @@ from ocidist.errors import (
     unavailable,
     unsupported,
 )
-from ocidist.paths import API_HEADERS, normalize_domain, registry_for_host
+from ocidist.paths import (
+    API_HEADERS,
+    API_VERSION,
+    API_VERSION_HEADER,
+    normalize_domain,
+    registry_for_host,
+)
 
 log = logging.getLogger("meridian.node")
 
@@ -96,6 +103,18 @@ def _paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[s
         return items[start:], False
     page = items[start : start + n]
     return page, start + n < len(items)
+
+
+@functools.lru_cache(maxsize=4096)
+def _manifest_headers(media_type: str, digest: str) -> dict[str, str]:
+    """A manifest's response headers, made once per manifest (never mutate
+    the dict: ``web.Response`` copies it)."""
+    return {
+        "Content-Type": media_type,
+        "Docker-Content-Digest": digest,
+        "ETag": f'"{digest}"',
+        API_VERSION_HEADER: API_VERSION,
+    }
 
 
 class Registry:
@@ -307,14 +326,9 @@ class Registry:
                 f"manifest is {rec.media_type}, which the Accept header does not allow",
                 detail={"mediaType": rec.media_type, "accept": accept},
             )
-        headers = {
-            "Content-Type": rec.media_type,
-            "Docker-Content-Digest": rec.digest,
-            "ETag": f'"{rec.digest}"',
-        }
+        headers = _manifest_headers(rec.media_type, rec.digest)
         if request.method == "HEAD":
-            headers["Content-Length"] = str(rec.size)
-            return web.Response(status=200, headers=headers)
+            return web.Response(status=200, headers={**headers, "Content-Length": str(rec.size)})
         body = await self._manifest_body(rec)
         if self.activity is not None:
             self.activity.pulled(request, reg, name)

@@ -139,7 +139,7 @@ class Gate(Authorizer):
 
     async def authorize(self, request: web.Request, reg: str, route: Route) -> Access:
         """``Authorizer.authorize``, or a blob GET's grant (``meridian_grant``)."""
-        grant = request.query.get(GRANT_PARAM)
+        grant = request.query.get(GRANT_PARAM) if request.query_string else None  # no parse
         if grant is not None and route.kind == "blob" and request.method in ("GET", "HEAD"):
             self.check_network(request, reg)
             need = required_scope(route, request.method)

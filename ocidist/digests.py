@@ -6,6 +6,7 @@ here first, so a malformed value is a 400 and never reaches the disk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -52,6 +53,7 @@ def compute(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
+@functools.lru_cache(maxsize=4096)  # valid names only: a refusal raises, and is not kept
 def check_name(name: str) -> str:
     if len(name) > NAME_MAX or not NAME_RE.match(name):
         raise RegistryError(Code.NAME_INVALID, detail={"name": name})

@@ -8,6 +8,7 @@ validate the name and the reference with ``ocidist.digests``.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -44,8 +45,11 @@ class Route:
     arg: str = ""
 
 
+@functools.lru_cache(maxsize=4096)
 def parse(path: str) -> Route | None:
-    """``path`` is what follows ``/v2/``; None when it names no endpoint."""
+    """``path`` is what follows ``/v2/``; None when it names no endpoint.
+    Remembered for the paths asked most (a pull asks the same few again and
+    again); the bound keeps a stream of odd paths from growing it."""
     if path == "":
         return Route("base")
     if path == "_catalog":
@@ -65,6 +69,7 @@ def parse(path: str) -> Route | None:
     return Route("referrers", name, m.group("subject"))
 
 
+@functools.lru_cache(maxsize=1024)
 def registry_for_host(host: str | None, domain: str, default: str) -> str:
     """The registry a request is for: the first label of ``Host`` when it
     is ``<label>.<domain>``, else ``default``. A label that is not a valid

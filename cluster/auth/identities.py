@@ -22,6 +22,7 @@ user exists, so timing tells nothing about which names exist.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -112,6 +113,14 @@ def _json(raw: bytes | None) -> dict | None:
     except ValueError:
         return None
     return d if isinstance(d, dict) else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _record(raw: bytes | None) -> dict | None:
+    """``_json`` remembered per record: every request checks its subject is
+    still valid, and the record's bytes are the same object until it changes.
+    Read only: never mutate what it returns."""
+    return _json(raw)
 
 
 def _check_passwords(password: str, hashes: list[str]) -> bool:
@@ -251,12 +260,12 @@ class Identities:
         if kind == "owner":
             return self.ns.record(OWNER_KEY) is not None
         if kind == "admin":
-            return (_json(self.ns.record(admin_key(reg))) or {}).get("enabled") is True
+            return (_record(self.ns.record(admin_key(reg))) or {}).get("enabled") is True
         if kind == "sp":
-            sp = _json(self.ns.record(SP_PREFIX + name))
+            sp = _record(self.ns.record(SP_PREFIX + name))
             return sp is not None and bool(sp.get("roles", {}).get(reg))
         if kind == "token":
-            tok = _json(self.ns.record(token_key(reg, name)))
+            tok = _record(self.ns.record(token_key(reg, name)))
             if tok is None or tok.get("status", "enabled") != "enabled":
                 return False
             expiry = tok.get("expiry")

@@ -992,6 +992,8 @@ class Rollout(Scenario):
             node_seconds=[round(x, 4) for x in secs],
             bytes_by_region=regions,
             requests_by_region=_counter_delta(state, after),
+            # blob redirects that took an identical verifying HEAD's answer
+            router_shared_heads=after["shared_heads"] - state["shared_heads"],
             failed_nodes=[
                 {"node": n["node"], "error": n.get("error")} for n in nodes if not n.get("ok")
             ][:10],
@@ -1030,11 +1032,13 @@ def _q(sorted_values: list[float], q: float) -> float | None:
 
 def _cluster_counters(target: Target) -> dict[str, Any]:
     """Requests per region so far: the router's table and each node's /metrics."""
-    out: dict[str, Any] = {"router": {}, "nodes": {}}
+    out: dict[str, Any] = {"router": {}, "nodes": {}, "shared_heads": 0}
     if not target.is_cluster:
         return out
     with contextlib.suppress(OSError, ValueError, KeyError, urllib.error.URLError):
-        for r in get_json(target.url + "/meridian/v1/router", timeout=5)["regions"]:
+        status = get_json(target.url + "/meridian/v1/router", timeout=5)
+        out["shared_heads"] = status.get("shared_heads", 0)
+        for r in status["regions"]:
             out["router"][r["region"]] = {
                 "routed": r.get("routed", 0),
                 "redirected": r.get("redirected", 0),

@@ -264,6 +264,8 @@ def test_rollout_through_the_router(tmp_path: Path) -> None:
     assert set(ex["bytes_by_region"]) <= regions and sum(ex["bytes_by_region"].values()) > 0
     assert set(ex["requests_by_region"]) == regions
     assert any(v["router_redirected"] > 0 for v in ex["requests_by_region"].values())
+    redirected = sum(v["router_redirected"] for v in ex["requests_by_region"].values())
+    assert 0 <= ex["router_shared_heads"] < redirected  # the first GET of a blob asks itself
     pids = sc["targets"][0]["pids"]
     assert {"etcd", "router"} <= set(pids) and "wan" not in pids
     check_html(html, "rollout", 6)

@@ -23,6 +23,7 @@ TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
 NAME_MAX = 255
 
 
+@functools.lru_cache(maxsize=4096)  # valid digests only: a refusal raises, and is not kept
 def parse_digest(value: str, *, code: Code = Code.DIGEST_INVALID) -> tuple[str, str]:
     """Split and validate ``alg:hex``; raise the given error code if malformed
     or of an algorithm we do not support."""

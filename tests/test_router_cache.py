@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,6 +315,39 @@ def test_pulls_answered_by_the_router_are_counted(setup: Setup) -> None:
         assert sum(r["count"] for r in mine) >= 7, recs
         for r in mine:
             assert (r["identity"], r["source"], r["region"]) == ("owner", "127.0.0.1", "solo")
+
+    asyncio.run(go())
+
+
+def _misses(router: str) -> float:
+    """The router's manifest cache misses so far (its /metrics)."""
+    with urllib.request.urlopen(router + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith('meridian_router_manifest_cache_total{result="miss"}'):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_concurrent_misses_share_one_fetch(setup: Setup) -> None:
+    """GETs of a manifest the router knows of but has no bytes for yet (an
+    image pushed an instant ago, as a rollout right after a push asks for
+    it), all at once: one is proxied, the others wait for its bytes and are
+    answered from the cache -- each the node's bytes."""
+    repo, m, auth = pushed(setup)
+    path = f"/v2/{repo}/manifests/v1"
+
+    async def go() -> None:
+        async def known() -> bool:  # the router's namespace has the record (HEAD needs no bytes)
+            r = await ask(setup.router.url + path, auth, "HEAD")
+            return r.headers.get("X-Meridian-Cache") == "hit"
+
+        await until(known, "the manifest record in the router's namespace")
+        before = await asyncio.to_thread(_misses, setup.router.url)
+        answers = await asyncio.gather(*(ask(setup.router.url + path, auth) for _ in range(12)))
+        assert all(a.status == 200 and a.body == m.body for a in answers), answers
+        hits = [a for a in answers if a.headers.get("X-Meridian-Cache") == "hit"]
+        assert len(hits) == 11, [a.headers.get("X-Meridian-Cache") for a in answers]
+        assert await asyncio.to_thread(_misses, setup.router.url) == before + 1
 
     asyncio.run(go())
 

@@ -23,7 +23,10 @@ before, so every refusal and error still comes from a node, unchanged:
 The bytes: a manifest ``GET`` the router proxied and a region answered
 ``200`` is kept when its body hashes to its digest, matches the record's
 size and is at most ``ITEM_MAX`` bytes; least recently used manifests go
-first past ``--manifest-cache`` bytes (0 turns the cache off). ``HEAD``
+first past ``--manifest-cache`` bytes (0 turns the cache off). Authorized
+GETs of a manifest whose bytes a proxied GET is fetching wait for it and
+are answered from the cache (``shared_miss``): a rollout right after a push
+costs one proxied GET, not one per node that asks before the bytes arrive. ``HEAD``
 needs no bytes (the record's size), and is answered for any manifest record
 the router sees. A blob ``HEAD`` (without ``Range``, ``If-None-Match`` or a
 blob grant) is answered the same way from the namespace: the blob linked
@@ -44,6 +47,7 @@ name ``router-<host>-<port>-<region>`` with that region).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -167,6 +171,8 @@ class ManifestAnswers:
         self.name = name  # of this router in audit records (with the region)
         self.audits: dict[str, AuditLog] = {}  # region -> pulls answered here
         self.hits = 0
+        # digest -> done when the proxied GET fetching its bytes is over (shared_miss)
+        self._fetching: dict[str, asyncio.Future[None]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -219,8 +225,7 @@ class ManifestAnswers:
         entry = self.bytes.get(rec.digest)
         if entry is None:
             if get:
-                _MISS.inc()
-                return None
+                return None  # see shared_miss
             entry = Entry(rec, b"")  # HEAD: the record's size is enough
         ok = await self._admitted(request, reg, route)
         if ok is None:
@@ -242,6 +247,41 @@ class ManifestAnswers:
         return web.Response(
             body=entry.body, headers={**entry.get_headers, "X-Meridian-Region": region}
         )
+
+    async def shared_miss(
+        self, request: web.Request, reg: str, name: str, ref: str, route: Route
+    ) -> tuple[web.Response | None, str | None]:
+        """A manifest GET ``answer`` did not answer. When its bytes are not
+        cached but a proxied GET is fetching them now, wait for it and answer
+        from the cache: the nodes of a rollout asking at once for an image
+        pushed an instant ago cost one proxied GET. Returns (the answer,
+        None), or (None, digest) when this request is to fetch them -- the
+        caller proxies it, ``learn``s and then calls ``fetched(digest)`` --
+        or (None, None): proxy it."""
+        rec = self.resolve(reg, name, ref)
+        if rec is None or rec.digest in self.bytes.items:
+            return None, None  # answer() said no for another reason
+        cacheable = rec.size <= min(self.bytes.item_max, self.bytes.max_bytes)
+        if cacheable and await self._admitted(request, reg, route) is None:
+            cacheable = False  # the node refuses it: no use waiting, nor fetching for others
+        pending = self._fetching.get(rec.digest) if cacheable else None
+        if pending is not None:
+            await asyncio.shield(pending)
+        if cacheable and rec.digest in self.bytes.items:  # fetched in the meantime
+            hit = await self.answer(request, reg, name, ref, route)
+            if hit is not None:
+                return hit, None
+        _MISS.inc()
+        if cacheable and pending is None and rec.digest not in self._fetching:
+            self._fetching[rec.digest] = asyncio.get_running_loop().create_future()
+            return None, rec.digest
+        return None, None
+
+    def fetched(self, digest: str) -> None:
+        """The proxied GET ``shared_miss`` named for ``digest`` is over."""
+        fut = self._fetching.pop(digest, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     async def blob_head(
         self, request: web.Request, reg: str, name: str, digest: str, route: Route

@@ -322,10 +322,33 @@ class Proxy:
         if kind == "upload":
             return await self._upload(request, name, route.arg, pin, host_named)
         cached = kind == "manifest" and method in ("GET", "HEAD") and self.manifests.enabled
+        fetching: str | None = None  # the digest whose bytes this GET fetches for others
         if cached and not pin:
             hit = await self.manifests.answer(request, reg, name, route.arg, route)
+            if hit is None and method == "GET":
+                hit, fetching = await self.manifests.shared_miss(
+                    request, reg, name, route.arg, route
+                )
             if hit is not None:
                 return hit
+        try:
+            return await self._route(request, reg, name, route, pin, host_named, cached)
+        finally:
+            if fetching is not None:
+                self.manifests.fetched(fetching)
+
+    async def _route(
+        self,
+        request: web.Request,
+        reg: str,
+        name: str,
+        route: paths.Route,
+        pin: str | None,
+        host_named: bool,
+        cached: bool,
+    ) -> web.StreamResponse:
+        """What ``_handle`` does not answer itself: to the regions."""
+        kind, method = route.kind, request.method
         if kind == "blob" and method == "HEAD" and self.manifests.enabled and not pin:
             hit = await self.manifests.blob_head(request, reg, name, route.arg, route)
             if hit is not None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
+import secrets
 import sys
 import time
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -61,10 +62,13 @@ _WORKER = workers.index()
 
 
 def _error_response(err: RegistryError, request_id: str) -> web.Response:
-    headers = {**API_HEADERS, **err.headers, "X-Request-Id": request_id}
-    return web.Response(
-        status=err.status, body=err.body(), content_type="application/json", headers=headers
-    )
+    headers = {
+        **API_HEADERS,
+        "Content-Type": "application/json",
+        **err.headers,
+        "X-Request-Id": request_id,
+    }
+    return web.Response(status=err.status, body=err.body(), headers=headers)
 
 
 def _logged_path(request: web.Request) -> str:
@@ -99,10 +103,30 @@ class _Metrics:
         latency.observe(elapsed)
 
 
-def _request_id(request: web.Request) -> str:
+def _request_id(request: web.BaseRequest) -> str:
     """The client's ``X-Request-Id``, or a new one: only errors and the
     access log show it, so the hot path never pays for making one."""
-    return request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+    return request.headers.get("X-Request-Id") or _new_request_id()
+
+
+class _RequestIds:
+    """Request ids unique across processes and restarts without a random
+    draw (a syscall) per request: a random prefix per process, then a
+    counter. An id names a request in logs; it is not a secret."""
+
+    def __init__(self) -> None:
+        self._reseed()
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count):08x}"
+
+
+_new_request_id = _RequestIds()
 
 
 def observe_requests(access_log: bool) -> Wrapper:

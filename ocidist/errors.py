@@ -83,7 +83,7 @@ class RegistryError(Exception):
         status: int | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        code = Code(code)
+        code = code if type(code) is Code else Code(code)  # the enum's call is slow
         default_status, default_message = DEFAULTS[code]
         self.code = code
         self.status = status or default_status

@@ -85,13 +85,20 @@ def socket_owner(
     return None
 
 
-def listening_pid(port: int) -> int | None:
-    """The process with a listening TCP socket on ``port`` (any local address)."""
+def listening_inodes(port: int) -> set[int]:
+    """The listening TCP sockets on ``port`` (any local address), by inode:
+    one per process of a server whose processes share it (``SO_REUSEPORT``)."""
     inodes = set()
     for parts in _rows():
         with contextlib.suppress(ValueError):
             if parts[3] == _LISTEN and proc_addr(parts[1])[1] == port:
                 inodes.add(int(parts[9]))
+    return inodes
+
+
+def listening_pid(port: int) -> int | None:
+    """The process with a listening TCP socket on ``port`` (any local address)."""
+    inodes = listening_inodes(port)
     if not inodes:
         return None
     for pid in _pids():

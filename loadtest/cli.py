@@ -2,7 +2,7 @@
 write a result file (JSON) and a self-contained HTML report.
 
     meridian loadtest <scenario> [--target [NAME=]URL ...] [--start KIND ...] [options]
-    meridian loadtest compare [--size moderate|toy|full] [--rounds N]
+    meridian loadtest compare [--size moderate|toy|full] [--rounds N] [--workers N]
     meridian loadtest report RESULT.json [--html OUT.html]
     meridian loadtest list
 
@@ -42,14 +42,21 @@ from loadtest.harness import (
     start_server,
 )
 from loadtest.progress import Progress
-from loadtest.reference import DISTRIBUTION_ENV, REPO_ROOT, WORKERS_ENV, LaunchError
+from loadtest.reference import (
+    DISTRIBUTION_ENV,
+    REPO_ROOT,
+    TARGETS,
+    WORKERS_TARGET,
+    LaunchError,
+    parse_workers,
+)
 from loadtest.report import load_result, write_html, write_result
 from loadtest.scenarios import SCENARIOS, cluster_topology, create
 from loadtest.workers import NotLoopback
 
 PROG = "meridian loadtest"
 DEFAULT_OUT = REPO_ROOT / "results" / "loadtest"
-START_KINDS = ("distribution", "meridian", "cluster")
+START_KINDS = (*TARGETS, "cluster")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -67,9 +74,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         choices=START_KINDS,
-        help="start a registry for the run (repeatable): distribution (CNCF Distribution, "
-        "Debian docker-registry), meridian (one standalone node), cluster (etcd, nodes, WAN "
-        "emulator, router). Default when no --target: the scenario's own choice",
+        help="start a registry for the run (repeatable): distribution (CNCF Distribution), "
+        "meridian (one standalone node, one process), meridian-workers (the node with "
+        "--workers N, one process per core as Distribution uses every core, and an etcd of its "
+        "own), cluster (etcd, nodes, WAN emulator, router). Default when no --target: the "
+        "scenario's own choice",
     )
     g.add_argument(
         "--distribution-binary",
@@ -81,8 +90,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--meridian-workers",
         metavar="N",
-        help="processes of the node --start meridian runs (meridian node --workers N; more "
-        "than 1 starts an etcd for it, whose CPU is not counted; env MERIDIAN_BENCH_NODE_WORKERS)",
+        help="processes of the node --start meridian-workers runs (meridian node --workers N; "
+        "default: one per core). Its etcd's CPU is counted with it",
     )
     g.add_argument("--up", metavar="DIR", help="drive a running `meridian up` (its data dir)")
     g.add_argument(
@@ -210,9 +219,12 @@ def make_targets(
                     )
                 )
             else:
-                targets.append(start_server(kind, workdir, name))
+                workers = getattr(args, "meridian_workers", None)
+                targets.append(start_server(kind, workdir, name, workers))
             t = targets[-1]
-            log(f"  {t.name}: {t.url} ({t.version}); processes {t.pids}")
+            workers = t.server.extra.get("workers") if t.server is not None else None
+            more = f" (node: {workers} process(es))" if workers else ""
+            log(f"  {t.name}: {t.url} ({t.version}); processes {t.pids}{more}")
     except BaseException:
         for t in targets:
             t.stop()
@@ -301,8 +313,13 @@ def scenario_main(name: str, argv: list[str], prog: str | None = None) -> int:
             raise HarnessError("--rounds must be at least 1")
         if args.distribution_binary:
             os.environ[DISTRIBUTION_ENV] = args.distribution_binary
-        if args.meridian_workers:
-            os.environ[WORKERS_ENV] = args.meridian_workers
+        if args.meridian_workers is not None:
+            args.meridian_workers = parse_workers(args.meridian_workers)
+            if WORKERS_TARGET not in args.start:
+                raise HarnessError(
+                    f"--meridian-workers sets the processes of --start {WORKERS_TARGET}; add "
+                    "that (--start meridian is one process)"
+                )
         args.out.mkdir(parents=True, exist_ok=True)
         if args.workdir:
             args.workdir.mkdir(parents=True, exist_ok=True)

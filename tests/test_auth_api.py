@@ -699,8 +699,8 @@ async def test_blob_grants_are_one_per_identity_and_blob_and_still_checked(
     reg: Reg, owner: Client, raw: Client, admin: Admin
 ) -> None:
     """A HEAD asking for a grant (as the router's does) gets the grant this
-    identity already has for that blob: two logins of one pull secret share
-    it (one signature, one verification at the node); another identity or
+    identity already has for that blob: two tokens of one identity share it
+    (one signature, one verification at the node); another identity or
     another blob gets its own. Every use is still checked: the blob it names
     only, and its subject still valid."""
     s = await seed(owner)
@@ -713,8 +713,8 @@ async def test_blob_grants_are_one_per_identity_and_blob_and_still_checked(
         return r.headers["X-Meridian-Grant"]
 
     first = await token_for(raw, "owner", OWNER_PASSWORD, *s.scopes())
-    second = await token_for(raw, "owner", OWNER_PASSWORD, *s.scopes())
-    assert first != second
+    second = await token_for(raw, "owner", OWNER_PASSWORD, f"repository:{s.repo}:pull")
+    assert first != second  # other scopes: another token
     g = await grant(first)
     assert await grant(second) == g  # one identity, one blob: the same grant
     config = blob_path(s.repo, digest(s.image.blobs[0]))
@@ -736,3 +736,50 @@ async def test_blob_grants_are_one_per_identity_and_blob_and_still_checked(
     )
     r = await raw.get(path, params={"meridian_grant": g})
     assert r.status == 200 and r.body == s.image.blobs[1], r
+
+
+async def test_logins_of_one_identity_share_a_token_for_a_while(
+    reg: Reg, owner: Client, raw: Client, admin: Admin
+) -> None:
+    """Logins of one identity for the same scopes within node.auth.TOKEN_REUSE
+    get one token (a rollout's nodes share one pull secret: one signature to
+    verify, not one per node), saying how long it has left; other scopes,
+    another identity or a refresh get their own; the shared token stops
+    working with its identity."""
+    s = await seed(owner)
+    scopes = s.scopes(("pull",))
+    logins = [(await login(raw, "owner", OWNER_PASSWORD, *scopes)).json() for _ in range(3)]
+    assert len({d["token"] for d in logins}) == 1, logins
+    assert all(0 < d["expires_in"] <= tokens.TOKEN_TTL for d in logins), logins
+    assert len({d["issued_at"] for d in logins}) == 1, logins
+    pushing = await token_for(raw, "owner", OWNER_PASSWORD, *s.scopes())
+    assert pushing != logins[0]["token"]
+    sp = await admin.create_sp(None, {reg.name: ["AcrPull"]})
+    sp_tokens = {await token_for(raw, sp["id"], sp["secret"], scopes[0]) for _ in range(2)}
+    assert len(sp_tokens) == 1 and logins[0]["token"] not in sp_tokens
+    (held,) = sp_tokens
+    r = await oauth(
+        raw,
+        grant_type="password",
+        username=sp["id"],
+        password=sp["secret"],
+        access_type="offline",
+        scope=scopes[0],
+    )
+    assert r.status == 200 and r.json()["access_token"] == held, r
+    r = await oauth(raw, grant_type="refresh_token", refresh_token=r.json()["refresh_token"])
+    assert r.status == 200 and r.json()["access_token"] != held, r  # a refresh: a new one
+    path = manifest_path(s.repo, "v1")
+    r = await raw.get(path, headers=bearer(held))
+    assert r.status == 200 and r.body == s.image.body, r
+    await admin.delete_sp(sp["id"])
+    await eventually(lambda: status_is(raw, 401, path, headers=bearer(held)), "SP deleted")
+    assert_challenge(await login(raw, sp["id"], sp["secret"], *scopes), reg, "")
+    # A rotated signing key: the next logins get a token it signed, at once.
+    key = await tokens.KeyRing(admin.ns).ensure(now=time.time() + tokens.ROTATE_AFTER + 60)
+
+    async def signed_by_the_new_key() -> bool:
+        token = await token_for(raw, "owner", OWNER_PASSWORD, *scopes)
+        return jwt.get_unverified_header(token)["kid"] == key.kid
+
+    await eventually(signed_by_the_new_key, "a token signed by the rotated key")

@@ -689,14 +689,14 @@ async def test_concurrent_blob_gets_share_one_verifying_head(
     """Blob GETs of one identity for one blob that reach the router while its
     verifying HEAD for them is in flight take that HEAD's answer (its region
     and grant) instead of asking again, as a rollout's nodes pulling one layer
-    at once do; each holds two logins of the one pull secret (two tokens,
-    one identity). Every redirect works without ``Authorization``."""
+    at once do; half of them hold another token of the same identity (other
+    scopes). Every redirect works without ``Authorization``."""
     c = healthy
     repo, m = everywhere
     blob = m.blobs[-1]
     d = digest(blob)
-    scope = f"repository:{repo}:pull"
-    tokens = [bearer(c.router.url, scope), bearer(c.router.url, scope)]
+    scopes = (f"repository:{repo}:pull", f"repository:{repo}:pull,push")
+    tokens = [bearer(c.router.url, scope) for scope in scopes]
     assert tokens[0] != tokens[1]
     shared_before = c.router.status()["shared_heads"]
     redirects: set[tuple[str, str]] = set()  # (region, Location)

@@ -135,6 +135,18 @@ async def oauth(c: Client, **form: str) -> Resp:
     return await c.post("/oauth2/token", data=body.encode(), headers=headers)
 
 
+async def offline_login(c: Client, user: str, password: str, scope: str) -> Resp:
+    """OAuth2's password grant asking for a refresh token too (offline access)."""
+    return await oauth(
+        c,
+        grant_type="password",
+        username=user,
+        password=password,
+        access_type="offline",
+        scope=scope,
+    )
+
+
 async def token_for(c: Client, user: str, password: str, *scopes: str) -> str:
     r = await login(c, user, password, *scopes)
     assert r.status == 200, r
@@ -638,14 +650,7 @@ async def test_anonymous_pull_only_when_enabled(
 async def test_refresh_tokens(reg: Reg, owner: Client, raw: Client, admin: Admin) -> None:
     s = await seed(owner)
     push = f"repository:{s.repo}:pull,push"
-    r = await oauth(
-        raw,
-        grant_type="password",
-        username="owner",
-        password=OWNER_PASSWORD,
-        access_type="offline",
-        scope=push,
-    )
+    r = await offline_login(raw, "owner", OWNER_PASSWORD, push)
     assert r.status == 200 and r.headers["Cache-Control"] == "no-store", r
     first = r.json()
     assert first["scope"] == push and first["access_token"] and first["refresh_token"], r
@@ -673,14 +678,7 @@ async def test_refresh_tokens(reg: Reg, owner: Client, raw: Client, admin: Admin
         assert_challenge(r, reg, "")
     # A service principal's refresh token dies with it.
     sp = await admin.create_sp(None, {reg.name: ["AcrPull"]})
-    r = await oauth(
-        raw,
-        grant_type="password",
-        username=sp["id"],
-        password=sp["secret"],
-        access_type="offline",
-        scope=push,
-    )
+    r = await offline_login(raw, sp["id"], sp["secret"], push)
     assert r.status == 200 and r.json()["scope"] == f"repository:{s.repo}:pull", r
     refresh = r.json()["refresh_token"]
     await admin.delete_sp(sp["id"])
@@ -758,14 +756,7 @@ async def test_logins_of_one_identity_share_a_token_for_a_while(
     sp_tokens = {await token_for(raw, sp["id"], sp["secret"], scopes[0]) for _ in range(2)}
     assert len(sp_tokens) == 1 and logins[0]["token"] not in sp_tokens
     (held,) = sp_tokens
-    r = await oauth(
-        raw,
-        grant_type="password",
-        username=sp["id"],
-        password=sp["secret"],
-        access_type="offline",
-        scope=scopes[0],
-    )
+    r = await offline_login(raw, sp["id"], sp["secret"], scopes[0])
     assert r.status == 200 and r.json()["access_token"] == held, r
     r = await oauth(raw, grant_type="refresh_token", refresh_token=r.json()["refresh_token"])
     assert r.status == 200 and r.json()["access_token"] != held, r  # a refresh: a new one

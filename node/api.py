@@ -158,7 +158,11 @@ class Registry:
         return registry_for_host(request.host, self.domain, self.default_registry)
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        path = request.match_info["path"]
+        """The ``/v2/{path}`` route's handler."""
+        return await self.serve(request, request.match_info["path"])
+
+    async def serve(self, request: web.Request, path: str) -> web.StreamResponse:
+        """Answer a request for ``/v2/<path>`` (``path`` decoded)."""
         method = request.method
         route = paths.parse(path)
         if route is None:

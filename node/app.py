@@ -12,9 +12,10 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from cluster import runtime, workers
@@ -103,6 +104,9 @@ class _Metrics:
         latency.observe(elapsed)
 
 
+V2Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
+
+
 def _request_id(request: web.BaseRequest) -> str:
     """The client's ``X-Request-Id``, or a new one: only errors and the
     access log show it, so the hot path never pays for making one."""
@@ -129,16 +133,31 @@ class _RequestIds:
 _new_request_id = _RequestIds()
 
 
-def observe_requests(access_log: bool) -> Wrapper:
+def observe_requests(access_log: bool, v2: V2Handler | None = None) -> Wrapper:
     """The node's wrapper around every request (``WRAP_HANDLER``): the API
-    version header, errors as the spec's JSON, metrics, the access log."""
+    version header, errors as the spec's JSON, metrics, the access log.
+
+    ``v2`` (``Registry.serve``) answers ``/v2/...`` straight from here:
+    aiohttp's Application layer (route resolution, match info) costs about
+    a fifth of a small request, and the API has one route. What would make
+    the Application's answer differ goes through it: an ``Expect`` header
+    (its 100-continue), a newline in the path (its route's ``.*`` stops there)."""
     observed = _Metrics()
 
     def wrap(handler: Handler) -> Handler:
         async def observe(request: web.BaseRequest) -> web.StreamResponse:
             start = time.perf_counter()
             try:
-                resp = await handler(request)
+                path = request.path
+                if (
+                    v2 is not None
+                    and path.startswith("/v2/")
+                    and "\n" not in path
+                    and hdrs.EXPECT not in request.headers
+                ):
+                    resp = await v2(request, path[4:])  # type: ignore[arg-type]
+                else:
+                    resp = await handler(request)
                 resp.headers[API_VERSION_HEADER] = API_VERSION
             except web.HTTPException as e:
                 e.headers.update(API_HEADERS)
@@ -311,7 +330,7 @@ def build_app(cfg: NodeConfig, ns: Namespace, store: BlobStore) -> web.Applicati
         gate.on_login = activity.login
     # Manifests are read with their own 4 MiB limit; blob bodies are streamed.
     app = web.Application(client_max_size=0)
-    app[WRAP_HANDLER] = observe_requests(cfg.access_log)
+    app[WRAP_HANDLER] = observe_requests(cfg.access_log, registry.serve)
     app[REGISTRY_KEY] = registry
     app.router.add_route("*", "/v2/{path:.*}", registry.dispatch)
     if gate is not None:

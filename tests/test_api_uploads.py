@@ -276,6 +276,38 @@ async def test_truncated_body_is_not_a_blob(api: Client, reg_node) -> None:
     assert_error(await api.head(blob_path(repo, d)), 404)
 
 
+async def test_expect_100_continue_is_answered_before_the_body(api: Client, reg_node) -> None:
+    """A client that sends ``Expect: 100-continue`` (curl does for large
+    bodies) waits for ``100 Continue`` before its body; then the upload
+    completes as any other."""
+    repo = oci.repo_name()
+    data = oci.blob_bytes(5000)
+    d = oci.digest(data)
+    path = f"/v2/{repo}/blobs/uploads/?digest={d}"
+    (auth,) = (await api.auth_headers("POST", path)).values()
+    host, _, port = reg_node.hostport.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            (
+                f"POST {path} HTTP/1.1\r\nHost: {reg_node.hostport}\r\nAuthorization: {auth}\r\n"
+                f"Content-Type: application/octet-stream\r\nContent-Length: {len(data)}\r\n"
+                "Expect: 100-continue\r\nConnection: close\r\n\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+        writer.write(data)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 201"), answer
+    r = await api.get(blob_path(repo, d))
+    assert r.status == 200 and r.body == data, r
+
+
 async def _dropped_patch(api: Client, hostport: str, repo: str, data: bytes) -> str:
     """An upload with 1000 bytes, then a PATCH for the rest whose connection
     drops after 700 more bytes; returns the session URL."""

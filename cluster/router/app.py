@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from cluster import runtime, workers
 from cluster.auth.access import GRANT_PARAM, TOKEN_PATH
 from cluster.backoff import Backoff
-from cluster.httpserver import start_server
+from cluster.httpserver import WRAP_HANDLER, api_first, start_server
 from cluster.kv import KVStore
 from cluster.namespace import ALIVE, REGIONS, Namespace
 from cluster.pki import server_context
@@ -235,6 +235,8 @@ async def serve(cfg: RouterConfig, ready: Callable[[Router], None] | None = None
     app = build_app(router)
     if cfg.access_log:
         app.middlewares.append(make_access_log_middleware())
+    else:  # the API straight to the router (a middleware runs only through the app)
+        app[WRAP_HANDLER] = api_first(router.handle)
     count = workers.worker_count()
     runner = await start_server(
         app, cfg.host, cfg.port, cfg.limits(), ssl_context=ssl_context, reuse_port=count > 1

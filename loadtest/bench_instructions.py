@@ -44,24 +44,13 @@ from cluster.auth.identities import OWNER, OWNER_PASSWORD_ENV
 from cluster.auth.secrets import generate
 from cluster.runtime import free_port
 from loadtest.common import BenchError, host_info, write_json
+from loadtest.loadgen import LoadgenError, require
 from loadtest.ocipush import OCI_MANIFEST, OciClient, TokenAuth, bearer_header, random_image
 from localcluster.supervisor import Child, meridian_argv, python_env, registry_answers, spawn
 
-INSTALL = {
-    "valgrind": "apt-get install -y valgrind",
-    "callgrind_control": "apt-get install -y valgrind",
-    "ab": "apt-get install -y apache2-utils",
-}
 REPO = "bench/instructions"
 MISSING = "sha256:" + "ab" * 32
 _TOTAL = re.compile(r"^(?:summary|totals):\s*(\d+)", re.M)
-
-
-def require(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise BenchError(f"{tool} not found on PATH; install it with: {INSTALL[tool]}")
-    return path
 
 
 class Counted:
@@ -255,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--requests, --warmup and --concurrency must be at least 1")
     try:
         res = run(args)
-    except BenchError as e:
+    except (BenchError, LoadgenError) as e:
         print(f"bench_instructions: {e}", file=sys.stderr)
         return 2
     print(report(res))

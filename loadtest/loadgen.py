@@ -50,6 +50,8 @@ INSTALL = {
     "wrk": "apt-get install -y wrk",
     "ab": "apt-get install -y apache2-utils",
     "curl": "apt-get install -y curl",
+    "valgrind": "apt-get install -y valgrind",
+    "callgrind_control": "apt-get install -y valgrind",
 }
 
 

@@ -43,8 +43,6 @@ from ocidist.errors import (
 )
 from ocidist.paths import (
     API_HEADERS,
-    API_VERSION,
-    API_VERSION_HEADER,
     normalize_domain,
     registry_for_host,
 )
@@ -108,12 +106,12 @@ def _paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[s
 @functools.lru_cache(maxsize=4096)
 def _manifest_headers(media_type: str, digest: str) -> dict[str, str]:
     """A manifest's response headers, made once per manifest (never mutate
-    the dict: ``web.Response`` copies it)."""
+    the dict: ``web.Response`` copies it). The API version header is the
+    request wrapper's (``node.app.observe_requests``), as for every answer."""
     return {
         "Content-Type": media_type,
         "Docker-Content-Digest": digest,
         "ETag": f'"{digest}"',
-        API_VERSION_HEADER: API_VERSION,
     }
 
 
